@@ -1,0 +1,1 @@
+"""Avro schemas: the contract between web backends, workers and recommendation consumers."""

@@ -1,0 +1,190 @@
+"""Record types shared by the worker, the clients and the models: plain data, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+
+class EventKind(IntEnum):
+    CLICK = 1
+    SEARCH = 2
+    PURCHASE = 3
+
+
+# Avro record name of each event kind on the events topic.
+EVENT_SCHEMAS: dict[str, EventKind] = {
+    "ClickEvent": EventKind.CLICK,
+    "SearchEvent": EventKind.SEARCH,
+    "PurchaseEvent": EventKind.PURCHASE,
+}
+
+
+@dataclass(slots=True)
+class Event:
+    """A decoded user event. ``item_id`` is set for clicks and purchases, ``query`` for searches."""
+
+    event_id: str
+    user_id: str
+    kind: EventKind
+    timestamp: int  # epoch ms, UTC
+    item_id: str | None = None
+    query: str | None = None
+    session_id: str | None = None
+    price: float | None = None
+    quantity: int = 1
+    context: dict[str, str | None] | None = None
+
+    @property
+    def schema_name(self) -> str:
+        return {EventKind.CLICK: "ClickEvent", EventKind.SEARCH: "SearchEvent"}.get(self.kind, "PurchaseEvent")
+
+    def to_avro(self) -> dict[str, object]:
+        record: dict[str, object] = {
+            "event_id": self.event_id,
+            "user_id": self.user_id,
+            "timestamp": self.timestamp,
+            "session_id": self.session_id,
+            "context": self.context,
+        }
+        if self.kind is EventKind.SEARCH:
+            record["query"] = self.query
+        else:
+            record["item_id"] = self.item_id
+        if self.kind is EventKind.PURCHASE:
+            record["price"] = self.price
+            record["quantity"] = self.quantity
+            record["currency"] = None
+        return record
+
+    @classmethod
+    def from_avro(cls, schema_name: str, record: dict) -> Event:
+        return cls(
+            event_id=record["event_id"],
+            user_id=record["user_id"],
+            kind=EVENT_SCHEMAS[schema_name],
+            timestamp=record["timestamp"],
+            item_id=record.get("item_id"),
+            query=record.get("query"),
+            session_id=record.get("session_id"),
+            price=record.get("price"),
+            quantity=record.get("quantity", 1),
+            context=record.get("context"),
+        )
+
+
+@dataclass(slots=True)
+class CatalogItem:
+    item_id: str
+    title: str
+    category: str | None = None
+    price: float | None = None
+    in_stock: bool = True
+    description: str | None = None
+    updated_at: int = 0
+
+    def to_avro(self) -> dict[str, object]:
+        return {
+            "item_id": self.item_id,
+            "title": self.title,
+            "category": self.category,
+            "price": self.price,
+            "in_stock": self.in_stock,
+            "description": self.description,
+            "updated_at": self.updated_at,
+        }
+
+    @classmethod
+    def from_avro(cls, record: dict) -> CatalogItem:
+        return cls(**{k: record.get(k) for k in cls.__slots__ if k in record})  # type: ignore[attr-defined]
+
+    @property
+    def text(self) -> str:
+        """The item's content as one string, for the text embedder."""
+        return " | ".join(p for p in (self.title, self.category, self.description) if p)
+
+
+@dataclass(slots=True)
+class HistoryEntry:
+    kind: EventKind
+    timestamp: int
+    item_id: str | None = None
+    query: str | None = None
+
+
+@dataclass(slots=True)
+class UserState:
+    """One user's bounded state. Newest entries last."""
+
+    user_id: str
+    history: list[HistoryEntry] = field(default_factory=list)
+    purchased: list[str] = field(default_factory=list)
+    seen_event_ids: list[int] = field(default_factory=list)
+    clicks: int = 0
+    searches: int = 0
+    purchases: int = 0
+    last_event_id: str | None = None
+    last_event_time: int = 0
+
+    @property
+    def item_history(self) -> list[str]:
+        return [h.item_id for h in self.history if h.item_id is not None]
+
+    @property
+    def recent_queries(self) -> list[str]:
+        return [h.query for h in self.history if h.query is not None]
+
+
+@dataclass(slots=True)
+class RecommendedItem:
+    item_id: str
+    score: float
+    reason: str  # similar_to_recent | matches_search | goes_with_purchase | popular
+    explanation: str
+    anchor: str | None = None
+
+
+@dataclass(slots=True)
+class Recommendation:
+    user_id: str
+    items: list[RecommendedItem]
+    model_version: str
+    index_version: str
+    cause_event_id: str
+    event_time: int
+    publish_time: int
+    mode: str = "live"
+
+    def to_avro(self) -> dict[str, object]:
+        return {
+            "user_id": self.user_id,
+            "items": [
+                {
+                    "item_id": i.item_id,
+                    "score": i.score,
+                    "reason": i.reason,
+                    "explanation": i.explanation,
+                    "anchor": i.anchor,
+                }
+                for i in self.items
+            ],
+            "model_version": self.model_version,
+            "index_version": self.index_version,
+            "cause_event_id": self.cause_event_id,
+            "event_time": self.event_time,
+            "publish_time": self.publish_time,
+            "mode": self.mode,
+        }
+
+    @classmethod
+    def from_avro(cls, record: dict) -> Recommendation:
+        return cls(
+            user_id=record["user_id"],
+            items=[RecommendedItem(**i) for i in record["items"]],
+            model_version=record["model_version"],
+            index_version=record["index_version"],
+            cause_event_id=record["cause_event_id"],
+            event_time=record["event_time"],
+            publish_time=record["publish_time"],
+            mode=record.get("mode", "live"),
+        )

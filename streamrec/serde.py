@@ -1,0 +1,162 @@
+"""Avro wire format: single-object encoding (no registry needed) with writer-schema resolution.
+
+A record on the wire is ``C3 01`` + the 8-byte CRC-64-AVRO fingerprint of its writer schema + the Avro body.
+A reader that does not know a fingerprint asks a resolver (the schemas topic) for the writer schema, then
+decodes with Avro schema resolution into its own version: that is what lets a producer add an optional field
+while older workers keep running.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import fastavro
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+MAGIC = b"\xc3\x01"
+HEADER_LEN = len(MAGIC) + 8
+
+
+class DecodeError(Exception):
+    """A record that cannot be decoded; ``reason`` is the dead-letter reason code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class EncodeError(ValueError):
+    """A record that does not match its schema; raised before anything is sent."""
+
+
+@dataclass(frozen=True)
+class RecordSchema:
+    name: str  # short name, e.g. "ClickEvent"
+    full_name: str  # e.g. "streamrec.ClickEvent"
+    definition: dict[str, Any]  # expanded JSON definition (named types inlined)
+    parsed: Any  # fastavro parsed schema
+    fingerprint: bytes  # 8 bytes, in wire order
+
+    @property
+    def json(self) -> str:
+        return json.dumps(self.definition, separators=(",", ":"))
+
+
+def _expand(schema: Any, named: dict[str, Any]) -> Any:
+    """Inline named-type references so each schema stands alone (other languages need no file layout)."""
+    if isinstance(schema, str):
+        return _expand(named[schema], named) if schema in named else schema
+    if isinstance(schema, list):
+        return [_expand(s, named) for s in schema]
+    if isinstance(schema, dict):
+        out = dict(schema)
+        if "fields" in out:
+            out["fields"] = [{**f, "type": _expand(f["type"], named)} for f in out["fields"]]
+        for key in ("items", "values"):
+            if key in out:
+                out[key] = _expand(out[key], named)
+        return out
+    return schema
+
+
+def make_schema(definition: dict[str, Any]) -> RecordSchema:
+    """Build a RecordSchema from a stand-alone (expanded) Avro record definition."""
+    parsed = fastavro.parse_schema(definition, _write_hint=False, _force=True)
+    canonical = to_parsing_canonical_form(parsed)
+    namespace = definition.get("namespace")
+    name = definition["name"]
+    full_name = name if "." in name or not namespace else f"{namespace}.{name}"
+    return RecordSchema(
+        name=full_name.rsplit(".", 1)[-1],
+        full_name=full_name,
+        definition=definition,
+        parsed=parsed,
+        fingerprint=bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO")),
+    )
+
+
+def bundled_schemas() -> dict[str, RecordSchema]:
+    """The schemas shipped in schemas/, by short name."""
+    raw = {}
+    for entry in resources.files("streamrec.schemas").iterdir():
+        if entry.name.endswith(".avsc"):
+            definition = json.loads(entry.read_text())
+            raw[f"{definition.get('namespace', 'streamrec')}.{definition['name']}"] = definition
+    return {
+        d["name"]: make_schema(_expand(d, {k: v for k, v in raw.items() if k != n})) for n, d in raw.items()
+    }
+
+
+WriterSchemaResolver = Callable[[bytes], str | None]
+"""Looks up a writer schema's JSON by fingerprint (e.g. from the schemas topic); None when unknown."""
+
+
+class AvroCodec:
+    """Encodes and decodes single-object Avro records against this process's (reader) schemas."""
+
+    def __init__(
+        self,
+        schemas: dict[str, RecordSchema] | None = None,
+        resolver: WriterSchemaResolver | None = None,
+    ) -> None:
+        self.schemas = schemas if schemas is not None else bundled_schemas()
+        self._by_fingerprint: dict[bytes, RecordSchema] = {s.fingerprint: s for s in self.schemas.values()}
+        self._by_full_name = {s.full_name: s for s in self.schemas.values()}
+        self._resolver = resolver
+
+    def schema(self, name: str) -> RecordSchema:
+        return self.schemas[name]
+
+    def learn(self, writer_json: str) -> RecordSchema:
+        """Accept a writer schema (for example a newer version of one of ours) for decoding."""
+        writer = make_schema(json.loads(writer_json))
+        self._by_fingerprint.setdefault(writer.fingerprint, writer)
+        return writer
+
+    def encode(self, name: str, record: dict[str, Any], schema: RecordSchema | None = None) -> bytes:
+        schema = schema or self.schemas[name]
+        buf = io.BytesIO()
+        buf.write(MAGIC)
+        buf.write(schema.fingerprint)
+        try:
+            fastavro.schemaless_writer(buf, schema.parsed, record, strict_allow_default=True)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise EncodeError(f"{name} does not match its schema: {exc}") from exc
+        return buf.getvalue()
+
+    def writer_schema(self, data: bytes) -> RecordSchema:
+        if not isinstance(data, bytes | bytearray) or len(data) < HEADER_LEN or data[:2] != MAGIC:
+            raise DecodeError("undecodable", "not an Avro single-object encoded record")
+        fp = bytes(data[2:HEADER_LEN])
+        writer = self._by_fingerprint.get(fp)
+        if writer is None and self._resolver is not None:
+            found = self._resolver(fp)
+            if found is not None:
+                writer = self.learn(found)
+        if writer is None:
+            raise DecodeError("unknown_schema", f"no writer schema with fingerprint {fp.hex()}")
+        return writer
+
+    def decode(self, data: bytes, accept: Iterable[str] | None = None) -> tuple[str, dict[str, Any]]:
+        """Return (short schema name, record), resolved into this process's version of the schema."""
+        writer = self.writer_schema(data)
+        reader = self._by_full_name.get(writer.full_name)
+        if reader is None or (accept is not None and reader.name not in accept):
+            raise DecodeError("unknown_schema", f"{writer.full_name} is not expected here")
+        try:
+            record = fastavro.schemaless_reader(
+                io.BytesIO(data[HEADER_LEN:]),
+                writer.parsed,
+                None if reader is writer else reader.parsed,
+            )
+        except Exception as exc:  # fastavro raises many types for truncated or corrupt bodies
+            raise DecodeError("undecodable", f"{writer.name} body: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(record, dict):
+            raise DecodeError("undecodable", f"{writer.name} body is not a record")
+        return reader.name, record

@@ -1,0 +1,93 @@
+"""All configuration in one place: read once at start-up (env prefix STREAMREC_) and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every setting has a default that runs the demo on the embedded broker.
+
+    Each field maps to an environment variable: ``bootstrap_servers`` <- ``STREAMREC_BOOTSTRAP_SERVERS``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="STREAMREC_", env_file=None, extra="ignore")
+
+    # --- Kafka -----------------------------------------------------------------------------------------
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers.")
+    schema_registry_url: str | None = Field(
+        None, description="Confluent Schema Registry URL; unset means Avro single-object encoding."
+    )
+    events_topic: str = Field("streamrec.events", description="Click, search, purchase and deletion events.")
+    catalog_topic: str = Field("streamrec.catalog", description="Catalogue item upserts, keyed by item_id.")
+    recommendations_topic: str = Field("streamrec.recommendations", description="Ranked recommendations out.")
+    shadow_topic: str = Field(
+        "streamrec.recommendations.shadow", description="Recommendations made in backfill mode."
+    )
+    backfill_topic: str = Field("streamrec.events.backfill", description="Events replayed for backfill.")
+    dead_letter_topic: str = Field("streamrec.dead-letters", description="Rejected input, with reasons.")
+    state_changelog_topic: str = Field(
+        "streamrec.user-state-changelog", description="Compacted changelog of per-user state."
+    )
+    schemas_topic: str = Field(
+        "streamrec.schemas", description="Writer schemas by fingerprint, so workers decode evolved records."
+    )
+    model_updates_topic: str = Field("streamrec.model-updates", description="Promoted model versions.")
+    triggers_topic: str = Field("streamrec.finetune-triggers", description="Fine-tuning triggers.")
+    partitions: int = Field(4, description="Partitions of the events, changelog and output topics.")
+    replication_factor: int = Field(1, description="Replication factor for topics that streamrec creates.")
+    session_timeout_ms: int = Field(6000, description="Consumer group session timeout.")
+    heartbeat_interval_ms: int = Field(1000, description="Consumer group heartbeat interval.")
+    assignment_strategy: Literal["range", "roundrobin", "cooperative-sticky"] = Field(
+        "range", description="Partition assignment strategy of the event stage's consumer group."
+    )
+    embedded_broker: bool = Field(
+        True,
+        description="The broker is the embedded Tansu broker: works around its defects "
+        "(faust producer batch size 1). Set false on Apache Kafka.",
+    )
+
+    # --- Worker ----------------------------------------------------------------------------------------
+    app_id: str = Field("streamrec-worker", description="faust app id (control topics, tables).")
+    events_group: str = Field("streamrec-events", description="Consumer group of the batched event stage.")
+    worker_id: str | None = Field(None, description="Name of this worker in logs and dead letters.")
+    data_dir: Path = Field(Path("var/worker"), description="RocksDB state and faust tables of this worker.")
+    batch_size: int = Field(2000, description="Most events taken in one micro-batch.")
+    batch_wait_ms: int = Field(20, description="Longest wait for a micro-batch to fill.")
+    top_k: int = Field(10, description="Recommendations per user.")
+    history_length: int = Field(50, description="Events kept per user (and encoder window).")
+    max_purchased: int = Field(200, description="Purchased items remembered per user (never re-recommended).")
+    dedupe_window: int = Field(64, description="Recent event ids remembered per user for de-duplication.")
+    max_event_age_days: int = Field(3650, description="Older events are dead-lettered as absurd timestamps.")
+    max_clock_skew_s: int = Field(300, description="Events further in the future are dead-lettered.")
+    reject_unknown_items: bool = Field(True, description="Dead-letter events about items not in the catalogue.")
+    backfill: bool = Field(
+        False, description="Backfill mode: read the backfill topic, publish to the shadow topic."
+    )
+    web_port: int = Field(6066, description="Worker web server port (health, metrics, lookups).")
+    web_enabled: bool = Field(True, description="Run the worker's web server.")
+    log_level: str = Field("warn", description="Worker log level.")
+
+    # --- Models ----------------------------------------------------------------------------------------
+    model_registry: Path = Field(Path("var/models"), description="Directory of versioned model directories.")
+    model_dir: Path | None = Field(
+        None, description="Model to serve; default: the registry's current promoted version."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Encoder device.")
+    seed: int = Field(42, description="Random seed for training and simulation.")
+
+    # --- Fine-tuning triggers --------------------------------------------------------------------------
+    trigger_min_events: int = Field(50_000, description="New events since training that trigger fine-tuning.")
+    trigger_interval_s: int = Field(24 * 3600, description="Time since training that triggers fine-tuning.")
+    trigger_drift_ratio: float = Field(
+        0.7, description="Trigger when the online hit rate falls below this share of its baseline."
+    )
+    trigger_check_s: float = Field(10.0, description="How often a worker evaluates the trigger policy.")
+
+    @property
+    def registry_current(self) -> Path:
+        return self.model_registry / "CURRENT"

@@ -1,0 +1,61 @@
+"""The topics streamrec uses and their creation (explicitly: auto-created topics get the wrong shape)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from streamrec.settings import Settings
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    compacted: bool = False
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    """Events, changelog and outputs share the partition count so one user stays on one partition number."""
+    p = settings.partitions
+    return [
+        TopicSpec(settings.events_topic, p),
+        TopicSpec(settings.backfill_topic, p),
+        TopicSpec(settings.state_changelog_topic, p, compacted=True),
+        TopicSpec(settings.recommendations_topic, p),
+        TopicSpec(settings.shadow_topic, p),
+        TopicSpec(settings.dead_letter_topic, p),
+        TopicSpec(settings.catalog_topic, p, compacted=True),
+        TopicSpec(settings.schemas_topic, 1, compacted=True),
+        TopicSpec(settings.model_updates_topic, 1),
+        TopicSpec(settings.triggers_topic, 1),
+    ]
+
+
+def create_topics(settings: Settings, admin: AdminClient | None = None, timeout_s: float = 15.0) -> list[str]:
+    """Create every missing topic; returns the names created. Existing topics are left as they are."""
+    admin = admin or AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    new = [
+        NewTopic(
+            spec.name,
+            num_partitions=spec.partitions,
+            replication_factor=settings.replication_factor,
+            config={"cleanup.policy": "compact"} if spec.compacted else {},
+        )
+        for spec in topic_specs(settings)
+        if spec.name not in existing
+    ]
+    if not new:
+        return []
+    created = []
+    for name, future in admin.create_topics(new, operation_timeout=timeout_s).items():
+        try:
+            future.result(timeout=timeout_s)
+            created.append(name)
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise
+    return created
