@@ -27,7 +27,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(settings.recommendations_topic, p),
         TopicSpec(settings.shadow_topic, p),
         TopicSpec(settings.dead_letter_topic, p),
-        TopicSpec(settings.catalog_topic, p, compacted=True),
+        TopicSpec(settings.catalog_topic, 1, compacted=True),  # low rate; every worker reads it all
         TopicSpec(settings.schemas_topic, 1, compacted=True),
         TopicSpec(settings.model_updates_topic, 1),
         TopicSpec(settings.triggers_topic, 1),

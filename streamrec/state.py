@@ -1,0 +1,146 @@
+"""Per-user state: apply an event, de-duplicate by event id, keep everything bounded. Pure functions."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import fastavro
+
+from streamrec.records import Event, EventKind, HistoryEntry, UserState
+from streamrec.serde import RecordSchema, bundled_schemas
+
+
+@dataclass(frozen=True)
+class StateLimits:
+    history_length: int = 50
+    max_purchased: int = 200
+    dedupe_window: int = 64
+
+
+def event_id_hash(event_id: str) -> int:
+    """A stable signed 64-bit hash (an Avro long) of an event id; 8 bytes per remembered id instead of ~32."""
+    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def apply_event(state: UserState | None, event: Event, limits: StateLimits) -> tuple[UserState, bool]:
+    """Apply one event to a user's state. Returns (state, applied); a duplicate event id is not applied.
+
+    The state is updated in place when given (the caller owns it for the micro-batch).
+    """
+    if state is None:
+        state = UserState(user_id=event.user_id)
+    digest = event_id_hash(event.event_id)
+    if digest in state.seen_event_ids:
+        return state, False
+    state.seen_event_ids.append(digest)
+    del state.seen_event_ids[: -limits.dedupe_window]
+    state.history.append(
+        HistoryEntry(kind=event.kind, timestamp=event.timestamp, item_id=event.item_id, query=event.query)
+    )
+    del state.history[: -limits.history_length]
+    if event.kind is EventKind.CLICK:
+        state.clicks += 1
+    elif event.kind is EventKind.SEARCH:
+        state.searches += 1
+    else:
+        state.purchases += 1
+        assert event.item_id is not None
+        if event.item_id in state.purchased:
+            state.purchased.remove(event.item_id)
+        state.purchased.append(event.item_id)
+        del state.purchased[: -limits.max_purchased]
+    if event.timestamp >= state.last_event_time:
+        state.last_event_time = event.timestamp
+        state.last_event_id = event.event_id
+    return state, True
+
+
+# --- validation --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: str  # dead-letter reason code
+    detail: str
+
+
+@dataclass(frozen=True)
+class ValidationRules:
+    max_event_age_ms: int
+    max_clock_skew_ms: int
+    reject_unknown_items: bool = True
+
+
+def validate_event(event: Event, now_ms: int, rules: ValidationRules, knows_item: Any) -> Rejection | None:
+    """Decide whether a decoded event may change state; ``knows_item(item_id) -> bool`` is the catalogue."""
+    if not event.event_id or not event.user_id:
+        return Rejection("invalid_record", "event_id and user_id must be non-empty")
+    if event.timestamp > now_ms + rules.max_clock_skew_ms:
+        return Rejection("absurd_timestamp", f"timestamp {event.timestamp} is in the future (now {now_ms})")
+    if event.timestamp < now_ms - rules.max_event_age_ms:
+        return Rejection("absurd_timestamp", f"timestamp {event.timestamp} is older than the retention window")
+    if event.kind is EventKind.SEARCH:
+        if not (event.query or "").strip():
+            return Rejection("invalid_record", "search query is empty")
+        return None
+    if not event.item_id:
+        return Rejection("invalid_record", "item_id must be non-empty")
+    if event.kind is EventKind.PURCHASE:
+        if event.price is None or not math.isfinite(event.price) or event.price < 0:
+            return Rejection("invalid_record", f"price {event.price!r} must be finite and non-negative")
+        if event.quantity < 1:
+            return Rejection("invalid_record", f"quantity {event.quantity} must be at least 1")
+    if rules.reject_unknown_items and not knows_item(event.item_id):
+        return Rejection("unknown_item", f"item {event.item_id!r} is not in the catalogue")
+    return None
+
+
+# --- serialisation (the RocksDB value and the changelog record) ----------------------------------------------
+
+_STATE_SCHEMA: RecordSchema = bundled_schemas()["UserState"]
+
+
+def encode_state(state: UserState) -> bytes:
+    """Schemaless Avro: the changelog is internal to the workers, so no per-record schema header."""
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(
+        buf,
+        _STATE_SCHEMA.parsed,
+        {
+            "user_id": state.user_id,
+            "history": [
+                {"kind": int(h.kind), "item_id": h.item_id, "query": h.query, "timestamp": h.timestamp}
+                for h in state.history
+            ],
+            "purchased": state.purchased,
+            "seen_event_ids": state.seen_event_ids,
+            "clicks": state.clicks,
+            "searches": state.searches,
+            "purchases": state.purchases,
+            "last_event_id": state.last_event_id,
+            "last_event_time": state.last_event_time,
+        },
+    )
+    return buf.getvalue()
+
+
+def decode_state(data: bytes) -> UserState:
+    raw = fastavro.schemaless_reader(io.BytesIO(data), _STATE_SCHEMA.parsed, None)
+    assert isinstance(raw, dict)
+    return UserState(
+        user_id=raw["user_id"],
+        history=[
+            HistoryEntry(EventKind(h["kind"]), h["timestamp"], h["item_id"], h["query"]) for h in raw["history"]
+        ],
+        purchased=raw["purchased"],
+        seen_event_ids=raw["seen_event_ids"],
+        clicks=raw["clicks"],
+        searches=raw["searches"],
+        purchases=raw["purchases"],
+        last_event_id=raw["last_event_id"],
+        last_event_time=raw["last_event_time"],
+    )

@@ -1,0 +1,283 @@
+"""The worker process: a faust-streaming app hosting the batched event stage.
+
+faust does what it is good at here: lifecycle, the web server (health, metrics, state lookups), timers, and
+agents for the low-rate control topics. Catalogue upserts and promoted models must reach every worker, so
+their agents write GlobalTables (RocksDB-backed, changelogged), and each worker applies what arrives on the
+tables' changelogs. The high-rate event topic goes through the batched stage (streams/event_stage.py) in its
+own thread, because faust's per-message path tops out far below the broker (BROKER.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import faust
+from faust.web import Request, Response, View
+from prometheus_client import generate_latest
+
+from streamrec.catalog import Catalog
+from streamrec.records import CatalogItem
+from streamrec.serde import AvroCodec, DecodeError
+from streamrec.settings import Settings
+from streamrec.triggers import OnlineAccuracy, TriggerPolicy
+from streamrec.streams.event_stage import EventStage, Recommender, now_ms
+from streamrec.streams.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+CURRENT_MODEL_KEY = b"current"
+
+
+def load_recommender(settings: Settings, model_dir: Path | None = None) -> Recommender:
+    """The model to serve: the given directory, the configured one, or the registry's current version."""
+    from streamrec.models.registry import current
+    from streamrec.models.serving import Recommender as ModelRecommender
+
+    path = model_dir or settings.model_dir or current(settings.model_registry)
+    if path is None:
+        raise SystemExit(
+            f"no model to serve: nothing promoted in {settings.model_registry}; run `streamrec train` first"
+        )
+    return ModelRecommender.load(Path(path), device=settings.device)
+
+
+class Worker:
+    """Wires the faust app, the event stage and the control-topic handlers of one worker process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.metrics = WorkerMetrics()
+        self.catalog = Catalog()
+        self.accuracy = OnlineAccuracy()
+        self.policy = TriggerPolicy(
+            min_events=settings.trigger_min_events,
+            interval_s=settings.trigger_interval_s,
+            drift_ratio=settings.trigger_drift_ratio,
+            trained_at=time.time(),
+        )
+        self.codec = AvroCodec()
+        recommender = load_recommender(settings)
+        self.metrics.model_info.labels(recommender.model_version).set(1)
+        self.stage = EventStage(
+            settings.model_copy(update={"worker_id": self.worker_id}),
+            self.catalog,
+            recommender,
+            self.codec,
+            metrics=self.metrics,
+            accuracy=self.accuracy,
+            on_events=self._count_events,
+        )
+        self._events_lock = threading.Lock()
+        self.app = self._make_app()
+
+    def _count_events(self, n: int) -> None:
+        with self._events_lock:
+            self.policy.events_since_training += n
+
+    # --- faust ------------------------------------------------------------------------------------------
+
+    def _make_app(self) -> faust.App:
+        s = self.settings
+        extra: dict[str, Any] = {"producer_max_batch_size": 1} if s.embedded_broker else {}
+        app = faust.App(
+            s.app_id,
+            broker=f"kafka://{s.bootstrap_servers}",
+            store="rocksdb://",
+            datadir=str(s.data_dir / "faust"),
+            web_enabled=s.web_enabled,
+            web_port=s.web_port,
+            web_host="127.0.0.1",
+            broker_session_timeout=s.session_timeout_ms / 1000,
+            broker_heartbeat_interval=s.heartbeat_interval_ms / 1000,
+            broker_rebalance_timeout=s.session_timeout_ms / 1000,
+            topic_partitions=1,
+            topic_allow_declare=True,
+            **extra,
+        )
+        catalog_topic = app.topic(s.catalog_topic, key_type=bytes, value_type=bytes, partitions=1)
+        models_topic = app.topic(s.model_updates_topic, key_type=bytes, value_type=bytes, partitions=1)
+        dead_letters = app.topic(s.dead_letter_topic, key_type=bytes, value_type=bytes)
+        triggers = app.topic(s.triggers_topic, key_type=bytes, value_type=bytes, partitions=1)
+
+        catalog_table = app.GlobalTable(
+            "catalog",
+            key_type=bytes,
+            value_type=bytes,
+            partitions=1,
+            recovery_buffer_size=1,
+            on_changelog_event=self._on_catalog_changelog,
+        )
+        models_table = app.GlobalTable(
+            "models",
+            key_type=bytes,
+            value_type=bytes,
+            partitions=1,
+            recovery_buffer_size=1,
+            on_changelog_event=self._on_models_changelog,
+        )
+
+        @app.agent(catalog_topic)
+        async def catalog_upserts(stream: Any) -> None:
+            async for event in stream.events():
+                value = event.value
+                try:
+                    item = self._decode_item(value)
+                except DecodeError as exc:
+                    await self._dead_letter(dead_letters, event.message, exc.reason, exc.detail)
+                    continue
+                catalog_table[item.item_id.encode()] = value
+                self.catalog.upsert(item)  # this worker owns the table partition: no changelog echo
+
+        @app.agent(models_topic)
+        async def model_updates(stream: Any) -> None:
+            async for event in stream.events():
+                try:
+                    self.codec.decode(event.value, accept={"ModelUpdate"})
+                except DecodeError as exc:
+                    await self._dead_letter(dead_letters, event.message, exc.reason, exc.detail)
+                    continue
+                models_table[CURRENT_MODEL_KEY] = event.value
+                await self._swap_model(event.value)
+
+        @app.task
+        async def run_event_stage() -> None:
+            await self._run_stage(app)
+
+        @app.timer(interval=s.trigger_check_s)
+        async def check_triggers() -> None:
+            await self._check_triggers(triggers)
+
+        worker = self
+
+        @app.page("/health")
+        class Health(View):
+            async def get(self, request: Request) -> Response:
+                alive = worker.stage_thread is not None and worker.stage_thread.is_alive()
+                body = {
+                    "worker_id": worker.worker_id,
+                    "stage_alive": alive,
+                    "ready": worker.stage.ready.is_set(),
+                    "partitions": sorted(worker.stage.store.partitions),
+                    "model_version": worker.stage.recommender.model_version,
+                    "catalog_items": len(worker.catalog),
+                }
+                return self.json(body, status=200 if alive else 503)
+
+        @app.page("/metrics")
+        class Metrics(View):
+            async def get(self, request: Request) -> Response:
+                return self.bytes(generate_latest(worker.metrics.registry), content_type="text/plain")
+
+        self.stage_thread: threading.Thread | None = None
+        return app
+
+    # --- control topics -----------------------------------------------------------------------------------
+
+    def _decode_item(self, value: bytes | None) -> CatalogItem:
+        if value is None:
+            raise DecodeError("undecodable", "empty catalogue record")
+        _, record = self.codec.decode(value, accept={"CatalogItem"})
+        item = CatalogItem.from_avro(record)
+        if not item.item_id or not item.title:
+            raise DecodeError("invalid_record", "catalogue item needs an item_id and a title")
+        return item
+
+    async def _on_catalog_changelog(self, event: Any) -> None:
+        try:
+            self.catalog.upsert(self._decode_item(event.value))
+        except DecodeError:
+            pass  # only valid items are ever written to the table
+
+    async def _on_models_changelog(self, event: Any) -> None:
+        if event.key == CURRENT_MODEL_KEY and event.value is not None:
+            await self._swap_model(event.value)
+
+    async def _swap_model(self, value: bytes) -> None:
+        _, update = self.codec.decode(value, accept={"ModelUpdate"})
+        if update["model_version"] == self.stage.recommender.model_version:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            recommender = await loop.run_in_executor(
+                None, load_recommender, self.settings, Path(update["path"])
+            )
+        except Exception:
+            log.exception("could not load model %s from %s", update["model_version"], update["path"])
+            return
+        self.stage.swap_model(recommender)
+        self.metrics.model_info.clear()
+        self.metrics.model_info.labels(recommender.model_version).set(1)
+        with self._events_lock:
+            self.policy.fired(time.time())
+
+    async def _dead_letter(self, topic: Any, message: Any, reason: str, detail: str) -> None:
+        record = {
+            "source_topic": message.topic,
+            "partition": message.partition,
+            "offset": message.offset,
+            "key": message.key,
+            "value": message.value,
+            "reason": reason,
+            "detail": detail[:2000],
+            "failed_at": now_ms(),
+            "worker_id": self.worker_id,
+        }
+        await topic.send(key=message.key or b"", value=self.codec.encode("DeadLetter", record))
+        self.metrics.dead_letters.labels(reason).inc()
+
+    async def _check_triggers(self, topic: Any) -> None:
+        with self._events_lock:
+            reason = self.policy.decide(time.time(), self.accuracy)
+            if reason is None:
+                return
+            events = self.policy.events_since_training
+            self.policy.fired(time.time())
+        record = {
+            "trigger_id": uuid.uuid4().hex,
+            "reason": reason,
+            "model_version": self.stage.recommender.model_version,
+            "events_since_training": events,
+            "online_hit_rate": self.accuracy.rate,
+            "baseline_hit_rate": self.accuracy.baseline_rate,
+            "worker_id": self.worker_id,
+            "created_at": now_ms(),
+        }
+        await topic.send(key=self.worker_id.encode(), value=self.codec.encode("FineTuneTrigger", record))
+        log.info("fine-tuning trigger published: %s", reason)
+
+    # --- the event stage thread ----------------------------------------------------------------------------
+
+    async def _run_stage(self, app: faust.App) -> None:
+        # Start once the catalogue has been recovered, so known items are not dead-lettered as unknown.
+        try:
+            await asyncio.wait_for(app.tables.recovery.completed.wait(), timeout=60)
+        except TimeoutError:
+            log.warning("table recovery not complete after 60s; starting the event stage anyway")
+        stop = threading.Event()
+        self.stage_thread = threading.Thread(target=self.stage.run, args=(stop,), name="event-stage", daemon=True)
+        self.stage_thread.start()
+        try:
+            while self.stage_thread.is_alive():
+                await asyncio.sleep(0.5)
+            if self.stage.error is not None:
+                await app.crash(self.stage.error)
+        finally:
+            stop.set()
+            self.stage_thread.join(timeout=30)
+
+
+def run_worker(settings: Settings) -> None:
+    """Run one worker in the foreground until SIGINT/SIGTERM."""
+    from faust.worker import Worker as FaustWorker
+
+    worker = Worker(settings)
+    FaustWorker(worker.app, loglevel=settings.log_level, quiet=True).execute_from_commandline()

@@ -1,0 +1,391 @@
+"""The worker's high-rate event path: a batched confluent-kafka stage with RocksDB state and a changelog.
+
+Per micro-batch: decode, validate (rejects go to the dead-letter topic with a reason), de-duplicate by event
+id, apply to per-user state, encode every changed user in one encoder call and search the index once, publish
+the recommendations and the changed states to the changelog, wait for delivery, write the states locally, and
+only then commit the input offsets. A crash anywhere before the commit redelivers the batch; de-duplication by
+event id makes that harmless (at-least-once in, idempotent state).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+
+from streamrec.catalog import Catalog
+from streamrec.records import EVENT_SCHEMAS, CatalogItem, Event, EventKind, Recommendation, RecommendedItem, UserState
+from streamrec.serde import AvroCodec, DecodeError
+from streamrec.settings import Settings
+from streamrec.state import (
+    Rejection,
+    StateLimits,
+    ValidationRules,
+    apply_event,
+    decode_state,
+    encode_state,
+    validate_event,
+)
+from streamrec.triggers import OnlineAccuracy
+from streamrec.streams.metrics import WorkerMetrics
+from streamrec.streams.state_store import StateStore
+
+log = logging.getLogger(__name__)
+
+ACCEPTED_SCHEMAS = frozenset([*EVENT_SCHEMAS, "UserDeletion"])
+
+
+class Recommender(Protocol):
+    """What the stage needs from a model (implemented by streamrec.models.serving.Recommender)."""
+
+    model_version: str
+    index_version: str
+
+    def upsert_items(self, items: list[CatalogItem]) -> None: ...
+
+    def recommend(self, users: list[UserState], k: int) -> list[list[RecommendedItem]]: ...
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class BatchOutcome:
+    events: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    recommendations: int = 0
+    deleted_users: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+
+
+class DeliveryFailed(RuntimeError):
+    pass
+
+
+class EventStage:
+    """Runs in its own thread inside the worker process (confluent-kafka calls block)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        recommender: Recommender,
+        codec: AvroCodec,
+        metrics: WorkerMetrics | None = None,
+        accuracy: OnlineAccuracy | None = None,
+        on_events: Callable[[int], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.recommender = recommender
+        self.codec = codec
+        self.metrics = metrics or WorkerMetrics()
+        self.accuracy = accuracy or OnlineAccuracy()
+        self.on_events = on_events
+        self.worker_id = settings.worker_id or f"worker-{id(self):x}"
+        self.limits = StateLimits(settings.history_length, settings.max_purchased, settings.dedupe_window)
+        self.rules = ValidationRules(
+            max_event_age_ms=settings.max_event_age_days * 86_400_000,
+            max_clock_skew_ms=settings.max_clock_skew_s * 1000,
+            reject_unknown_items=settings.reject_unknown_items,
+        )
+        self.input_topic = settings.backfill_topic if settings.backfill else settings.events_topic
+        self.output_topic = settings.shadow_topic if settings.backfill else settings.recommendations_topic
+        self.mode = "backfill" if settings.backfill else "live"
+        self.store = StateStore(settings.data_dir, settings.state_changelog_topic, settings.bootstrap_servers)
+        self._pending_model: Recommender | None = None
+        self._lock = threading.Lock()
+        self.ready = threading.Event()  # set once partitions are assigned and restored
+        self.error: BaseException | None = None
+        self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
+
+    # --- control from other threads -------------------------------------------------------------------
+
+    def swap_model(self, recommender: Recommender) -> None:
+        """Serve a newly promoted model from the next micro-batch on (encoder and its index together)."""
+        with self._lock:
+            self._pending_model = recommender
+
+    # --- the loop ---------------------------------------------------------------------------------------
+
+    def _make_clients(self) -> tuple[Consumer, Producer]:
+        s = self.settings
+        group = f"{s.events_group}-backfill" if s.backfill else s.events_group
+        consumer = Consumer(
+            {
+                "bootstrap.servers": s.bootstrap_servers,
+                "group.id": group,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "session.timeout.ms": s.session_timeout_ms,
+                "heartbeat.interval.ms": s.heartbeat_interval_ms,
+                "partition.assignment.strategy": s.assignment_strategy,
+                "client.id": self.worker_id,
+                "fetch.wait.max.ms": max(1, s.batch_wait_ms),
+            }
+        )
+        producer = Producer(
+            {
+                "bootstrap.servers": s.bootstrap_servers,
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 2,
+                "compression.type": "lz4",
+                "partitioner": "murmur2_random",
+                "queue.buffering.max.messages": 1_000_000,
+                "client.id": self.worker_id,
+            }
+        )
+        return consumer, producer
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.store.assign(p.partition for p in partitions)
+        self.metrics.partitions.set(len(self.store.partitions))
+        log.info("%s assigned %s", self.worker_id, sorted(p.partition for p in partitions))
+        self.ready.set()
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Everything consumed before this call has been published and committed (the loop is synchronous).
+        self.store.revoke(p.partition for p in partitions)
+        self.metrics.partitions.set(len(self.store.partitions))
+
+    def run(self, stop: threading.Event) -> None:
+        try:
+            self._run(stop)
+        except BaseException as exc:
+            self.error = exc
+            log.exception("event stage stopped")
+            raise
+
+    def _run(self, stop: threading.Event) -> None:
+        consumer, producer = self._make_clients()
+        self._consumer, self._producer = consumer, producer
+        consumer.subscribe([self.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        wait_s = self.settings.batch_wait_ms / 1000
+        try:
+            while not stop.is_set():
+                self._between_batches()
+                msgs = consumer.consume(num_messages=self.settings.batch_size, timeout=wait_s)
+                if not msgs:
+                    continue
+                try:
+                    self.process(msgs)
+                except DeliveryFailed as exc:
+                    # Nothing of the batch was committed or written locally; it is consumed again.
+                    log.error("batch not delivered, retrying: %s", exc)
+                    stop.wait(1.0)
+        finally:
+            producer.flush(10)
+            consumer.close()  # leaves the group now, so partitions move without waiting for a timeout
+            self.store.close()
+
+    def _between_batches(self) -> None:
+        with self._lock:
+            pending, self._pending_model = self._pending_model, None
+        if pending is not None:
+            pending.upsert_items(self.catalog.items())
+            self.recommender = pending
+            self.accuracy.reset()
+            log.info("now serving model %s", pending.model_version)
+        changes = self.catalog.drain_changes()
+        if changes:
+            self.recommender.upsert_items(changes)
+            self.metrics.catalog_items.set(len(self.catalog))
+
+    # --- one micro-batch --------------------------------------------------------------------------------
+
+    def process(self, msgs: list[Message]) -> BatchOutcome:
+        assert self._consumer is not None and self._producer is not None
+        started = time.perf_counter()
+        out = BatchOutcome()
+        producer = self._producer
+        failures: list[str] = []
+        changelog_offsets: dict[int, int] = {}
+
+        def delivered(err: KafkaError | None, msg: Message) -> None:
+            if err is not None:
+                failures.append(f"{msg.topic()}[{msg.partition()}]: {err}")
+            elif msg.topic() == self.settings.state_changelog_topic:
+                p = msg.partition()
+                changelog_offsets[p] = max(changelog_offsets.get(p, -1), msg.offset())
+
+        # 1. decode and validate, in input order; group valid events per (partition, user)
+        by_partition: dict[int, dict[str, list[Event | None]]] = {}  # None = erase the user
+        first_offsets: dict[int, int] = {}
+        last_offsets: dict[int, int] = {}
+        now = now_ms()
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consume error: %s", err)
+                continue
+            p = msg.partition()
+            first_offsets.setdefault(p, msg.offset())
+            last_offsets[p] = msg.offset()
+            outcome = self._decode(msg, now)
+            if isinstance(outcome, Rejection):
+                self._dead_letter(producer, msg, outcome, delivered)
+                out.dead_letters += 1
+                continue
+            by_partition.setdefault(p, {}).setdefault(outcome[0], []).append(outcome[1])
+
+        # 2. apply to state
+        changed: list[tuple[int, UserState, Event]] = []
+        changes: dict[int, dict[str, bytes | None]] = {}
+        for p, users in by_partition.items():
+            user_ids = list(users)
+            stored = self.store.get_many(p, user_ids)
+            for user_id, raw in zip(user_ids, stored, strict=True):
+                state = decode_state(raw) if raw is not None else None
+                cause: Event | None = None
+                erased = False
+                for event in users[user_id]:
+                    if event is None:
+                        state, cause, erased = None, None, True
+                        continue
+                    state, applied = apply_event(state, event, self.limits)
+                    if not applied:
+                        out.duplicates += 1
+                        continue
+                    out.events += 1
+                    self.metrics.events.labels(event.kind.name.lower()).inc()
+                    if event.kind is not EventKind.SEARCH and event.item_id is not None:
+                        self.accuracy.interacted(user_id, event.item_id)
+                    cause = event
+                if state is None:
+                    if erased:
+                        changes.setdefault(p, {})[user_id] = None
+                        self.accuracy.forget(user_id)
+                        out.deleted_users += 1
+                    continue
+                if cause is not None:
+                    changes.setdefault(p, {})[user_id] = encode_state(state)
+                    changed.append((p, state, cause))
+
+        # 3. one encoder call and one index search for every changed user
+        if changed:
+            ranked = self.recommender.recommend([s for _, s, _ in changed], self.settings.top_k)
+            publish = now_ms()
+            model, index = self.recommender.model_version, self.recommender.index_version
+            for (_, state, cause), items in zip(changed, ranked, strict=True):
+                rec = Recommendation(
+                    user_id=state.user_id,
+                    items=items,
+                    model_version=model,
+                    index_version=index,
+                    cause_event_id=cause.event_id,
+                    event_time=cause.timestamp,
+                    publish_time=publish,
+                    mode=self.mode,
+                )
+                value = self.codec.encode("Recommendation", rec.to_avro())
+                self._produce(producer, self.output_topic, state.user_id.encode(), value, delivered)
+                self.accuracy.recommended(state.user_id, [i.item_id for i in items])
+                out.latencies_ms.append(publish - cause.timestamp)
+            out.recommendations = len(changed)
+
+        # 4. the changelog, keyed by user, on the partition of the same number
+        for p, user_changes in changes.items():
+            for user_id, value in user_changes.items():
+                self._produce(
+                    producer, self.settings.state_changelog_topic, user_id.encode(), value, delivered, partition=p
+                )
+
+        # 5. commit only what has been delivered
+        remaining = producer.flush(30)
+        if remaining or failures:
+            self._rewind(first_offsets)
+            raise DeliveryFailed(f"{remaining} undelivered, failures: {failures[:5]}")
+        for p, user_changes in changes.items():
+            self.store.write(p, user_changes, changelog_offsets.get(p))
+        self._consumer.commit(
+            offsets=[TopicPartition(self.input_topic, p, o + 1) for p, o in last_offsets.items()],
+            asynchronous=False,
+        )
+
+        self._record(out, time.perf_counter() - started)
+        return out
+
+    def _decode(self, msg: Message, now: int) -> tuple[str, Event | None] | Rejection:
+        value = msg.value()
+        if value is None:
+            return Rejection("undecodable", "empty record (tombstone) on the events topic")
+        try:
+            name, record = self.codec.decode(value, accept=ACCEPTED_SCHEMAS)
+        except DecodeError as exc:
+            return Rejection(exc.reason, exc.detail)
+        if name == "UserDeletion":
+            if not record["user_id"]:
+                return Rejection("invalid_record", "user_id must be non-empty")
+            return record["user_id"], None
+        event = Event.from_avro(name, record)
+        rejection = validate_event(event, now, self.rules, self.catalog.__contains__)
+        return rejection if rejection is not None else (event.user_id, event)
+
+    def _produce(
+        self,
+        producer: Producer,
+        topic: str,
+        key: bytes,
+        value: bytes | None,
+        on_delivery: Callable[[KafkaError | None, Message], None],
+        partition: int | None = None,
+    ) -> None:
+        kwargs = {"partition": partition} if partition is not None else {}
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key, on_delivery=on_delivery, **kwargs)
+                return
+            except BufferError:
+                producer.poll(0.05)  # local queue full: let deliveries drain
+
+    def _dead_letter(
+        self,
+        producer: Producer,
+        msg: Message,
+        rejection: Rejection,
+        on_delivery: Callable[[KafkaError | None, Message], None],
+    ) -> None:
+        record = {
+            "source_topic": msg.topic(),
+            "partition": msg.partition(),
+            "offset": msg.offset(),
+            "key": msg.key(),
+            "value": msg.value(),
+            "reason": rejection.reason,
+            "detail": rejection.detail[:2000],
+            "failed_at": now_ms(),
+            "worker_id": self.worker_id,
+        }
+        self._produce(
+            producer, self.settings.dead_letter_topic, msg.key() or b"", self.codec.encode("DeadLetter", record), on_delivery
+        )
+        self.metrics.dead_letters.labels(rejection.reason).inc()
+
+    def _rewind(self, first_offsets: dict[int, int]) -> None:
+        assert self._consumer is not None
+        for p, offset in first_offsets.items():
+            self._consumer.seek(TopicPartition(self.input_topic, p, offset))
+
+    def _record(self, out: BatchOutcome, seconds: float) -> None:
+        m = self.metrics
+        m.batches.inc()
+        m.batch_seconds.observe(seconds)
+        m.duplicates.inc(out.duplicates)
+        m.recommendations.inc(out.recommendations)
+        for latency in out.latencies_ms:
+            m.latency.observe(latency / 1000)
+        rate = self.accuracy.rate
+        if rate is not None:
+            m.online_hit_rate.set(rate)
+        if self.on_events is not None and out.events:
+            self.on_events(out.events)

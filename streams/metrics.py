@@ -1,0 +1,38 @@
+"""The worker's Prometheus metrics (served on /metrics by the faust web server)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class WorkerMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.events = Counter("streamrec_events", "Events applied to user state", ["kind"], registry=r)
+        self.duplicates = Counter("streamrec_duplicate_events", "Events ignored as duplicates", registry=r)
+        self.dead_letters = Counter("streamrec_dead_letters", "Records sent to dead letters", ["reason"], registry=r)
+        self.recommendations = Counter("streamrec_recommendations", "Recommendations published", registry=r)
+        self.batches = Counter("streamrec_batches", "Micro-batches processed", registry=r)
+        self.batch_seconds = Histogram(
+            "streamrec_batch_seconds", "Micro-batch processing time", buckets=LATENCY_BUCKETS_S, registry=r
+        )
+        self.latency = Histogram(
+            "streamrec_event_to_recommendation_seconds",
+            "Event timestamp to recommendation publish time",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.users = Gauge("streamrec_users", "Users held in local state", registry=r)
+        self.partitions = Gauge("streamrec_partitions", "Event partitions owned", registry=r)
+        self.catalog_items = Gauge("streamrec_catalog_items", "Catalogue items known", registry=r)
+        self.online_hit_rate = Gauge(
+            "streamrec_online_hit_rate", "Share of clicks/purchases on an item recommended to that user", registry=r
+        )
+        self.model_info = Gauge("streamrec_model_info", "Model being served", ["model_version"], registry=r)

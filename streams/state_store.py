@@ -1,0 +1,163 @@
+"""Per-user state in RocksDB, one database per partition, backed by a compacted changelog topic.
+
+The Kafka Streams design, kept small: every batch's changed states are produced to the changelog partition of
+the same number, and only once they are delivered are they written locally together with the changelog offset
+they reached (one write batch). On assignment a partition is restored from that checkpoint to the changelog's
+end, so a worker that lost its disk, or a worker that takes over a partition, ends up with exactly the state
+the changelog holds. The end is found by reading to partition EOF: the embedded broker's ListOffsets answer is
+wrong (see BROKER.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from rocksdict import Options, Rdict, WriteBatch
+
+log = logging.getLogger(__name__)
+
+_USER = b"u:"
+_CHECKPOINT = b"m:changelog-offset"
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+class PartitionStore:
+    """One partition's users. Keys are user ids, values the encoded UserState."""
+
+    def __init__(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        options = Options(raw_mode=True)
+        options.create_if_missing(True)
+        self.path = path
+        self.db = Rdict(str(path), options)
+
+    @property
+    def checkpoint(self) -> int | None:
+        """The changelog offset of the last change held locally; None when nothing was restored yet."""
+        raw = self.db.get(_CHECKPOINT)
+        return int(raw) if raw is not None else None
+
+    def get_many(self, user_ids: list[str]) -> list[bytes | None]:
+        if not user_ids:
+            return []
+        return list(self.db[[_USER + u.encode() for u in user_ids]])
+
+    def write(self, changes: dict[str, bytes | None], checkpoint: int | None) -> None:
+        """Apply changes (None deletes the user) and move the checkpoint, atomically."""
+        batch = WriteBatch(raw_mode=True)
+        for user_id, value in changes.items():
+            key = _USER + user_id.encode()
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
+        if checkpoint is not None:
+            batch.put(_CHECKPOINT, str(checkpoint).encode())
+        self.db.write(batch)
+
+    def user_count(self) -> int:
+        return sum(1 for k in self.db.keys(from_key=_USER) if k.startswith(_USER))
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class StateStore:
+    """The partitions this worker currently owns, restored from and written through to the changelog."""
+
+    def __init__(self, data_dir: Path, changelog_topic: str, bootstrap_servers: str) -> None:
+        self.data_dir = data_dir
+        self.changelog_topic = changelog_topic
+        self.bootstrap_servers = bootstrap_servers
+        self.partitions: dict[int, PartitionStore] = {}
+        self.restored_records = 0
+
+    def _path(self, partition: int) -> Path:
+        return self.data_dir / "state" / f"p{partition}"
+
+    def assign(self, partitions: Iterable[int]) -> None:
+        """Open and restore each newly assigned partition before any of its events is processed."""
+        new = [p for p in partitions if p not in self.partitions]
+        for partition in new:
+            self.partitions[partition] = PartitionStore(self._path(partition))
+        if new:
+            self._restore(new)
+
+    def revoke(self, partitions: Iterable[int]) -> None:
+        for partition in partitions:
+            store = self.partitions.pop(partition, None)
+            if store is not None:
+                store.close()
+
+    def close(self) -> None:
+        self.revoke(list(self.partitions))
+
+    def forget_local(self, partition: int) -> None:
+        """Drop a partition's local copy (it will be rebuilt from the changelog on the next assignment)."""
+        self.revoke([partition])
+        shutil.rmtree(self._path(partition), ignore_errors=True)
+
+    def get_many(self, partition: int, user_ids: list[str]) -> list[bytes | None]:
+        return self.partitions[partition].get_many(user_ids)
+
+    def write(self, partition: int, changes: dict[str, bytes | None], checkpoint: int | None) -> None:
+        self.partitions[partition].write(changes, checkpoint)
+
+    def _restore(self, partitions: list[int], timeout_s: float = 120.0) -> None:
+        started = time.monotonic()
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap_servers,
+                "group.id": "streamrec-restore",  # required by the client; assign() never joins it
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "auto.offset.reset": "earliest",
+                "fetch.max.bytes": 16 * 1024 * 1024,
+            }
+        )
+        try:
+            positions = []
+            for p in partitions:
+                checkpoint = self.partitions[p].checkpoint
+                start = OFFSET_BEGINNING if checkpoint is None else checkpoint + 1
+                positions.append(TopicPartition(self.changelog_topic, p, start))
+            consumer.assign(positions)
+            pending = set(partitions)
+            batches: dict[int, dict[str, bytes | None]] = {p: {} for p in partitions}
+            last_offset: dict[int, int] = {}
+            deadline = time.monotonic() + timeout_s
+            while pending:
+                if time.monotonic() > deadline:
+                    raise StoreError(f"changelog restore of partitions {sorted(pending)} timed out")
+                for msg in consumer.consume(num_messages=10_000, timeout=0.5):
+                    err = msg.error()
+                    p = msg.partition()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            pending.discard(p)
+                            continue
+                        raise StoreError(f"changelog restore failed: {err}")
+                    key = msg.key()
+                    if key is None:
+                        continue
+                    batches[p][key.decode()] = msg.value()
+                    last_offset[p] = msg.offset()
+                    self.restored_records += 1
+                for p, changes in batches.items():
+                    if len(changes) >= 5_000:
+                        self.partitions[p].write(changes, last_offset[p])
+                        batches[p] = {}
+            for p, changes in batches.items():
+                if p in last_offset:
+                    self.partitions[p].write(changes, last_offset[p])
+        finally:
+            consumer.close()
+        log.info("restored partitions %s in %.2fs", partitions, time.monotonic() - started)

@@ -1,0 +1,129 @@
+"""Per-user state: what a user's history looks like after events, duplicates and limits."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from streamrec.catalog import Catalog
+from streamrec.records import CatalogItem, Event, EventKind
+from streamrec.state import (
+    StateLimits,
+    ValidationRules,
+    apply_event,
+    decode_state,
+    encode_state,
+    validate_event,
+)
+
+LIMITS = StateLimits(history_length=5, max_purchased=3, dedupe_window=4)
+NOW = 1_800_000_000_000
+RULES = ValidationRules(max_event_age_ms=86_400_000, max_clock_skew_ms=300_000)
+
+
+def click(n: int, item: str = "i1", user: str = "u1", ts: int = NOW) -> Event:
+    return Event(event_id=f"e{n}", user_id=user, kind=EventKind.CLICK, timestamp=ts, item_id=item)
+
+
+def purchase(n: int, item: str) -> Event:
+    return Event(f"e{n}", "u1", EventKind.PURCHASE, NOW, item_id=item, price=9.5, quantity=1)
+
+
+def test_events_build_history_newest_last_and_count_kinds() -> None:
+    state = None
+    for n, event in enumerate(
+        [click(1, "a"), Event("e2", "u1", EventKind.SEARCH, NOW, query="red shoes"), purchase(3, "b")]
+    ):
+        state, applied = apply_event(state, event, LIMITS)
+        assert applied, n
+    assert state is not None
+    assert [h.item_id or h.query for h in state.history] == ["a", "red shoes", "b"]
+    assert (state.clicks, state.searches, state.purchases) == (1, 1, 1)
+    assert state.purchased == ["b"]
+    assert state.recent_queries == ["red shoes"]
+    assert state.last_event_id == "e3"
+
+
+def test_duplicate_event_id_is_not_applied_twice() -> None:
+    state, _ = apply_event(None, click(1, "a"), LIMITS)
+    state, applied = apply_event(state, click(1, "a"), LIMITS)
+    assert not applied
+    assert len(state.history) == 1 and state.clicks == 1
+
+
+def test_state_stays_bounded() -> None:
+    state = None
+    for n in range(20):
+        state, _ = apply_event(state, click(n, f"i{n}"), LIMITS)
+        state, _ = apply_event(state, purchase(100 + n, f"p{n}"), LIMITS)
+    assert state is not None
+    assert len(state.history) == 5 and state.history[-1].item_id == "p19"
+    assert state.purchased == ["p17", "p18", "p19"]
+    assert len(state.seen_event_ids) == 4
+    assert state.clicks == 20 and state.purchases == 20
+
+
+def test_out_of_order_event_does_not_move_last_event_back() -> None:
+    state, _ = apply_event(None, click(1, ts=NOW), LIMITS)
+    state, _ = apply_event(state, click(2, ts=NOW - 10_000), LIMITS)
+    assert state.last_event_id == "e1" and state.last_event_time == NOW
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(list(EventKind)),
+            st.text(min_size=1, max_size=12),
+            st.integers(min_value=0, max_value=2**62),
+        ),
+        max_size=30,
+    )
+)
+def test_state_round_trips_through_its_wire_format(events: list[tuple[EventKind, str, int]]) -> None:
+    state = None
+    for n, (kind, text, ts) in enumerate(events):
+        event = Event(
+            event_id=f"id{n}",
+            user_id="ü-1",
+            kind=kind,
+            timestamp=ts,
+            item_id=None if kind is EventKind.SEARCH else text,
+            query=text if kind is EventKind.SEARCH else None,
+            price=1.0,
+        )
+        state, _ = apply_event(state, event, StateLimits())
+    if state is not None:
+        assert decode_state(encode_state(state)) == state
+
+
+def test_validation_reasons() -> None:
+    catalog = Catalog()
+    catalog.upsert(CatalogItem("known", "Known Item"))
+    ok = click(1, "known")
+    assert validate_event(ok, NOW, RULES, catalog.__contains__) is None
+
+    def reason(event: Event) -> str | None:
+        rejection = validate_event(event, NOW, RULES, catalog.__contains__)
+        return rejection.reason if rejection else None
+
+    assert reason(click(1, "nope")) == "unknown_item"
+    assert reason(click(1, "known", ts=NOW + 3_600_000)) == "absurd_timestamp"
+    assert reason(click(1, "known", ts=0)) == "absurd_timestamp"
+    assert reason(click(1, "known", user="")) == "invalid_record"
+    assert reason(Event("e", "u", EventKind.SEARCH, NOW, query="  ")) == "invalid_record"
+    assert reason(Event("e", "u", EventKind.PURCHASE, NOW, item_id="known", price=-1.0)) == "invalid_record"
+    assert reason(Event("e", "u", EventKind.PURCHASE, NOW, item_id="known", price=float("nan"))) == "invalid_record"
+    assert reason(Event("e", "u", EventKind.PURCHASE, NOW, item_id="known", price=2.0, quantity=0)) == "invalid_record"
+    lenient = ValidationRules(RULES.max_event_age_ms, RULES.max_clock_skew_ms, reject_unknown_items=False)
+    assert validate_event(click(1, "nope"), NOW, lenient, catalog.__contains__) is None
+
+
+def test_catalog_keeps_latest_version_and_queues_changes_once() -> None:
+    catalog = Catalog()
+    catalog.upsert(CatalogItem("a", "New", updated_at=20))
+    catalog.upsert(CatalogItem("a", "Stale", updated_at=10))  # delivered late
+    catalog.upsert(CatalogItem("b", "B"))
+    got = catalog.get("a")
+    assert got is not None and got.title == "New"
+    assert sorted(i.item_id for i in catalog.drain_changes()) == ["a", "b"]
+    assert catalog.drain_changes() == []

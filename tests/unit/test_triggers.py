@@ -1,0 +1,49 @@
+"""Fine-tuning triggers: new data, elapsed time and online accuracy drift."""
+
+from __future__ import annotations
+
+from streamrec.triggers import OnlineAccuracy, TriggerPolicy
+
+
+def feed(acc: OnlineAccuracy, hits: int, misses: int) -> None:
+    for n in range(hits + misses):
+        user = f"u{n}"
+        acc.recommended(user, ["a", "b"])
+        acc.interacted(user, "a" if n < hits else "z")
+
+
+def test_hit_rate_counts_only_users_who_were_shown_recommendations() -> None:
+    acc = OnlineAccuracy(window=10)
+    acc.interacted("stranger", "a")
+    assert acc.rate is None
+    feed(acc, hits=4, misses=6)
+    assert acc.baseline_rate == 0.4
+    assert acc.rate == 0.4
+
+
+def test_drift_fires_when_rolling_rate_falls_below_share_of_baseline() -> None:
+    acc = OnlineAccuracy(window=10)
+    policy = TriggerPolicy(min_events=10**9, interval_s=10**9, drift_ratio=0.7, trained_at=1.0)
+    feed(acc, hits=5, misses=5)  # baseline 0.5
+    assert policy.decide(2.0, acc) is None
+    feed(acc, hits=3, misses=7)  # 0.3 < 0.7 * 0.5
+    assert policy.decide(2.0, acc) == "accuracy_drift"
+
+
+def test_new_data_and_elapsed_time_fire_and_reset() -> None:
+    acc = OnlineAccuracy(window=10)
+    policy = TriggerPolicy(min_events=100, interval_s=60, drift_ratio=0.7, trained_at=1000.0)
+    policy.events_since_training = 99
+    assert policy.decide(1001.0, acc) is None
+    policy.events_since_training = 100
+    assert policy.decide(1001.0, acc) == "new_data"
+    policy.fired(1001.0)
+    assert policy.decide(1002.0, acc) is None
+    assert policy.decide(1061.0, acc) == "elapsed_time"
+
+
+def test_model_swap_resets_baseline() -> None:
+    acc = OnlineAccuracy(window=4)
+    feed(acc, hits=4, misses=0)
+    acc.reset()
+    assert acc.baseline_rate is None and acc.rate is None
