@@ -13,13 +13,27 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = len(MAGIC) + 8
+# Confluent Schema Registry framing: magic byte 0 + 4-byte big-endian schema id + Avro body.
+REGISTRY_MAGIC = b"\x00"
+REGISTRY_HEADER_LEN = len(REGISTRY_MAGIC) + 4
+
+
+def registry_header(schema_id: int) -> bytes:
+    return REGISTRY_MAGIC + schema_id.to_bytes(4, "big")
+
+
+def registry_schema_id(data: bytes) -> int:
+    """The schema id of a registry-framed record; DecodeError when the framing is wrong."""
+    if not isinstance(data, bytes | bytearray) or len(data) < REGISTRY_HEADER_LEN or data[:1] != b"\x00":
+        raise DecodeError("undecodable", "not a schema-registry framed record")
+    return int.from_bytes(data[1:REGISTRY_HEADER_LEN], "big")
 
 
 class DecodeError(Exception):
@@ -97,6 +111,16 @@ WriterSchemaResolver = Callable[[bytes], str | None]
 """Looks up a writer schema's JSON by fingerprint (e.g. from the schemas topic); None when unknown."""
 
 
+class Codec(Protocol):
+    """What the worker and the clients need of a codec: AvroCodec, or the schema-registry codec."""
+
+    def schema(self, name: str) -> RecordSchema: ...
+
+    def encode(self, name: str, record: dict[str, Any], schema: RecordSchema | None = None) -> bytes: ...
+
+    def decode(self, data: bytes, accept: Iterable[str] | None = None) -> tuple[str, dict[str, Any]]: ...
+
+
 class AvroCodec:
     """Encodes and decodes single-object Avro records against this process's (reader) schemas."""
 
@@ -126,7 +150,8 @@ class AvroCodec:
         buf.write(schema.fingerprint)
         try:
             fastavro.schemaless_writer(buf, schema.parsed, record, strict_allow_default=True)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        # OverflowError: an integer beyond a long's range (fastavro does not check an int's 32 bits).
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
             raise EncodeError(f"{name} does not match its schema: {exc}") from exc
         return buf.getvalue()
 
@@ -145,18 +170,26 @@ class AvroCodec:
 
     def decode(self, data: bytes, accept: Iterable[str] | None = None) -> tuple[str, dict[str, Any]]:
         """Return (short schema name, record), resolved into this process's version of the schema."""
-        writer = self.writer_schema(data)
+        return self.read_body(self.writer_schema(data), data[HEADER_LEN:], accept)
+
+    def read_body(
+        self, writer: RecordSchema, body: bytes, accept: Iterable[str] | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """Decode an Avro body written with ``writer`` into this process's version (any framing)."""
         reader = self._by_full_name.get(writer.full_name)
         if reader is None or (accept is not None and reader.name not in accept):
             raise DecodeError("unknown_schema", f"{writer.full_name} is not expected here")
+        buf = io.BytesIO(body)
         try:
             record = fastavro.schemaless_reader(
-                io.BytesIO(data[HEADER_LEN:]),
-                writer.parsed,
-                None if reader is writer else reader.parsed,
+                buf, writer.parsed, None if reader is writer else reader.parsed
             )
         except Exception as exc:  # fastavro raises many types for truncated or corrupt bodies
             raise DecodeError("undecodable", f"{writer.name} body: {type(exc).__name__}: {exc}") from exc
         if not isinstance(record, dict):
             raise DecodeError("undecodable", f"{writer.name} body is not a record")
+        # Bytes left over mean the body was not written with this schema (concatenated or corrupt).
+        if buf.tell() != len(body):
+            left = len(body) - buf.tell()
+            raise DecodeError("undecodable", f"{writer.name} body has {left} trailing bytes")
         return reader.name, record

@@ -1,0 +1,377 @@
+"""Property-based tests of the Avro wire format: round trips, schema evolution, and corrupt input."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from streamrec.streams.schema_store import RegistryCodec
+
+from streamrec.records import (
+    CatalogItem,
+    Event,
+    EventKind,
+    HistoryEntry,
+    Recommendation,
+    RecommendedItem,
+    UserState,
+)
+from streamrec.serde import (
+    AvroCodec,
+    DecodeError,
+    EncodeError,
+    RecordSchema,
+    bundled_schemas,
+    make_schema,
+    registry_header,
+)
+from streamrec.settings import Settings
+
+BUNDLED = bundled_schemas()
+NO_SCHEMA = lambda fp: None  # noqa: E731 - a resolver that knows nothing beyond the bundled schemas
+
+
+def registry_codec(schemas: dict[str, RecordSchema] | None = None, url: str | None = None) -> RegistryCodec:
+    url = url or f"mock://{uuid.uuid4().hex}"  # a fresh in-process registry unless shared on purpose
+    return RegistryCodec(Settings(schema_registry_url=url), schemas=schemas, resolver=NO_SCHEMA)
+
+
+CODECS = {"single-object": AvroCodec(resolver=NO_SCHEMA), "registry": registry_codec()}
+codec_names = pytest.mark.parametrize("codec_name", sorted(CODECS))
+fast = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# --- strategies ------------------------------------------------------------------------------------------
+
+ids = st.text(min_size=1, max_size=24)
+maybe_text = st.none() | st.text(max_size=24)
+longs = st.integers(-(2**63), 2**63 - 1)
+ints = st.integers(-(2**31), 2**31 - 1)
+doubles = st.floats(allow_nan=False)  # NaN != NaN would fail equality, not the codec
+contexts = st.none() | st.fixed_dictionaries(
+    {"device": maybe_text, "page": maybe_text, "referrer": maybe_text, "locale": maybe_text}
+)
+
+
+@st.composite
+def events(draw: st.DrawFn) -> Event:
+    kind = draw(st.sampled_from(EventKind))
+    return Event(
+        event_id=draw(ids),
+        user_id=draw(ids),
+        kind=kind,
+        timestamp=draw(longs),
+        item_id=None if kind is EventKind.SEARCH else draw(ids),
+        query=draw(st.text(max_size=60)) if kind is EventKind.SEARCH else None,
+        session_id=draw(maybe_text),
+        price=draw(doubles) if kind is EventKind.PURCHASE else None,
+        quantity=draw(ints) if kind is EventKind.PURCHASE else 1,
+        context=draw(contexts),
+    )
+
+
+catalog_items = st.builds(
+    CatalogItem,
+    item_id=ids,
+    title=st.text(max_size=60),
+    category=maybe_text,
+    price=st.none() | doubles,
+    in_stock=st.booleans(),
+    description=st.none() | st.text(max_size=200),
+    updated_at=longs,
+)
+
+recommendations = st.builds(
+    Recommendation,
+    user_id=ids,
+    items=st.lists(
+        st.builds(
+            RecommendedItem,
+            item_id=ids,
+            score=st.floats(width=32, allow_nan=False),  # Avro float: 32 bits survive exactly
+            reason=st.sampled_from(["similar_to_recent", "matches_search", "goes_with_purchase", "popular"]),
+            explanation=st.text(max_size=60),
+            anchor=maybe_text,
+        ),
+        max_size=12,
+    ),
+    model_version=ids,
+    index_version=ids,
+    cause_event_id=ids,
+    event_time=longs,
+    publish_time=longs,
+    mode=st.sampled_from(["live", "backfill", "shadow"]),
+)
+
+user_states = st.builds(
+    UserState,
+    user_id=ids,
+    history=st.lists(
+        st.builds(
+            HistoryEntry,
+            kind=st.sampled_from(EventKind),
+            timestamp=longs,
+            item_id=st.none() | ids,
+            query=maybe_text,
+        ),
+        max_size=20,
+    ),
+    purchased=st.lists(ids, max_size=10),
+    seen_event_ids=st.lists(longs, max_size=64),
+    clicks=longs,
+    searches=longs,
+    purchases=longs,
+    last_event_id=maybe_text,
+    last_event_time=longs,
+)
+
+
+def state_to_avro(state: UserState) -> dict[str, Any]:
+    # records.UserState has no to_avro (the worker's state module owns it); the schema is the contract.
+    return {
+        "user_id": state.user_id,
+        "history": [
+            {"kind": int(h.kind), "item_id": h.item_id, "query": h.query, "timestamp": h.timestamp}
+            for h in state.history
+        ],
+        "purchased": state.purchased,
+        "seen_event_ids": state.seen_event_ids,
+        "clicks": state.clicks,
+        "searches": state.searches,
+        "purchases": state.purchases,
+        "last_event_id": state.last_event_id,
+        "last_event_time": state.last_event_time,
+    }
+
+
+def state_from_avro(record: dict[str, Any]) -> UserState:
+    history = [HistoryEntry(**{**h, "kind": EventKind(h["kind"])}) for h in record["history"]]
+    return UserState(**{**record, "history": history})
+
+
+# --- round trips -----------------------------------------------------------------------------------------
+
+
+@codec_names
+@fast
+@given(event=events())
+def test_every_event_type_round_trips(codec_name: str, event: Event) -> None:
+    codec = CODECS[codec_name]
+    name, record = codec.decode(codec.encode(event.schema_name, event.to_avro()))
+    assert name == event.schema_name
+    assert Event.from_avro(name, record) == event
+
+
+@codec_names
+@fast
+@given(user_id=ids, event_id=ids, timestamp=longs, requested_by=maybe_text)
+def test_user_deletion_round_trips(
+    codec_name: str, user_id: str, event_id: str, timestamp: int, requested_by: str | None
+) -> None:
+    codec = CODECS[codec_name]
+    record = {"event_id": event_id, "user_id": user_id, "timestamp": timestamp, "requested_by": requested_by}
+    assert codec.decode(codec.encode("UserDeletion", record)) == ("UserDeletion", record)
+
+
+@codec_names
+@fast
+@given(item=catalog_items)
+def test_catalog_item_round_trips(codec_name: str, item: CatalogItem) -> None:
+    codec = CODECS[codec_name]
+    name, record = codec.decode(codec.encode("CatalogItem", item.to_avro()), accept=["CatalogItem"])
+    assert CatalogItem.from_avro(record) == item
+
+
+@codec_names
+@fast
+@given(rec=recommendations)
+def test_recommendation_round_trips(codec_name: str, rec: Recommendation) -> None:
+    codec = CODECS[codec_name]
+    _, record = codec.decode(codec.encode("Recommendation", rec.to_avro()))
+    assert Recommendation.from_avro(record) == rec
+
+
+@codec_names
+@fast
+@given(state=user_states)
+def test_user_state_round_trips(codec_name: str, state: UserState) -> None:
+    codec = CODECS[codec_name]
+    _, record = codec.decode(codec.encode("UserState", state_to_avro(state)))
+    assert state_from_avro(record) == state
+
+
+# --- schema evolution ------------------------------------------------------------------------------------
+
+
+def with_campaign(schema: RecordSchema) -> RecordSchema:
+    """The next version of a schema: one added optional field, as a backend release would add it."""
+    definition = copy.deepcopy(schema.definition)
+    definition["fields"].append({"name": "campaign", "type": ["null", "string"], "default": None})
+    return make_schema(definition)
+
+
+@fast
+@given(event=events(), campaign=maybe_text)
+def test_a_newer_writer_decodes_in_an_older_reader_through_the_resolver(
+    event: Event, campaign: str | None
+) -> None:
+    newer = with_campaign(BUNDLED[event.schema_name])
+    writer = AvroCodec({**BUNDLED, event.schema_name: newer})
+    data = writer.encode(event.schema_name, {**event.to_avro(), "campaign": campaign})
+
+    with pytest.raises(DecodeError) as unknown:
+        AvroCodec(resolver=NO_SCHEMA).decode(data)
+    assert unknown.value.reason == "unknown_schema"
+
+    asked: list[bytes] = []
+    reader = AvroCodec(resolver=lambda fp: asked.append(fp) or {newer.fingerprint: newer.json}.get(fp))
+    name, record = reader.decode(data)
+    assert "campaign" not in record
+    assert Event.from_avro(name, record) == event
+    reader.decode(data)
+    assert asked == [newer.fingerprint]  # learnt once, not asked per record
+
+
+@fast
+@given(event=events())
+def test_an_older_writer_decodes_in_a_newer_reader_with_the_default(event: Event) -> None:
+    older = BUNDLED[event.schema_name]
+    newer = with_campaign(older)
+    data = AvroCodec().encode(event.schema_name, event.to_avro())
+    reader = AvroCodec({**BUNDLED, event.schema_name: newer}, resolver={older.fingerprint: older.json}.get)
+    name, record = reader.decode(data)
+    assert record["campaign"] is None
+    assert Event.from_avro(name, record) == event
+
+
+@fast
+@given(event=events(), campaign=maybe_text)
+def test_evolution_through_the_registry_both_ways(event: Event, campaign: str | None) -> None:
+    url = f"mock://{uuid.uuid4().hex}"
+    newer = with_campaign(BUNDLED[event.schema_name])
+    new_side = registry_codec({**BUNDLED, event.schema_name: newer}, url)
+    old_side = registry_codec(None, url)
+
+    name, record = old_side.decode(
+        new_side.encode(event.schema_name, {**event.to_avro(), "campaign": campaign})
+    )
+    assert "campaign" not in record and Event.from_avro(name, record) == event
+
+    name, record = new_side.decode(old_side.encode(event.schema_name, event.to_avro()))
+    assert record["campaign"] is None and Event.from_avro(name, record) == event
+
+
+def test_the_registry_codec_also_reads_single_object_records() -> None:
+    item = CatalogItem("i-1", "Rose Serum", price=12.5)
+    data = AvroCodec().encode("CatalogItem", item.to_avro())
+    assert data[:2] == b"\xc3\x01"
+    _, record = CATALOG_REGISTRY.decode(data)
+    assert CatalogItem.from_avro(record) == item
+    framed = CATALOG_REGISTRY.encode("CatalogItem", item.to_avro())
+    assert framed[:1] == b"\x00" and framed[5:] == data[10:]  # same Avro body, other framing
+
+
+CATALOG_REGISTRY = registry_codec()
+
+
+# --- corrupt and truncated input -------------------------------------------------------------------------
+
+DECODE_REASONS = {"undecodable", "unknown_schema"}
+
+
+def decodes_or_rejects(codec: AvroCodec, data: bytes) -> DecodeError | None:
+    """Decode; the only failure allowed is a DecodeError with a dead-letter reason."""
+    try:
+        codec.decode(data)
+    except DecodeError as exc:
+        assert exc.reason in DECODE_REASONS
+        return exc
+    return None
+
+
+def encoded_samples() -> st.SearchStrategy[tuple[str, bytes]]:
+    """A valid record of any type, encoded by either codec, tagged with the codec's name."""
+
+    def encode(codec_name: str, value: Any) -> tuple[str, bytes]:
+        codec = CODECS[codec_name]
+        if isinstance(value, Event):
+            return codec_name, codec.encode(value.schema_name, value.to_avro())
+        if isinstance(value, UserState):
+            return codec_name, codec.encode("UserState", state_to_avro(value))
+        return codec_name, codec.encode(type(value).__name__, value.to_avro())
+
+    return st.builds(
+        encode,
+        st.sampled_from(sorted(CODECS)),
+        st.one_of(events(), catalog_items, recommendations, user_states),
+    )
+
+
+@codec_names
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=200))
+def test_arbitrary_bytes_never_raise_anything_but_decode_error(codec_name: str, data: bytes) -> None:
+    decodes_or_rejects(CODECS[codec_name], data)
+
+
+@codec_names
+@settings(max_examples=300, deadline=None)
+@given(schema=st.sampled_from(sorted(BUNDLED)), body=st.binary(max_size=200))
+def test_a_known_header_with_a_garbage_body_is_rejected_cleanly(
+    codec_name: str, schema: str, body: bytes
+) -> None:
+    codec = CODECS[codec_name]
+    if isinstance(codec, RegistryCodec):
+        header = registry_header(codec.schema_id(BUNDLED[schema]))
+    else:
+        header = b"\xc3\x01" + BUNDLED[schema].fingerprint
+    decodes_or_rejects(codec, header + body)
+
+
+@settings(max_examples=200, deadline=None)
+@given(sample=encoded_samples(), data=st.data())
+def test_truncated_records_are_undecodable(sample: tuple[str, bytes], data: st.DataObject) -> None:
+    codec_name, encoded = sample
+    cut = data.draw(st.integers(0, len(encoded) - 1))
+    error = decodes_or_rejects(CODECS[codec_name], encoded[:cut])
+    assert error is not None, "a strict prefix of a record must not decode"
+
+
+@settings(max_examples=200, deadline=None)
+@given(sample=encoded_samples(), extra=st.binary(min_size=1, max_size=8))
+def test_trailing_bytes_are_undecodable(sample: tuple[str, bytes], extra: bytes) -> None:
+    codec_name, encoded = sample
+    error = decodes_or_rejects(CODECS[codec_name], encoded + extra)
+    assert error is not None and error.reason == "undecodable"
+
+
+@settings(max_examples=300, deadline=None)
+@given(sample=encoded_samples(), data=st.data())
+def test_flipped_bytes_decode_or_raise_decode_error(sample: tuple[str, bytes], data: st.DataObject) -> None:
+    codec_name, encoded = sample
+    corrupt = bytearray(encoded)
+    for _ in range(data.draw(st.integers(1, 4))):
+        position = data.draw(st.integers(0, len(corrupt) - 1))
+        corrupt[position] ^= data.draw(st.integers(1, 255))
+    decodes_or_rejects(CODECS[codec_name], bytes(corrupt))
+
+
+# --- encoding rejects what does not match ----------------------------------------------------------------
+
+wrong_values = st.one_of(st.none(), st.text(max_size=5), st.integers(2**63, 2**80), st.binary(max_size=5))
+
+
+@settings(max_examples=200, deadline=None)
+@given(field=st.sampled_from(["event_id", "user_id", "timestamp", "item_id"]), value=wrong_values)
+def test_encoding_a_mismatched_field_raises_encode_error(field: str, value: Any) -> None:
+    record: dict[str, Any] = {"event_id": "e", "user_id": "u", "timestamp": 1, "item_id": "i"}
+    expected_type = str if field != "timestamp" else int
+    if isinstance(value, expected_type) and not (expected_type is int and value >= 2**63):
+        return  # a well-typed value is not a mismatch
+    record[field] = value
+    for codec in CODECS.values():
+        with pytest.raises(EncodeError):
+            codec.encode("ClickEvent", record)
