@@ -1,0 +1,124 @@
+"""The sequence encoder: a small GPT-2 backbone over item, search and purchase events, with item embeddings
+(ID + content) tied to the output layer so a user vector scores every item by a dot product."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2Model
+
+from streamrec.records import EventKind
+
+NUM_KINDS = 4  # 0 padding, then EventKind values
+
+
+@dataclass
+class EncoderConfig:
+    num_items: int
+    dim: int = 64
+    layers: int = 2
+    heads: int = 2
+    max_len: int = 50
+    dropout: float = 0.5
+    text_dim: int = 0  # width of item/query text vectors; 0 = no text path
+    num_attributes: int = 0  # attribute vocabulary (ids 1..n); 0 = no attribute path
+    max_attributes: int = 0  # attributes kept per item
+    id_dropout: float = 0.1  # share of items whose ID embedding is hidden per step, so content stands alone
+    text_embedder: str = "hashing"  # which text embedder produced the text vectors (hashing | minilm)
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, object]) -> EncoderConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})  # type: ignore[arg-type]
+
+
+class SequenceEncoder(nn.Module):
+    """Input token = item vector (or projected query text for a search) + event-kind embedding;
+    positions count back from the newest event, so a short serving window uses training's positions."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.dim
+        self.item_id = nn.Embedding(config.num_items + 1, d, padding_idx=0)
+        nn.init.normal_(self.item_id.weight, std=0.02)
+        with torch.no_grad():
+            self.item_id.weight[0].zero_()
+        self.kind = nn.Embedding(NUM_KINDS, d)
+        nn.init.normal_(self.kind.weight, std=0.02)
+        # No bias: padding and content-less items must map to the zero vector.
+        self.text_proj = nn.Linear(config.text_dim, d, bias=False) if config.text_dim else None
+        self.attr = (
+            nn.EmbeddingBag(config.num_attributes + 1, d, mode="mean", padding_idx=0)
+            if config.num_attributes
+            else None
+        )
+        if self.attr is not None:
+            nn.init.normal_(self.attr.weight, std=0.02)
+            with torch.no_grad():
+                self.attr.weight[0].zero_()
+        # Content lives in buffers so it is saved in the state_dict with the model that was trained on it.
+        self.register_buffer("item_text", torch.zeros(config.num_items + 1, config.text_dim), persistent=True)
+        self.register_buffer(
+            "item_attrs", torch.zeros(config.num_items + 1, max(config.max_attributes, 1), dtype=torch.long)
+        )
+        self.backbone = GPT2Model(
+            GPT2Config(
+                vocab_size=1,
+                n_positions=config.max_len,
+                n_embd=d,
+                n_layer=config.layers,
+                n_head=config.heads,
+                n_inner=4 * d,
+                resid_pdrop=config.dropout,
+                embd_pdrop=config.dropout,
+                attn_pdrop=config.dropout,
+                activation_function="gelu",  # exact GELU: one fused op, ~2x faster on CPU than the tanh form,
+            )
+        )
+
+    def content_vectors(self) -> torch.Tensor:
+        """(num_items + 1, dim): what an item looks like from its text and attributes alone."""
+        out = torch.zeros(self.config.num_items + 1, self.config.dim, device=self.item_id.weight.device)
+        if self.text_proj is not None:
+            out = out + self.text_proj(self.item_text)
+        if self.attr is not None:
+            out = out + self.attr(self.item_attrs)
+        return out
+
+    def item_vectors(self, id_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(num_items + 1, dim) item table used for both input and output; row 0 (padding) is zero."""
+        ids = self.item_id.weight
+        if id_mask is not None:
+            ids = ids * id_mask.unsqueeze(1)
+        return ids + self.content_vectors()
+
+    def query_vectors(self, text: torch.Tensor) -> torch.Tensor:
+        if self.text_proj is None:
+            return torch.zeros(*text.shape[:-1], self.config.dim, device=text.device)
+        return self.text_proj(text)
+
+    def encode(
+        self,
+        item_vecs: torch.Tensor,  # (B, L, dim) item vectors (zeros at searches and padding)
+        kinds: torch.Tensor,  # (B, L) 0 = padding, else EventKind; sequences left-padded
+        query_text: torch.Tensor | None = None,  # (B, L, text_dim) at search positions, else zeros
+    ) -> torch.Tensor:
+        """Hidden state at every position, (B, L, dim)."""
+        x = item_vecs + self.kind(kinds)
+        if query_text is not None and self.text_proj is not None:
+            is_search = (kinds == int(EventKind.SEARCH)).unsqueeze(-1)
+            x = x + self.text_proj(query_text) * is_search
+        length = kinds.shape[1]
+        start = self.config.max_len - length
+        positions = torch.arange(start, self.config.max_len, device=kinds.device).expand_as(kinds)
+        mask = (kinds > 0).long()
+        # A fully padded row would attend to nothing; let it see itself, its output is never used.
+        mask[:, -1] = 1
+        out = self.backbone(inputs_embeds=x, attention_mask=mask, position_ids=positions).last_hidden_state
+        return out

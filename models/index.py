@@ -1,0 +1,96 @@
+"""The item index: maximum-inner-product search over item vectors with FAISS (flat, HNSW or IVF), on the GPU
+when faiss-gpu and CUDA are available."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import faiss
+import numpy as np
+
+IndexKind = Literal["flat", "hnsw", "ivf"]
+
+
+def _gpu_available() -> bool:
+    if not hasattr(faiss, "StandardGpuResources"):
+        return False
+    try:
+        return faiss.get_num_gpus() > 0
+    except Exception:  # a CPU build without the symbol, or a broken driver: CPU it is
+        return False
+
+
+class ItemIndex:
+    """Inner-product index keyed by item index (int64). Scores equal the encoder's training logits."""
+
+    def __init__(self, dim: int, kind: IndexKind = "flat", index: faiss.Index | None = None) -> None:
+        self.dim = dim
+        self.kind = kind
+        self._index = index if index is not None else self._empty(dim, kind)
+        self._gpu_res = None
+
+    @staticmethod
+    def _empty(dim: int, kind: IndexKind, nlist: int = 1) -> faiss.Index:
+        if kind == "flat":
+            return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        if kind == "hnsw":
+            return faiss.IndexIDMap2(faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT))
+        if kind == "ivf":
+            quantizer = faiss.IndexFlatIP(dim)
+            return faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        raise ValueError(f"unknown index kind {kind!r} (flat | hnsw | ivf)")
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, ids: np.ndarray, kind: IndexKind = "flat") -> ItemIndex:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        dim = vectors.shape[1]
+        if kind == "ivf":
+            # IVF needs enough points per list to train; a tiny catalogue gets an exact index instead.
+            nlist = int(np.sqrt(len(vectors)))
+            if nlist < 8:
+                kind = "flat"
+            else:
+                index = cls._empty(dim, "ivf", nlist)
+                index.train(vectors)
+                index.nprobe = max(1, nlist // 8)
+                out = cls(dim, "ivf", index)
+                out.add(vectors, ids)
+                return out
+        out = cls(dim, kind)
+        if kind == "hnsw":
+            faiss.downcast_index(out._index.index).hnsw.efSearch = 128
+        out.add(vectors, ids)
+        return out
+
+    def to_gpu_if_available(self) -> None:
+        if self.kind == "flat" and _gpu_available():
+            self._gpu_res = faiss.StandardGpuResources()
+            self._index = faiss.index_cpu_to_gpu(self._gpu_res, 0, self._index)
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        self._index.add_with_ids(
+            np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)
+        )
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, item indices), both (n, k); missing results have index -1."""
+        k = max(1, min(k, self._index.ntotal))
+        return self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+    @property
+    def size(self) -> int:
+        return int(self._index.ntotal)
+
+    def save(self, directory: Path, index_version: str) -> None:
+        cpu = faiss.index_gpu_to_cpu(self._index) if self._gpu_res is not None else self._index
+        faiss.write_index(cpu, str(directory / "index.faiss"))
+        meta = {"index_version": index_version, "kind": self.kind, "dim": self.dim, "size": self.size}
+        (directory / "index.json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, directory: Path) -> tuple[ItemIndex, str]:
+        meta = json.loads((directory / "index.json").read_text())
+        index = faiss.read_index(str(directory / "index.faiss"))
+        return cls(int(meta["dim"]), meta["kind"], index), str(meta["index_version"])

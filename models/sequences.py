@@ -1,0 +1,84 @@
+"""Turning histories into encoder tensors: left-padded item/kind/query-index batches, and user vectors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from streamrec.models.data import PAD, Step
+from streamrec.models.encoder import SequenceEncoder
+
+
+def pad_batch(
+    seqs: Sequence[Sequence[Step]], max_len: int, query_index: dict[str, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(items, kinds, query ids), each (B, L) with L the longest kept sequence; newest event last."""
+    length = max(1, min(max_len, max((len(s) for s in seqs), default=1)))
+    items = np.zeros((len(seqs), length), dtype=np.int64)
+    kinds = np.zeros((len(seqs), length), dtype=np.int64)
+    queries = np.zeros((len(seqs), length), dtype=np.int64)
+    for row, seq in enumerate(seqs):
+        tail = seq[-length:]
+        offset = length - len(tail)
+        for col, step in enumerate(tail, start=offset):
+            items[row, col] = step.item
+            kinds[row, col] = step.kind
+            if step.query is not None and query_index is not None:
+                queries[row, col] = query_index.get(step.query, 0)
+    return torch.from_numpy(items), torch.from_numpy(kinds), torch.from_numpy(queries)
+
+
+def query_table(seqs: Sequence[Sequence[Step]], embed) -> tuple[dict[str, int], torch.Tensor]:
+    """Every distinct query -> row of a text-vector table (row 0 = no query)."""
+    queries = sorted({s.query for seq in seqs for s in seq if s.query is not None})
+    index = {q: i + 1 for i, q in enumerate(queries)}
+    if not queries:
+        return index, torch.zeros(1, 1)
+    vecs = embed(queries)
+    table = np.zeros((len(queries) + 1, vecs.shape[1]), dtype=np.float32)
+    table[1:] = vecs
+    return index, torch.from_numpy(table)
+
+
+def hidden_states(
+    model: SequenceEncoder,
+    items: torch.Tensor,
+    kinds: torch.Tensor,
+    qids: torch.Tensor,
+    qtable: torch.Tensor | None,
+    item_vecs: torch.Tensor,
+) -> torch.Tensor:
+    device = item_vecs.device
+    items, kinds, qids = items.to(device), kinds.to(device), qids.to(device)
+    qtext = None
+    if qtable is not None and model.config.text_dim and qtable.shape[1] == model.config.text_dim:
+        qtext = qtable.to(device)[qids]
+    return model.encode(item_vecs[items], kinds, qtext)
+
+
+@torch.inference_mode()
+def user_vectors(
+    model: SequenceEncoder,
+    seqs: Sequence[Sequence[Step]],
+    qindex: dict[str, int],
+    qtable: torch.Tensor | None,
+    batch_size: int = 512,
+    item_vecs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The encoder's last hidden state per sequence, in input order; batches grouped by length."""
+    model.eval()
+    if item_vecs is None:
+        item_vecs = model.item_vectors()
+    out = torch.zeros(len(seqs), model.config.dim, device=item_vecs.device)
+    order = sorted(range(len(seqs)), key=lambda i: min(len(seqs[i]), model.config.max_len))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        items, kinds, qids = pad_batch([seqs[i] for i in rows], model.config.max_len, qindex)
+        h = hidden_states(model, items, kinds, qids, qtable, item_vecs)
+        out[torch.tensor(rows, device=out.device)] = h[:, -1]
+    return out
+
+
+def seen_items(seq: Sequence[Step]) -> list[int]:
+    return [s.item for s in seq if s.item != PAD]

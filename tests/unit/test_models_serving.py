@@ -1,0 +1,141 @@
+"""The serving API on a tiny model trained on a clear synthetic pattern: ranking, filters, reasons."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamrec.models import registry, synthetic
+from streamrec.models.serving import Recommender
+from streamrec.models.train import TrainConfig, train
+
+from streamrec.records import CatalogItem, EventKind, HistoryEntry, UserState
+
+H = HistoryEntry
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("serving")
+    data = synthetic.write(root / "data")
+    reg = root / "registry"
+    path = train(data, registry_dir=reg, config=TrainConfig.preset("tiny"), progress=False)
+    assert registry.promote(path, reg)
+    return path
+
+
+@pytest.fixture()
+def rec(model_dir: Path) -> Recommender:
+    return Recommender.load(model_dir, device="cpu")
+
+
+def clicks(*items: str) -> list[HistoryEntry]:
+    return [H(EventKind.CLICK, t, item_id=i) for t, i in enumerate(items)]
+
+
+def test_trained_model_ranks_the_true_next_item_highly(rec: Recommender) -> None:
+    [recs] = rec.recommend([UserState("u", clicks("laptop-3", "laptop-4", "laptop-5"))], 10)
+    ids = [r.item_id for r in recs]
+    assert "laptop-6" in ids[:5]
+    assert all(i.startswith("laptop-") for i in ids[:5])
+
+
+def test_versions_and_catalogue_lookup(rec: Recommender, model_dir: Path) -> None:
+    assert rec.model_version == model_dir.name
+    assert rec.index_version.startswith(model_dir.name)
+    assert rec.knows_item("coffee-3") and not rec.knows_item("coffee-999")
+
+
+def test_purchased_and_out_of_stock_items_are_never_returned(rec: Recommender) -> None:
+    history = [*clicks("camera-2", "camera-3"), H(EventKind.PURCHASE, 9, item_id="camera-4")]
+    user = UserState("u", history, purchased=["camera-4", "camera-5"])
+    rec.upsert_items([CatalogItem("camera-6", "Camera 6", "camera", 1.0, in_stock=False)])
+    for k in (5, 50, 100):
+        [recs] = rec.recommend([user], k)
+        ids = {r.item_id for r in recs}
+        assert not ids & {"camera-4", "camera-5", "camera-6"}
+        assert len(recs) == min(k, rec.num_items - 3)
+        assert len(ids) == len(recs)
+
+
+def test_reasons_name_the_most_similar_history_element(rec: Recommender) -> None:
+    bought = UserState("b", [H(EventKind.PURCHASE, 1, item_id="camera-4")], purchased=["camera-4"])
+    viewed = UserState("v", clicks("shoes-7", "shoes-8"))
+    cold = UserState("c")
+    out = rec.recommend([bought, viewed, cold], 5)
+    assert out[0][0].reason == "goes_with_purchase" and out[0][0].anchor == "camera-4"
+    assert out[0][0].explanation == "Goes with Camera 4 you bought"
+    assert out[1][0].reason == "similar_to_recent" and out[1][0].anchor in {"shoes-7", "shoes-8"}
+    assert out[1][0].explanation.startswith("Because you viewed Shoes ")
+    assert {r.reason for r in out[2]} == {"popular"}
+    assert out[2][0].explanation == "Popular right now"
+
+
+def test_search_only_user_gets_query_driven_recommendations(rec: Recommender) -> None:
+    coffee = UserState("s1", [H(EventKind.SEARCH, 1, query="espresso coffee")])
+    garden = UserState("s2", [H(EventKind.SEARCH, 1, query="garden hose")])
+    out = rec.recommend([coffee, garden], 5)
+    assert all(r.item_id.startswith("coffee-") for r in out[0])
+    assert all(r.item_id.startswith("garden-") for r in out[1])
+    assert out[0][0].reason == "matches_search"
+    assert out[0][0].explanation == "Matches your search 'espresso coffee'"
+
+
+def test_a_search_changes_a_users_recommendations(rec: Recommender) -> None:
+    before = UserState("u", clicks("shoes-1", "shoes-2"))
+    after = UserState("u", [*before.history, H(EventKind.SEARCH, 5, query="camera lens")])
+    [a], [b] = rec.recommend([before], 5), rec.recommend([after], 5)
+    assert [r.item_id for r in a] != [r.item_id for r in b]
+
+
+def test_new_item_with_content_is_embedded_near_similar_items(rec: Recommender) -> None:
+    grinder = CatalogItem("grinder", "Coffee Grinder", "coffee", 30.0, True, "espresso coffee beans")
+    rec.upsert_items([grinder])
+    assert rec.knows_item("grinder")
+    v = rec.item_vector("grinder")
+
+    def cos(other: str) -> float:
+        w = rec.item_vector(other)
+        return float(v @ w / (np.linalg.norm(v) * np.linalg.norm(w)))
+
+    same = np.mean([cos(f"coffee-{j}") for j in range(20)])
+    other = np.mean([cos(f"{c}-{j}") for c in ("shoes", "laptop", "garden", "camera") for j in range(20)])
+    assert same > other + 0.3
+    [recs] = rec.recommend([UserState("s", [H(EventKind.SEARCH, 1, query="coffee espresso beans")])], 20)
+    assert "grinder" in {r.item_id for r in recs}
+
+
+def test_batch_results_match_single_user_calls(rec: Recommender) -> None:
+    users = [
+        UserState("a", clicks("laptop-1", "laptop-2")),
+        UserState("c"),
+        UserState("b", clicks("garden-5")),
+    ]
+    batch = rec.recommend(users, 5)
+    for user, recs in zip(users, batch, strict=True):
+        [single] = rec.recommend([user], 5)
+        assert [r.item_id for r in recs] == [r.item_id for r in single]
+
+
+def test_upserts_from_another_thread_while_recommending(rec: Recommender) -> None:
+    users = [UserState(f"u{i}", clicks(f"coffee-{i % 20}", f"coffee-{(i + 1) % 20}")) for i in range(50)]
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            for j in range(30):
+                rec.upsert_items([CatalogItem(f"new-{j}", f"New {j}", "coffee", 1.0, j % 2 == 0, "coffee")])
+        except BaseException as e:  # surfaced to the test thread below
+            errors.append(e)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    for _ in range(10):
+        for recs in rec.recommend(users, 10):
+            assert len(recs) == 10
+    thread.join()
+    assert not errors
+    assert rec.knows_item("new-29")
+    assert rec.index_version.endswith("+30")
