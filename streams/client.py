@@ -1,0 +1,498 @@
+"""Clients at streamrec's edges: web backends send events and catalogue upserts with ``EventProducer``;
+services (and ``streamrec recs tail``) read recommendations with ``RecommendationConsumer``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from streamrec.streams.schema_store import RegistryCodec, make_codec, publish_schema
+
+from streamrec.records import CatalogItem, Event, EventKind, Recommendation
+from streamrec.serde import Codec, DecodeError, EncodeError, RecordSchema
+from streamrec.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CONTEXT_FIELDS = ("device", "page", "referrer", "locale")
+AVRO_INT_MAX = 2**31 - 1
+
+
+class InvalidRecordError(EncodeError):
+    """A record that would be rejected downstream; raised before anything leaves the process."""
+
+
+@dataclass(frozen=True)
+class DeliveryFailure:
+    topic: str
+    partition: int
+    key: bytes | None
+    error: str
+
+
+class DeliveryError(RuntimeError):
+    """Records the broker did not acknowledge (``failures``), or that were still queued at the deadline."""
+
+    def __init__(self, failures: list[DeliveryFailure], undelivered: int = 0) -> None:
+        self.failures = failures
+        self.undelivered = undelivered
+        shown = "; ".join(f"{f.topic}[{f.partition}] key={f.key!r}: {f.error}" for f in failures[:5])
+        more = f" (+{len(failures) - 5} more)" if len(failures) > 5 else ""
+        queued = f"; {undelivered} still queued at the deadline" if undelivered else ""
+        super().__init__(f"{len(failures)} record(s) not delivered: {shown}{more}{queued}")
+
+
+def _require_id(what: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidRecordError(f"{what} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _is_price(value: object) -> bool:
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    )
+
+
+def _key(value: str | bytes | None) -> bytes | None:
+    return value.encode() if isinstance(value, str) else value
+
+
+class EventProducer:
+    """Sends validated, Avro-encoded events and catalogue upserts; thread-safe.
+
+    Idempotent (``acks=all``), lz4-compressed, and partitioned with ``murmur2_random``: the Java client's
+    default and faust's, so a user lands on the same partition whichever language the backend is written
+    in. Sending is asynchronous: failures are collected by the delivery callback and raised by ``flush()``
+    (and ``close()``) as ``DeliveryError``; they are logged as they happen too.
+
+    Without a schema registry, each writer schema is published to the schemas topic, and acknowledged,
+    before the first record written with it, so a worker can always resolve what it receives.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        codec: Codec | None = None,
+        config: Mapping[str, Any] | None = None,
+        schema_timeout_s: float = 10.0,
+    ) -> None:
+        self.settings = settings
+        self.codec = codec or make_codec(settings, resolve_from_topic=False)
+        self.schema_timeout_s = schema_timeout_s
+        self._producer = Producer(
+            {
+                "bootstrap.servers": settings.bootstrap_servers,
+                "client.id": "streamrec-producer",
+                "enable.idempotence": True,
+                "acks": "all",
+                "partitioner": "murmur2_random",
+                "compression.type": "lz4",
+                "linger.ms": 5,  # small batches for a web backend; a few ms add nothing a user notices
+                **(config or {}),
+            }
+        )
+        self._publish_schemas = not isinstance(self.codec, RegistryCodec)
+        self._published: set[bytes] = set()
+        self._schema_lock = threading.Lock()
+        self._failures: list[DeliveryFailure] = []
+        self._failures_lock = threading.Lock()
+        self._closed = False
+
+    # --- events --------------------------------------------------------------------------------------
+
+    def click(
+        self,
+        user_id: str,
+        item_id: str,
+        *,
+        session_id: str | None = None,
+        context: Mapping[str, str | None] | None = None,
+        timestamp: int | datetime | None = None,
+        event_id: str | None = None,
+    ) -> str:
+        """A user viewed or clicked an item; returns the event id."""
+        _require_id("item_id", item_id)
+        return self._event(
+            EventKind.CLICK, user_id, session_id, context, timestamp, event_id, item_id=item_id
+        )
+
+    def search(
+        self,
+        user_id: str,
+        query: str,
+        *,
+        session_id: str | None = None,
+        context: Mapping[str, str | None] | None = None,
+        timestamp: int | datetime | None = None,
+        event_id: str | None = None,
+    ) -> str:
+        """A user searched the catalogue; returns the event id."""
+        _require_id("query", query)
+        return self._event(EventKind.SEARCH, user_id, session_id, context, timestamp, event_id, query=query)
+
+    def purchase(
+        self,
+        user_id: str,
+        item_id: str,
+        price: float,
+        quantity: int = 1,
+        *,
+        currency: str | None = None,
+        session_id: str | None = None,
+        context: Mapping[str, str | None] | None = None,
+        timestamp: int | datetime | None = None,
+        event_id: str | None = None,
+    ) -> str:
+        """A user bought ``quantity`` of an item at unit ``price``; returns the event id."""
+        _require_id("item_id", item_id)
+        if not _is_price(price):
+            raise InvalidRecordError(f"price must be a finite number >= 0, got {price!r}")
+        if isinstance(quantity, bool) or not isinstance(quantity, int) or not 1 <= quantity <= AVRO_INT_MAX:
+            raise InvalidRecordError(f"quantity must be an integer >= 1, got {quantity!r}")
+        if currency is not None and (not isinstance(currency, str) or len(currency) != 3):
+            raise InvalidRecordError(f"currency must be an ISO 4217 code such as 'EUR', got {currency!r}")
+        return self._event(
+            EventKind.PURCHASE,
+            user_id,
+            session_id,
+            context,
+            timestamp,
+            event_id,
+            item_id=item_id,
+            price=float(price),
+            quantity=quantity,
+            currency=currency,
+        )
+
+    def delete_user(
+        self,
+        user_id: str,
+        *,
+        requested_by: str | None = None,
+        timestamp: int | datetime | None = None,
+        event_id: str | None = None,
+    ) -> str:
+        """Erase a user (privacy request): keyed by user, so it is ordered after that user's events."""
+        record = {
+            "event_id": self._event_id(event_id),
+            "user_id": _require_id("user_id", user_id),
+            "timestamp": self._timestamp(timestamp),
+            "requested_by": requested_by,
+        }
+        self.send("UserDeletion", record, key=user_id)
+        return str(record["event_id"])
+
+    def upsert_item(self, item: CatalogItem | None = None, **fields: Any) -> str:
+        """Add or change a catalogue item (a ``CatalogItem`` or its fields); returns its item id.
+
+        ``updated_at`` (epoch ms) defaults to now: the latest upsert of an item wins.
+        """
+        if item is None:
+            try:
+                item = CatalogItem(**fields)
+            except TypeError as exc:
+                raise InvalidRecordError(f"not a catalogue item: {exc}") from exc
+        elif fields:
+            raise TypeError("pass a CatalogItem or its fields, not both")
+        _require_id("item_id", item.item_id)
+        if not isinstance(item.title, str):
+            raise InvalidRecordError(f"title must be a string, got {item.title!r}")
+        if item.price is not None and not _is_price(item.price):
+            raise InvalidRecordError(f"price must be a finite number >= 0 or None, got {item.price!r}")
+        record = item.to_avro()
+        record["updated_at"] = item.updated_at or int(time.time() * 1000)
+        self.send("CatalogItem", record, key=item.item_id, topic=self.settings.catalog_topic)
+        return item.item_id
+
+    # --- lower level ---------------------------------------------------------------------------------
+
+    def send(
+        self, schema_name: str, record: dict[str, Any], *, key: str | bytes, topic: str | None = None
+    ) -> None:
+        """Encode ``record`` with this producer's version of ``schema_name`` and send it (default: events)."""
+        try:
+            schema = self.codec.schema(schema_name)
+        except KeyError as exc:
+            raise InvalidRecordError(f"no schema named {schema_name!r}") from exc
+        value = self.codec.encode(schema_name, record, schema)  # EncodeError (a ValueError) when invalid
+        self._ensure_published(schema)
+        self._produce(topic or self.settings.events_topic, _key(key), value)
+
+    def send_raw(
+        self,
+        topic: str,
+        key: str | bytes | None,
+        value: bytes | None,
+        *,
+        partition: int | None = None,
+        headers: Mapping[str, bytes] | None = None,
+    ) -> None:
+        """Send bytes as they are (tools and tests): no validation, delivery still tracked."""
+        self._produce(topic, _key(key), value, partition=partition, headers=headers)
+
+    def poll(self, timeout_s: float = 0.0) -> int:
+        """Serve delivery reports (a long-running sender calls this now and then); returns how many."""
+        return int(self._producer.poll(timeout_s))
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait for every queued record; raise ``DeliveryError`` for failures since the last flush."""
+        remaining = self._producer.flush(timeout_s)
+        with self._failures_lock:
+            failures, self._failures = self._failures, []
+        if failures or remaining:
+            raise DeliveryError(failures, remaining)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        if not self._closed:
+            self._closed = True
+            self.flush(timeout_s)
+
+    def __enter__(self) -> EventProducer:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # do not hide the original error behind a DeliveryError
+            try:
+                self.close()
+            except DeliveryError as exc:
+                log.error("while closing after an error: %s", exc)
+
+    # --- internals -----------------------------------------------------------------------------------
+
+    def _event(
+        self,
+        kind: EventKind,
+        user_id: str,
+        session_id: str | None,
+        context: Mapping[str, str | None] | None,
+        timestamp: int | datetime | None,
+        event_id: str | None,
+        currency: str | None = None,
+        **fields: Any,
+    ) -> str:
+        event = Event(
+            event_id=self._event_id(event_id),
+            user_id=_require_id("user_id", user_id),
+            kind=kind,
+            timestamp=self._timestamp(timestamp),
+            session_id=session_id,
+            context=self._context(context),
+            **fields,
+        )
+        record = event.to_avro()
+        if kind is EventKind.PURCHASE:
+            record["currency"] = currency
+        self.send(event.schema_name, record, key=user_id)
+        return event.event_id
+
+    @staticmethod
+    def _event_id(event_id: str | None) -> str:
+        return uuid.uuid4().hex if event_id is None else _require_id("event_id", event_id)
+
+    def _timestamp(self, timestamp: int | datetime | None) -> int:
+        now = int(time.time() * 1000)
+        if timestamp is None:
+            return now
+        if isinstance(timestamp, datetime):
+            if timestamp.tzinfo is None:
+                raise InvalidRecordError("timestamp must be timezone-aware (a naive datetime is ambiguous)")
+            timestamp = int(timestamp.timestamp() * 1000)
+        if isinstance(timestamp, bool) or not isinstance(timestamp, int):
+            raise InvalidRecordError(f"timestamp must be epoch milliseconds (int), got {timestamp!r}")
+        # The worker dead-letters events outside this window: reject them here, where the caller can react.
+        oldest = now - self.settings.max_event_age_days * 86_400_000
+        newest = now + self.settings.max_clock_skew_s * 1000
+        if not oldest <= timestamp <= newest:
+            raise InvalidRecordError(
+                f"timestamp {timestamp} is not a plausible epoch-milliseconds time "
+                f"(allowed {oldest}..{newest}; seconds instead of milliseconds?)"
+            )
+        return timestamp
+
+    @staticmethod
+    def _context(context: Mapping[str, str | None] | None) -> dict[str, str | None] | None:
+        if context is None:
+            return None
+        unknown = set(context) - set(CONTEXT_FIELDS)
+        if unknown:  # Avro would drop them silently; a typo should fail loudly
+            raise InvalidRecordError(f"unknown context field(s) {sorted(unknown)}; known: {CONTEXT_FIELDS}")
+        return {name: context.get(name) for name in CONTEXT_FIELDS}
+
+    def _ensure_published(self, schema: RecordSchema) -> None:
+        if not self._publish_schemas or schema.fingerprint in self._published:
+            return
+        with self._schema_lock:
+            if schema.fingerprint in self._published:
+                return
+            outcome: list[KafkaError | None] = []
+            publish_schema(self._producer, self.settings, schema, on_delivery=lambda e, _m: outcome.append(e))
+            # Wait for the acknowledgement: a record must never reach a worker before its schema can.
+            self._producer.flush(self.schema_timeout_s)
+            if not outcome or outcome[0] is not None:
+                error = str(outcome[0]) if outcome else "not acknowledged in time"
+                failure = DeliveryFailure(self.settings.schemas_topic, -1, schema.fingerprint, error)
+                raise DeliveryError([failure])
+            self._published.add(schema.fingerprint)
+
+    def _produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        *,
+        partition: int | None = None,
+        headers: Mapping[str, bytes] | None = None,
+    ) -> None:
+        if self._closed:
+            raise RuntimeError("EventProducer is closed")
+        kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": self._on_delivery}
+        if partition is not None:
+            kwargs["partition"] = partition
+        if headers:
+            kwargs["headers"] = dict(headers)
+        deadline = time.monotonic() + self.schema_timeout_s
+        while True:
+            try:
+                self._producer.produce(topic, **kwargs)
+                break
+            except BufferError:  # local queue full: serve delivery reports to make room, then retry
+                if time.monotonic() > deadline:
+                    raise
+                self._producer.poll(0.1)
+        self._producer.poll(0)
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is None:
+            return
+        failure = DeliveryFailure(msg.topic() or "", msg.partition() or -1, msg.key(), str(err))
+        log.error("record not delivered: %s", failure)
+        with self._failures_lock:
+            self._failures.append(failure)
+
+
+class RecommendationConsumer:
+    """Reads typed ``Recommendation``s from the output topic, skipping (and logging) undecodable records.
+
+    Without ``group_id`` it ``assign()``s every partition: no group join, nothing committed (tools, tail).
+    With one it joins that consumer group and commits as it goes (services that must not miss records).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        group_id: str | None = None,
+        from_beginning: bool = False,
+        topic: str | None = None,
+        *,
+        codec: Codec | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.topic = topic or settings.recommendations_topic
+        self.codec = codec or make_codec(settings)
+        self.skipped = 0
+        self._buffer: deque[Message] = deque()
+        self._started_ms = int(time.time() * 1000)
+        # The embedded broker's "latest" offset is the first of the last batch + 1, so a tail from the end
+        # would replay part of that batch: skip what was written before this consumer started.
+        self._skip_before_ms = self._started_ms if settings.embedded_broker and not from_beginning else 0
+        base: dict[str, Any] = {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "client.id": "streamrec-recommendation-consumer",
+            "auto.offset.reset": "earliest" if from_beginning else "latest",
+        }
+        if group_id is None:
+            base |= {"group.id": "streamrec-recs-unused", "enable.auto.commit": False}  # never joined
+        else:
+            self._skip_before_ms = 0  # committed offsets decide where a group member starts
+            base |= {
+                "group.id": group_id,
+                "session.timeout.ms": settings.session_timeout_ms,
+                "heartbeat.interval.ms": settings.heartbeat_interval_ms,
+                "partition.assignment.strategy": settings.assignment_strategy,
+            }
+        self._consumer = Consumer(base | dict(config or {}))
+        if group_id is None:
+            metadata = self._consumer.list_topics(self.topic, timeout=10.0).topics.get(self.topic)
+            if metadata is None or metadata.error is not None:
+                self._consumer.close()
+                raise ValueError(f"topic {self.topic} is not readable: {metadata and metadata.error}")
+            start = OFFSET_BEGINNING if from_beginning else OFFSET_END
+            self._consumer.assign([TopicPartition(self.topic, p, start) for p in sorted(metadata.partitions)])
+        else:
+            self._consumer.subscribe([self.topic])
+
+    def poll(self, timeout_s: float = 1.0) -> Recommendation | None:
+        """The next recommendation, or None when none arrived within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            while self._buffer:
+                found = self._decode(self._buffer.popleft())
+                if found is not None:
+                    return found
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self._buffer.extend(self._consumer.consume(num_messages=500, timeout=min(left, 1.0)))
+
+    def iterate(self, idle_timeout_s: float | None = None) -> Iterator[Recommendation]:
+        """Yield recommendations; stop after ``idle_timeout_s`` without one (None: never)."""
+        idle_since = time.monotonic()
+        while True:
+            found = self.poll(1.0 if idle_timeout_s is None else min(1.0, idle_timeout_s))
+            if found is not None:
+                idle_since = time.monotonic()
+                yield found
+            elif idle_timeout_s is not None and time.monotonic() - idle_since >= idle_timeout_s:
+                return
+
+    def __iter__(self) -> Iterator[Recommendation]:
+        return self.iterate()
+
+    def close(self) -> None:
+        self._consumer.close()
+
+    def __enter__(self) -> RecommendationConsumer:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _decode(self, msg: Message) -> Recommendation | None:
+        err = msg.error()
+        if err is not None:
+            if err.code() != KafkaError._PARTITION_EOF:
+                log.warning("consuming %s: %s", self.topic, err)
+            return None
+        _, timestamp = msg.timestamp()
+        if timestamp < self._skip_before_ms:
+            return None
+        try:
+            _, record = self.codec.decode(msg.value() or b"", accept=("Recommendation",))
+            return Recommendation.from_avro(record)
+        except (DecodeError, KeyError, TypeError) as exc:
+            self.skipped += 1
+            log.warning("skipping %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), exc)
+            return None
