@@ -95,6 +95,60 @@ def recs_tail(
         console.print(f"[yellow]skipped {consumer.skipped} undecodable record(s)[/]")
 
 
+@app.command("train")
+def train_cmd(
+    data: Path = typer.Option(..., help="Dataset dir or file (shared/data or events+catalog)."),
+    out: Path = typer.Option(None, help="Model directory to write; default: a new version in the registry."),
+    registry: Path = typer.Option(None, help="Model registry (STREAMREC_MODEL_REGISTRY)."),
+    preset: str = typer.Option("full", help="tiny (seconds, demo/tests) | small | full."),
+    epochs: int = typer.Option(None, help="Most epochs (early stopping may stop sooner)."),
+    max_minutes: float = typer.Option(None, help="Training time limit."),
+    seed: int = typer.Option(None, help="Random seed (STREAMREC_SEED)."),
+    device: str = typer.Option(None, help="auto | cpu | cuda (STREAMREC_DEVICE)."),
+    promote: bool = typer.Option(False, "--promote", help="Make it CURRENT if it beats the current model."),
+) -> None:
+    """Train the sequence encoder (leave-one-out, early stopping); writes a versioned model directory."""
+    import json
+
+    from streamrec.models import registry as model_registry
+    from streamrec.models.train import TrainConfig, train
+
+    settings = settings_from_env(model_registry=registry, seed=seed, device=device)
+    config = TrainConfig.preset(
+        preset, epochs=epochs, max_minutes=max_minutes, seed=settings.seed, device=settings.device
+    )
+    path = train(data, out, config, registry_dir=None if out else settings.model_registry)
+    promoted = model_registry.promote(path, settings.model_registry) if promote else False
+    meta = model_registry.read_metadata(path)
+    summary = {"model_dir": str(path), "version": meta["version"], "promoted": promoted}
+    summary |= {"metrics": meta["metrics"], "seconds": meta["training_seconds"]}
+    console.print_json(json.dumps(summary))
+
+
+@app.command("eval")
+def eval_cmd(
+    data: Path = typer.Option(..., help="Dataset dir or file (shared/data or events+catalog)."),
+    model: Path = typer.Option(None, help="Model directory; default: the registry's current model, if any."),
+    filter_seen: bool = typer.Option(False, "--filter-seen", help="Exclude seen items from the ranking."),
+    baselines: str = typer.Option("popular,itemknn", help="Comma-separated baselines (popular, itemknn)."),
+    split: str = typer.Option("test", help="test | valid."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object only."),
+) -> None:
+    """Leave-one-out evaluation with full ranking: HR@10/20, NDCG@10/20, coverage, users evaluated."""
+    import json
+
+    from streamrec.models import registry as model_registry
+    from streamrec.models.evaluate import evaluate
+
+    model_dir = model or model_registry.current(settings_from_env().model_registry)
+    names = [b for b in baselines.split(",") if b]
+    result = evaluate(data, model_dir, baselines=names, filter_seen=filter_seen, split=split)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        console.print_json(json.dumps(result))
+
+
 def main() -> None:
     app()
 
