@@ -95,6 +95,46 @@ def recs_tail(
         console.print(f"[yellow]skipped {consumer.skipped} undecodable record(s)[/]")
 
 
+@app.command()
+def worker(
+    data_dir: Path = typer.Option(None, help="State directory of this worker (STREAMREC_DATA_DIR)."),
+    web_port: int = typer.Option(None, help="Web server port (STREAMREC_WEB_PORT)."),
+    backfill: bool = typer.Option(None, "--backfill/--live", help="Read the backfill topic, publish to shadow."),
+) -> None:
+    """Run one worker: the batched event stage plus faust agents for catalogue, models and triggers."""
+    from streamrec.streams.app import run_worker
+
+    run_worker(settings_from_env(data_dir=data_dir, web_port=web_port, backfill=backfill))
+
+
+@app.command()
+def simulate(
+    users: int = typer.Option(1000, help="Simulated shoppers."),
+    rate: float = typer.Option(500.0, help="Events per second."),
+    seconds: float = typer.Option(60.0, help="How long to send."),
+    catalog: bool = typer.Option(True, help="Publish the sample catalogue first."),
+    bad_every: int = typer.Option(0, help="Every N-th record is malformed (shows the dead-letter path)."),
+) -> None:
+    """Send sample traffic (catalogue, clicks, searches, purchases) to the configured broker."""
+    from streamrec.streams.simulate import simulate as run
+
+    settings = settings_from_env()
+    stats = run(settings, users=users, rate=rate, seconds=seconds, bad_every=bad_every, with_catalog=catalog)
+    console.print(f"sent {stats.events:,} events and {stats.bad_records} bad records in {stats.seconds:.1f}s")
+
+
+@app.command()
+def demo(
+    seconds: float = typer.Option(60.0, help="How long to simulate traffic."),
+    rate: float = typer.Option(1000.0, help="Events per second."),
+    users: int = typer.Option(2000, help="Simulated shoppers."),
+) -> None:
+    """Run the whole pipeline on the embedded broker with sample traffic; prints a JSON summary at the end."""
+    from streamrec.streams.demo import run_demo
+
+    run_demo(settings_from_env(), seconds=seconds, rate=rate, users=users)
+
+
 @app.command("train")
 def train_cmd(
     data: Path = typer.Option(..., help="Dataset dir or file (shared/data or events+catalog)."),

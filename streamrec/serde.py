@@ -16,6 +16,7 @@ from importlib import resources
 from typing import Any, Protocol
 
 import fastavro
+from fastavro.read import SchemaResolutionError
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 MAGIC = b"\xc3\x01"
@@ -184,6 +185,8 @@ class AvroCodec:
             record = fastavro.schemaless_reader(
                 buf, writer.parsed, None if reader is writer else reader.parsed
             )
+        except SchemaResolutionError as exc:
+            raise DecodeError("incompatible_schema", f"{writer.name}: {exc}") from exc
         except Exception as exc:  # fastavro raises many types for truncated or corrupt bodies
             raise DecodeError("undecodable", f"{writer.name} body: {type(exc).__name__}: {exc}") from exc
         if not isinstance(record, dict):

@@ -10,6 +10,7 @@ own thread, because faust's per-message path tops out far below the broker (BROK
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -25,11 +26,12 @@ from prometheus_client import generate_latest
 
 from streamrec.catalog import Catalog
 from streamrec.records import CatalogItem
-from streamrec.serde import AvroCodec, DecodeError
+from streamrec.serde import DecodeError
 from streamrec.settings import Settings
 from streamrec.triggers import OnlineAccuracy, TriggerPolicy
 from streamrec.streams.event_stage import EventStage, Recommender, now_ms
 from streamrec.streams.metrics import WorkerMetrics
+from streamrec.streams.schema_store import make_codec
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ class Worker:
             drift_ratio=settings.trigger_drift_ratio,
             trained_at=time.time(),
         )
-        self.codec = AvroCodec()
+        self.codec = make_codec(settings)
         recommender = load_recommender(settings)
         self.metrics.model_info.labels(recommender.model_version).set(1)
         self.stage = EventStage(
@@ -88,6 +90,7 @@ class Worker:
     def _make_app(self) -> faust.App:
         s = self.settings
         extra: dict[str, Any] = {"producer_max_batch_size": 1} if s.embedded_broker else {}
+        s.data_dir.mkdir(parents=True, exist_ok=True)
         app = faust.App(
             s.app_id,
             broker=f"kafka://{s.bootstrap_servers}",
@@ -103,10 +106,10 @@ class Worker:
             topic_allow_declare=True,
             **extra,
         )
-        catalog_topic = app.topic(s.catalog_topic, key_type=bytes, value_type=bytes, partitions=1)
-        models_topic = app.topic(s.model_updates_topic, key_type=bytes, value_type=bytes, partitions=1)
-        dead_letters = app.topic(s.dead_letter_topic, key_type=bytes, value_type=bytes)
-        triggers = app.topic(s.triggers_topic, key_type=bytes, value_type=bytes, partitions=1)
+        catalog_topic = app.topic(s.catalog_topic, key_serializer="raw", value_serializer="raw", partitions=1)
+        models_topic = app.topic(s.model_updates_topic, key_serializer="raw", value_serializer="raw", partitions=1)
+        dead_letters = app.topic(s.dead_letter_topic, key_serializer="raw", value_serializer="raw")
+        triggers = app.topic(s.triggers_topic, key_serializer="raw", value_serializer="raw", partitions=1)
 
         catalog_table = app.GlobalTable(
             "catalog",
@@ -176,6 +179,14 @@ class Worker:
         class Metrics(View):
             async def get(self, request: Request) -> Response:
                 return self.bytes(generate_latest(worker.metrics.registry), content_type="text/plain")
+
+        @app.page("/users/{user_id}/state")
+        class UserStateView(View):
+            async def get(self, request: Request, user_id: str) -> Response:
+                state = worker.stage.lookup(user_id)
+                if state is None:
+                    return self.json({"user_id": user_id, "found": False}, status=404)
+                return self.json({"found": True, **dataclasses.asdict(state)})
 
         self.stage_thread: threading.Thread | None = None
         return app

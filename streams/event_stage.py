@@ -114,6 +114,17 @@ class EventStage:
         with self._lock:
             self._pending_model = recommender
 
+    def lookup(self, user_id: str) -> UserState | None:
+        """A user's state if one of this worker's partitions holds it (RocksDB reads are thread-safe)."""
+        for partition in list(self.store.partitions):
+            try:
+                raw = self.store.get_many(partition, [user_id])[0]
+            except KeyError:
+                continue  # revoked meanwhile
+            if raw is not None:
+                return decode_state(raw)
+        return None
+
     # --- the loop ---------------------------------------------------------------------------------------
 
     def _make_clients(self) -> tuple[Consumer, Producer]:

@@ -1,0 +1,225 @@
+"""`streamrec demo`: the whole pipeline on sample traffic, with live figures, cleaned up at the end.
+
+Embedded broker -> topics -> sample catalogue -> trained sample model -> a worker process -> simulated
+shoppers -> recommendations shown as they are published. Ends with one JSON line of totals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from confluent_kafka import Consumer, TopicPartition
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+
+from streamrec.records import Recommendation
+from streamrec.serde import AvroCodec, DecodeError
+from streamrec.settings import Settings
+from streamrec.streams.broker import EmbeddedBroker, free_port
+from streamrec.streams.simulate import TrafficStats, simulate
+from streamrec.streams.topics import create_topics
+
+
+@dataclass
+class DemoFigures:
+    recommendations: int = 0
+    dead_letters: int = 0
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=50_000))
+    recent: deque[Recommendation] = field(default_factory=lambda: deque(maxlen=4))
+
+    def summary(self, events: int) -> dict[str, object]:
+        lat = np.array(self.latencies_ms) if self.latencies_ms else np.array([float("nan")])
+        return {
+            "events": events,
+            "recommendations": self.recommendations,
+            "latency_ms_p50": round(float(np.percentile(lat, 50)), 1),
+            "latency_ms_p99": round(float(np.percentile(lat, 99)), 1),
+            "dead_letters": self.dead_letters,
+        }
+
+
+def ensure_sample_model(settings: Settings, workdir: Path, console: Console) -> Path:
+    """Train the sample model once (about a minute on CPU) and reuse it on later runs."""
+    from streamrec.models import registry
+    from streamrec.models.train import TrainConfig, train
+    from streamrec.sample import write_sample_dataset
+
+    current = registry.current(settings.model_registry)
+    if current is not None:
+        console.print(f"model [bold]{current.name}[/] (trained earlier; `rm -r {settings.model_registry}` retrains)")
+        return current
+    data = write_sample_dataset(workdir / "data", users=2000, events=60_000, seed=settings.seed)
+    console.print("training the sample model (transformer encoder + item index) on 60k sample events ...")
+    path = train(data, registry_dir=settings.model_registry, config=TrainConfig.preset("tiny", seed=settings.seed))
+    registry.promote(path, settings.model_registry, force=True)
+    console.print(f"model [bold]{path.name}[/] trained and promoted")
+    return path
+
+
+def worker_health(port: int) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+            return json.loads(response.read())
+    except Exception:
+        return None
+
+
+class WorkerProcess:
+    """`streamrec worker` as a child process, as ops would run it."""
+
+    def __init__(self, settings: Settings, name: str, log_path: Path) -> None:
+        self.web_port = free_port()
+        env = {
+            **os.environ,
+            "STREAMREC_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+            "STREAMREC_DATA_DIR": str(settings.data_dir / name),
+            "STREAMREC_MODEL_REGISTRY": str(settings.model_registry),
+            "STREAMREC_WEB_PORT": str(self.web_port),
+            "STREAMREC_WORKER_ID": name,
+        }
+        self.log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "streamrec.cli", "worker"],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def follow(settings: Settings, figures: DemoFigures, stop: threading.Event) -> None:
+    """Read recommendations and dead letters as they are published (assign(): no group join delay)."""
+    codec = AvroCodec()
+    consumer = Consumer(
+        {"bootstrap.servers": settings.bootstrap_servers, "group.id": "streamrec-demo", "enable.auto.commit": False}
+    )
+    topics = [(settings.recommendations_topic, settings.partitions), (settings.dead_letter_topic, settings.partitions)]
+    consumer.assign([TopicPartition(t, p, 0) for t, n in topics for p in range(n)])
+    try:
+        while not stop.is_set():
+            for msg in consumer.consume(num_messages=1000, timeout=0.2):
+                if msg.error() or msg.value() is None:
+                    continue
+                if msg.topic() == settings.dead_letter_topic:
+                    figures.dead_letters += 1
+                    continue
+                try:
+                    _, record = codec.decode(msg.value(), accept={"Recommendation"})
+                except DecodeError:
+                    continue
+                rec = Recommendation.from_avro(record)
+                figures.recommendations += 1
+                figures.latencies_ms.append(time.time() * 1000 - rec.event_time)
+                figures.recent.append(rec)
+    finally:
+        consumer.close()
+
+
+def render(figures: DemoFigures, traffic: TrafficStats, seconds: float) -> Group:
+    summary = figures.summary(traffic.events)
+    stats = Table.grid(padding=(0, 3))
+    for _ in range(6):
+        stats.add_column()
+    rate = traffic.events / traffic.seconds if traffic.seconds else 0.0
+    stats.add_row(
+        f"[bold]{traffic.events:,}[/] events",
+        f"[bold]{rate:,.0f}[/] events/s",
+        f"[bold]{figures.recommendations:,}[/] recommendations",
+        f"p50 [bold]{summary['latency_ms_p50']}[/] ms",
+        f"p99 [bold]{summary['latency_ms_p99']}[/] ms",
+        f"[bold]{figures.dead_letters}[/] dead letters",
+    )
+    recs = Table(show_header=True, header_style="bold", expand=True)
+    recs.add_column("user", no_wrap=True)
+    recs.add_column("top recommendations, with the reason for each")
+    for rec in list(figures.recent)[::-1]:
+        lines = [f"{i.item_id}  {i.score:.2f}  [dim]{i.explanation}[/]" for i in rec.items[:3]]
+        recs.add_row(rec.user_id, "\n".join(lines))
+    title = f"streamrec demo: {traffic.seconds:.0f}/{seconds:.0f} s"
+    return Group(Panel(stats, title=title), recs)
+
+
+def run_demo(settings: Settings, seconds: float = 60.0, rate: float = 1000.0, users: int = 2000) -> dict:
+    console = Console()
+    workdir = Path("var/demo")
+    settings = settings.model_copy(
+        update={
+            "model_registry": settings.model_registry if "STREAMREC_MODEL_REGISTRY" in os.environ else workdir / "models",
+            "data_dir": workdir / "workers",
+        }
+    )
+    shutil.rmtree(settings.data_dir, ignore_errors=True)  # the embedded broker starts empty, so must the state
+    workdir.mkdir(parents=True, exist_ok=True)
+    ensure_sample_model(settings, workdir, console)
+
+    stop = threading.Event()
+    figures = DemoFigures()
+    traffic = TrafficStats()
+    broker = EmbeddedBroker(log_path=workdir / "broker.log").start()
+    worker: WorkerProcess | None = None
+    threads: list[threading.Thread] = []
+    try:
+        settings = settings.model_copy(update={"bootstrap_servers": broker.bootstrap})
+        create_topics(settings)
+        console.print(f"embedded broker at {broker.bootstrap}; topics created")
+        worker = WorkerProcess(settings, "worker-0", workdir / "worker-0.log")
+        deadline = time.monotonic() + 120
+        while not (worker_health(worker.web_port) or {}).get("ready"):
+            if worker.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not start; see {workdir / 'worker-0.log'}")
+            time.sleep(0.2)
+        console.print(f"worker ready (health and metrics on http://127.0.0.1:{worker.web_port}/health, /metrics)")
+
+        def produce() -> None:
+            simulate(settings, users, rate, seconds, bad_every=2000, should_stop=stop.is_set, stats=traffic)
+
+        threads = [
+            threading.Thread(target=produce, name="traffic", daemon=True),
+            threading.Thread(target=follow, args=(settings, figures, stop), name="follow", daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        with Live(render(figures, traffic, seconds), console=console, refresh_per_second=4) as live:
+            while threads[0].is_alive():
+                live.update(render(figures, traffic, seconds))
+                time.sleep(0.25)
+            settle = time.monotonic() + 10  # let the last recommendations arrive
+            last = -1
+            while time.monotonic() < settle and figures.recommendations != last:
+                last = figures.recommendations
+                time.sleep(1.0)
+            live.update(render(figures, traffic, seconds))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=5)
+        if worker is not None:
+            worker.stop()
+        broker.stop()
+    summary = figures.summary(traffic.events)
+    print(json.dumps(summary))
+    return summary
