@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from streamrec.models.encoder import EncoderConfig, SequenceEncoder
 from streamrec.models.text import MiniLMEmbedder, TextEmbedder, make_embedder
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 import torch
+
 from streamrec.models import artifacts
 from streamrec.models.data import PAD, Interactions, Step, leave_one_out, load
 from streamrec.models.sequences import query_table, seen_items, user_vectors

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+
 from streamrec.models.data import PAD, Step
 from streamrec.models.encoder import SequenceEncoder
 

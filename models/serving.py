@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from streamrec.models import artifacts
 from streamrec.models.data import PAD, Step
 from streamrec.models.index import ItemIndex
 from streamrec.models.sequences import hidden_states, pad_batch
 from streamrec.models.train import resolve_device
-
 from streamrec.records import CatalogItem, EventKind, RecommendedItem, UserState
 
 # Newest events fed to the encoder at serve time: cost grows with the window, quality saturates.

@@ -6,21 +6,23 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
 from streamrec.models import artifacts, registry
-from streamrec.models.data import PAD, Interactions, Step, leave_one_out, load
+from streamrec.models.data import PAD, Interactions, Split, Step, leave_one_out, load
 from streamrec.models.encoder import EncoderConfig, SequenceEncoder
 from streamrec.models.evaluate import evaluate_scorer
 from streamrec.models.index import IndexKind, ItemIndex
 from streamrec.models.sequences import hidden_states, pad_batch, query_table, user_vectors
 from streamrec.models.text import TextEmbedder, make_embedder
-from torch.nn import functional as F
-from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ class TrainConfig:
     text: str = "auto"  # auto (minilm when items have text) | minilm | hashing | none
     use_attributes: bool = True
     id_dropout: float = 0.1
+    negatives: int = 0  # 0 = full softmax over all items; n = sampled softmax with n shared uniform negatives
     index: IndexKind = "flat"
     device: str = "auto"
     threads: int = 2
@@ -66,13 +69,13 @@ PRESETS: dict[str, TrainConfig] = {
         heads=1,
         max_len=20,
         dropout=0.1,
-        lr=3e-3,
+        lr=5e-3,
         epochs=15,
-        patience=3,
+        patience=5,
         max_minutes=1.0,
         text="hashing",
         eval_users=2000,
-    ),
+    ),  # fmt: skip
     "small": TrainConfig(dim=64, layers=2, max_len=50, dropout=0.3, epochs=40, max_minutes=5.0),
     "full": TrainConfig(),
 }
@@ -140,7 +143,12 @@ def _batches(seqs: list[list[Step]], batch_size: int, rng: random.Random) -> lis
 
 
 def train_step_loss(
-    model: SequenceEncoder, batch: list[list[Step]], qindex: dict[str, int], qtable: torch.Tensor | None
+    model: SequenceEncoder,
+    batch: list[list[Step]],
+    qindex: dict[str, int],
+    qtable: torch.Tensor | None,
+    blocked: torch.Tensor | None = None,
+    negatives: int = 0,
 ) -> torch.Tensor:
     device = model.item_id.weight.device
     items, kinds, qids = pad_batch(batch, model.config.max_len + 1, qindex)
@@ -151,9 +159,24 @@ def train_step_loss(
     vecs = model.item_vectors(id_mask)
     h = hidden_states(model, items[:, :-1], kinds[:, :-1], qids[:, :-1], qtable, vecs)
     valid = targets != PAD
-    logits = h[valid] @ vecs.T
+    h, targets = h[valid], targets[valid]
+    n_items = model.config.num_items
+    if 0 < negatives < n_items:
+        # Sampled softmax: the positive against n negatives shared by the batch, drawn uniformly (a constant
+        # proposal, so no logQ correction is needed); a negative equal to a row's positive is masked out.
+        sampled = torch.randint(1, n_items + 1, (negatives,), device=device)
+        pos = (h * vecs[targets]).sum(-1, keepdim=True)
+        neg = h @ vecs[sampled].T
+        neg = neg.masked_fill(sampled.unsqueeze(0) == targets.unsqueeze(1), -torch.inf)
+        if blocked is not None:
+            neg = neg.masked_fill(torch.isin(sampled, blocked).unsqueeze(0), -torch.inf)
+        logits = torch.cat([pos, neg], dim=1)
+        return F.cross_entropy(logits, torch.zeros(len(targets), dtype=torch.long, device=device))
+    logits = h @ vecs.T
     logits[:, PAD] = -torch.inf
-    return F.cross_entropy(logits, targets[valid])
+    if blocked is not None:
+        logits[:, blocked] = -torch.inf  # items that do not exist yet are no negatives either
+    return F.cross_entropy(logits, targets)
 
 
 def _validate(
@@ -174,13 +197,18 @@ def _validate(
 
 
 def fit(
-    data: Interactions, config: TrainConfig, progress: bool = True
+    data: Interactions,
+    config: TrainConfig,
+    progress: bool = True,
+    split: Split | None = None,
+    blocked_items: list[int] | None = None,
 ) -> tuple[SequenceEncoder, TextEmbedder | None, dict]:
-    """Train on the leave-one-out training split; returns the best model on validation and a report."""
+    """Train on the leave-one-out training split (or a given split); returns the model that was best on
+    validation, and a report with its validation and test metrics."""
     seed_everything(config.seed)
     torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
-    split = leave_one_out(data.sequences)
+    split = split or leave_one_out(data.sequences)
     embedder = _text_embedder(data, config)
     model = build_model(data, config, embedder).to(device)
     all_seqs = list(data.sequences.values())
@@ -197,6 +225,7 @@ def fit(
     if config.eval_users and len(valid) > config.eval_users:
         keys = random.Random(config.seed).sample(sorted(valid), config.eval_users)
         valid = {k: valid[k] for k in keys}
+    blocked = torch.tensor(blocked_items, device=device) if blocked_items else None
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     rng = random.Random(config.seed)
     best: dict[str, float] = {"ndcg@10": -1.0}
@@ -210,7 +239,7 @@ def fit(
         total = 0.0
         bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False, unit="batch")
         for batch in bar:
-            loss = train_step_loss(model, batch, qindex, qtable)
+            loss = train_step_loss(model, batch, qindex, qtable, blocked, config.negatives)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -221,11 +250,11 @@ def fit(
         entry = {"epoch": epoch, "loss": total / max(len(batches), 1), **metrics}
         entry["seconds"] = round(time.perf_counter() - start, 1)
         history.append(entry)
-        if progress:
-            tqdm.write(
-                f"epoch {epoch} loss {entry['loss']:.4f} valid hr@10 {metrics['hr@10']:.4f} "
-                f"ndcg@10 {metrics['ndcg@10']:.4f} ({entry['seconds']}s)"
-            )
+        tqdm.write(
+            f"epoch {epoch} loss {entry['loss']:.4f} valid hr@10 {metrics['hr@10']:.4f} "
+            f"ndcg@10 {metrics['ndcg@10']:.4f} ({entry['seconds']}s)",
+            file=sys.stderr,
+        )
         if metrics["ndcg@10"] > best["ndcg@10"]:
             best, best_epoch = metrics, epoch
             best_state = copy.deepcopy(model.state_dict())

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from streamrec.models import registry, synthetic
 from streamrec.models.serving import Recommender
 from streamrec.models.train import TrainConfig, train
-
 from streamrec.records import CatalogItem, EventKind, HistoryEntry, UserState
 
 H = HistoryEntry

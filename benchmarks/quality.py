@@ -1,0 +1,139 @@
+"""Recommendation quality, measured honestly: trains the encoder on each dataset, evaluates it and the
+baselines with leave-one-out full ranking (seen items kept and excluded), writes JSON + markdown tables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from streamrec.models.data import load
+from streamrec.models.evaluate import evaluate
+from streamrec.models.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+
+# Published full-ranking figures (HR@10 / NDCG@10) this project is measured against.
+TARGETS: dict[str, dict[str, object]] = {
+    "amazon-beauty": {"sasrec": (0.0605, 0.0318), "best": ("eSASRec", 0.0928, 0.0523), "minutes": 28},
+    "ml-1m": {"sasrec": (0.2500, 0.1341), "best": ("SASRec+", 0.3159, 0.1857), "minutes": 55},
+    "yelp": {"sasrec": (0.0274, 0.0136), "best": ("ICLRec", 0.0409, 0.0207), "minutes": 28},
+}
+# Per-dataset settings (from the probes described in models/MODEL_CARD.md).
+OVERRIDES: dict[str, dict[str, object]] = {
+    "ml-1m": {"max_len": 200, "dropout": 0.2},
+}
+
+
+def run(
+    datasets: list[str],
+    out_dir: Path,
+    seed: int,
+    minutes: float | None,
+    preset: str,
+    threads: int = 2,
+    extra: dict[str, object] | None = None,
+) -> dict:
+    results: dict[str, object] = {
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "seed": seed,
+        "host": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+        },
+        "protocol": "leave-one-out; full ranking over all items; seen=kept and seen=excluded both reported",
+        "datasets": {},
+    }
+    for name in datasets:
+        path = DATA / name
+        data = load(path)
+        overrides = dict(OVERRIDES.get(name, {})) | (extra or {})
+        limit = minutes if minutes is not None else float(TARGETS.get(name, {}).get("minutes", 25))  # type: ignore[arg-type]
+        config = TrainConfig.preset(preset, seed=seed, max_minutes=limit, threads=threads, **overrides)
+        model_dir = out_dir / "models" / name
+        start = time.perf_counter()
+        train(data, model_dir, config, progress=sys.stderr.isatty())
+        train_s = time.perf_counter() - start
+        kept = evaluate(data, model_dir, filter_seen=False)
+        excluded = evaluate(data, model_dir, filter_seen=True)
+        meta = json.loads((model_dir / "metadata.json").read_text())
+        results["datasets"][name] = {  # type: ignore[index]
+            "config": asdict(config),
+            "training_seconds": round(train_s, 1),
+            "best_epoch": meta["best_epoch"],
+            "epochs_run": meta["epochs_run"],
+            "seen_kept": kept,
+            "seen_excluded": excluded,
+            "targets": TARGETS.get(name),
+        }
+        write(results, out_dir)
+    return results
+
+
+def _row(name: str, label: str, m: dict) -> str:
+    return (
+        f"| {name} | {label} | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} | {m['hr@20']:.4f} | {m['ndcg@20']:.4f} "
+        f"| {m['coverage@10']:.3f} | {m['users']} |"
+    )
+
+
+def write(results: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "quality.json").write_text(json.dumps(results, indent=2))
+    lines = [
+        "# streamrec quality (leave-one-out, full ranking)",
+        "",
+        f"Command: `{results['command']}`  seed {results['seed']}",
+        "",
+        "| dataset | scorer (seen) | HR@10 | NDCG@10 | HR@20 | NDCG@20 | coverage@10 | users |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results["datasets"].items():
+        for seen in ("seen_kept", "seen_excluded"):
+            for scorer in ("model", "popular", "itemknn"):
+                tag = "kept" if seen == "seen_kept" else "excluded"
+                lines.append(_row(name, f"{scorer} ({tag})", r[seen][scorer]))
+        t = r["targets"] or {}
+        lines.append(
+            f"| {name} | training {r['training_seconds']} s, best epoch {r['best_epoch']}/{r['epochs_run']} "
+            f"| bar {t.get('best')} | SASRec {t.get('sasrec')} | | | | |"
+        )
+    (out_dir / "quality.md").write_text("\n".join(lines) + "\n")
+
+
+def _parse(value: str) -> object:
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(value.lower(), value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--datasets", nargs="+", default=list(TARGETS))
+    parser.add_argument("--out", type=Path, default=ROOT / "var" / "quality")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--minutes", type=float, default=None, help="training time limit per dataset")
+    parser.add_argument("--preset", default="full")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per training")
+    parser.add_argument("--set", nargs="*", default=[], help="TrainConfig overrides, e.g. negatives=2048")
+    args = parser.parse_args()
+    extra = {k: _parse(v) for k, v in (a.split("=", 1) for a in args.set)}
+    results = run(args.datasets, args.out, args.seed, args.minutes, args.preset, args.threads, extra)
+    print(json.dumps({k: v for k, v in results.items() if k != "datasets"} | {"out": str(args.out)}))
+
+
+if __name__ == "__main__":
+    main()
