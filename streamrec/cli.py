@@ -99,7 +99,9 @@ def recs_tail(
 def worker(
     data_dir: Path = typer.Option(None, help="State directory of this worker (STREAMREC_DATA_DIR)."),
     web_port: int = typer.Option(None, help="Web server port (STREAMREC_WEB_PORT)."),
-    backfill: bool = typer.Option(None, "--backfill/--live", help="Read the backfill topic, publish to shadow."),
+    backfill: bool = typer.Option(
+        None, "--backfill/--live", help="Read the backfill topic, publish to shadow."
+    ),
 ) -> None:
     """Run one worker: the batched event stage plus faust agents for catalogue, models and triggers."""
     from streamrec.streams.app import run_worker

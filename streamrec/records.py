@@ -37,7 +37,9 @@ class Event:
 
     @property
     def schema_name(self) -> str:
-        return {EventKind.CLICK: "ClickEvent", EventKind.SEARCH: "SearchEvent"}.get(self.kind, "PurchaseEvent")
+        return {EventKind.CLICK: "ClickEvent", EventKind.SEARCH: "SearchEvent"}.get(
+            self.kind, "PurchaseEvent"
+        )
 
     def to_avro(self) -> dict[str, object]:
         record: dict[str, object] = {

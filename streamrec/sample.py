@@ -93,7 +93,9 @@ class _Shopper:
 class ShopperSimulator:
     """An endless, reproducible stream of click, search and purchase events from simulated shoppers."""
 
-    def __init__(self, catalog: list[CatalogItem], users: int = 1000, seed: int = 42, user_prefix: str = "user"):
+    def __init__(
+        self, catalog: list[CatalogItem], users: int = 1000, seed: int = 42, user_prefix: str = "user"
+    ):
         self.rng = random.Random(seed)
         self.catalog = catalog
         self.by_category: dict[str, list[int]] = {}
@@ -105,7 +107,9 @@ class ShopperSimulator:
             for u in range(users)
         ]
         # Zipf-like popularity inside each category, so there is a head and a long tail.
-        self.weights = {c: [1.0 / (rank + 1) ** 0.8 for rank in range(len(ix))] for c, ix in self.by_category.items()}
+        self.weights = {
+            c: [1.0 / (rank + 1) ** 0.8 for rank in range(len(ix))] for c, ix in self.by_category.items()
+        }
 
     def _pick(self, shopper: _Shopper, category: str) -> int:
         pool = self.by_category[category]

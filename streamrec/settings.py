@@ -64,11 +64,14 @@ class Settings(BaseSettings):
     dedupe_window: int = Field(64, description="Recent event ids remembered per user for de-duplication.")
     max_event_age_days: int = Field(3650, description="Older events are dead-lettered as absurd timestamps.")
     max_clock_skew_s: int = Field(300, description="Events further in the future are dead-lettered.")
-    reject_unknown_items: bool = Field(True, description="Dead-letter events about items not in the catalogue.")
+    reject_unknown_items: bool = Field(
+        True, description="Dead-letter events about items not in the catalogue."
+    )
     backfill: bool = Field(
         False, description="Backfill mode: read the backfill topic, publish to the shadow topic."
     )
     web_port: int = Field(6066, description="Worker web server port (health, metrics, lookups).")
+    web_host: str = Field("127.0.0.1", description="Worker web server address; 0.0.0.0 in containers.")
     web_enabled: bool = Field(True, description="Run the worker's web server.")
     log_level: str = Field("warn", description="Worker log level.")
 

@@ -82,7 +82,9 @@ def validate_event(event: Event, now_ms: int, rules: ValidationRules, knows_item
     if event.timestamp > now_ms + rules.max_clock_skew_ms:
         return Rejection("absurd_timestamp", f"timestamp {event.timestamp} is in the future (now {now_ms})")
     if event.timestamp < now_ms - rules.max_event_age_ms:
-        return Rejection("absurd_timestamp", f"timestamp {event.timestamp} is older than the retention window")
+        return Rejection(
+            "absurd_timestamp", f"timestamp {event.timestamp} is older than the retention window"
+        )
     if event.kind is EventKind.SEARCH:
         if not (event.query or "").strip():
             return Rejection("invalid_record", "search query is empty")
@@ -99,7 +101,7 @@ def validate_event(event: Event, now_ms: int, rules: ValidationRules, knows_item
     return None
 
 
-# --- serialisation (the RocksDB value and the changelog record) ----------------------------------------------
+# --- serialisation (the RocksDB value and the changelog record) ---------------------------------------
 
 _STATE_SCHEMA: RecordSchema = bundled_schemas()["UserState"]
 
@@ -134,7 +136,8 @@ def decode_state(data: bytes) -> UserState:
     return UserState(
         user_id=raw["user_id"],
         history=[
-            HistoryEntry(EventKind(h["kind"]), h["timestamp"], h["item_id"], h["query"]) for h in raw["history"]
+            HistoryEntry(EventKind(h["kind"]), h["timestamp"], h["item_id"], h["query"])
+            for h in raw["history"]
         ],
         purchased=raw["purchased"],
         seen_event_ids=raw["seen_event_ids"],

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 
 class OnlineAccuracy:
-    """Online hit rate: the share of clicks and purchases on an item that was in the user's last recommendations.
+    """Online hit rate: the share of clicks and purchases on an item in the user's last recommendations.
 
     The first ``window`` outcomes after a model is loaded are its baseline; the rolling rate over the last
     ``window`` outcomes is compared with it to detect drift.

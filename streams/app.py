@@ -10,6 +10,7 @@ own thread, because faust's per-message path tops out far below the broker (BROK
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -28,10 +29,10 @@ from streamrec.catalog import Catalog
 from streamrec.records import CatalogItem
 from streamrec.serde import DecodeError
 from streamrec.settings import Settings
-from streamrec.triggers import OnlineAccuracy, TriggerPolicy
 from streamrec.streams.event_stage import EventStage, Recommender, now_ms
 from streamrec.streams.metrics import WorkerMetrics
 from streamrec.streams.schema_store import make_codec
+from streamrec.triggers import OnlineAccuracy, TriggerPolicy
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class Worker:
             datadir=str(s.data_dir / "faust"),
             web_enabled=s.web_enabled,
             web_port=s.web_port,
-            web_host="127.0.0.1",
+            web_host=s.web_host,
             broker_session_timeout=s.session_timeout_ms / 1000,
             broker_heartbeat_interval=s.heartbeat_interval_ms / 1000,
             broker_rebalance_timeout=s.session_timeout_ms / 1000,
@@ -107,7 +108,9 @@ class Worker:
             **extra,
         )
         catalog_topic = app.topic(s.catalog_topic, key_serializer="raw", value_serializer="raw", partitions=1)
-        models_topic = app.topic(s.model_updates_topic, key_serializer="raw", value_serializer="raw", partitions=1)
+        models_topic = app.topic(
+            s.model_updates_topic, key_serializer="raw", value_serializer="raw", partitions=1
+        )
         dead_letters = app.topic(s.dead_letter_topic, key_serializer="raw", value_serializer="raw")
         triggers = app.topic(s.triggers_topic, key_serializer="raw", value_serializer="raw", partitions=1)
 
@@ -203,10 +206,8 @@ class Worker:
         return item
 
     async def _on_catalog_changelog(self, event: Any) -> None:
-        try:
+        with contextlib.suppress(DecodeError):  # only valid items are ever written to the table
             self.catalog.upsert(self._decode_item(event.value))
-        except DecodeError:
-            pass  # only valid items are ever written to the table
 
     async def _on_models_changelog(self, event: Any) -> None:
         if event.key == CURRENT_MODEL_KEY and event.value is not None:
@@ -274,7 +275,9 @@ class Worker:
         except TimeoutError:
             log.warning("table recovery not complete after 60s; starting the event stage anyway")
         stop = threading.Event()
-        self.stage_thread = threading.Thread(target=self.stage.run, args=(stop,), name="event-stage", daemon=True)
+        self.stage_thread = threading.Thread(
+            target=self.stage.run, args=(stop,), name="event-stage", daemon=True
+        )
         self.stage_thread.start()
         try:
             while self.stage_thread.is_alive():

@@ -24,11 +24,11 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from streamrec.streams.schema_store import RegistryCodec, make_codec, publish_schema
 
 from streamrec.records import CatalogItem, Event, EventKind, Recommendation
 from streamrec.serde import Codec, DecodeError, EncodeError, RecordSchema
 from streamrec.settings import Settings
+from streamrec.streams.schema_store import RegistryCodec, make_codec, publish_schema
 
 log = logging.getLogger(__name__)
 

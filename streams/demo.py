@@ -27,10 +27,12 @@ from rich.panel import Panel
 from rich.table import Table
 
 from streamrec.records import Recommendation
+from streamrec.sample import sample_catalog
 from streamrec.serde import AvroCodec, DecodeError
 from streamrec.settings import Settings
 from streamrec.streams.broker import EmbeddedBroker, free_port
-from streamrec.streams.simulate import TrafficStats, simulate
+from streamrec.streams.client import EventProducer
+from streamrec.streams.simulate import TrafficStats, publish_catalog, simulate
 from streamrec.streams.topics import create_topics
 
 
@@ -60,11 +62,15 @@ def ensure_sample_model(settings: Settings, workdir: Path, console: Console) -> 
 
     current = registry.current(settings.model_registry)
     if current is not None:
-        console.print(f"model [bold]{current.name}[/] (trained earlier; `rm -r {settings.model_registry}` retrains)")
+        console.print(
+            f"model [bold]{current.name}[/] (trained earlier; `rm -r {settings.model_registry}` retrains)"
+        )
         return current
     data = write_sample_dataset(workdir / "data", users=2000, events=60_000, seed=settings.seed)
     console.print("training the sample model (transformer encoder + item index) on 60k sample events ...")
-    path = train(data, registry_dir=settings.model_registry, config=TrainConfig.preset("tiny", seed=settings.seed))
+    path = train(
+        data, registry_dir=settings.model_registry, config=TrainConfig.preset("tiny", seed=settings.seed)
+    )
     registry.promote(path, settings.model_registry, force=True)
     console.print(f"model [bold]{path.name}[/] trained and promoted")
     return path
@@ -115,9 +121,17 @@ def follow(settings: Settings, figures: DemoFigures, stop: threading.Event) -> N
     """Read recommendations and dead letters as they are published (assign(): no group join delay)."""
     codec = AvroCodec()
     consumer = Consumer(
-        {"bootstrap.servers": settings.bootstrap_servers, "group.id": "streamrec-demo", "enable.auto.commit": False}
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": "streamrec-demo",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 10,  # the embedded broker holds a fetch for the whole wait
+        }
     )
-    topics = [(settings.recommendations_topic, settings.partitions), (settings.dead_letter_topic, settings.partitions)]
+    topics = [
+        (settings.recommendations_topic, settings.partitions),
+        (settings.dead_letter_topic, settings.partitions),
+    ]
     consumer.assign([TopicPartition(t, p, 0) for t, n in topics for p in range(n)])
     try:
         while not stop.is_set():
@@ -168,11 +182,15 @@ def run_demo(settings: Settings, seconds: float = 60.0, rate: float = 1000.0, us
     workdir = Path("var/demo")
     settings = settings.model_copy(
         update={
-            "model_registry": settings.model_registry if "STREAMREC_MODEL_REGISTRY" in os.environ else workdir / "models",
+            "model_registry": settings.model_registry
+            if "STREAMREC_MODEL_REGISTRY" in os.environ
+            else workdir / "models",
             "data_dir": workdir / "workers",
         }
     )
-    shutil.rmtree(settings.data_dir, ignore_errors=True)  # the embedded broker starts empty, so must the state
+    shutil.rmtree(
+        settings.data_dir, ignore_errors=True
+    )  # the embedded broker starts empty, so must the state
     workdir.mkdir(parents=True, exist_ok=True)
     ensure_sample_model(settings, workdir, console)
 
@@ -192,10 +210,29 @@ def run_demo(settings: Settings, seconds: float = 60.0, rate: float = 1000.0, us
             if worker.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the worker did not start; see {workdir / 'worker-0.log'}")
             time.sleep(0.2)
-        console.print(f"worker ready (health and metrics on http://127.0.0.1:{worker.web_port}/health, /metrics)")
+        console.print(
+            f"worker ready (health and metrics on http://127.0.0.1:{worker.web_port}/health, /metrics)"
+        )
+        catalog = sample_catalog()
+        with EventProducer(settings) as producer:
+            publish_catalog(producer, catalog)
+        while (worker_health(worker.web_port) or {}).get("catalog_items", 0) < len(catalog):
+            if worker.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not load the catalogue; see {workdir / 'worker-0.log'}")
+            time.sleep(0.2)
+        console.print(f"{len(catalog)} catalogue items loaded by the worker; simulating {users:,} shoppers")
 
         def produce() -> None:
-            simulate(settings, users, rate, seconds, bad_every=2000, should_stop=stop.is_set, stats=traffic)
+            simulate(
+                settings,
+                users,
+                rate,
+                seconds,
+                bad_every=2000,
+                with_catalog=False,
+                should_stop=stop.is_set,
+                stats=traffic,
+            )
 
         threads = [
             threading.Thread(target=produce, name="traffic", daemon=True),

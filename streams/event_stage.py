@@ -19,7 +19,15 @@ from typing import Protocol
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from streamrec.catalog import Catalog
-from streamrec.records import EVENT_SCHEMAS, CatalogItem, Event, EventKind, Recommendation, RecommendedItem, UserState
+from streamrec.records import (
+    EVENT_SCHEMAS,
+    CatalogItem,
+    Event,
+    EventKind,
+    Recommendation,
+    RecommendedItem,
+    UserState,
+)
 from streamrec.serde import AvroCodec, DecodeError
 from streamrec.settings import Settings
 from streamrec.state import (
@@ -31,9 +39,9 @@ from streamrec.state import (
     encode_state,
     validate_event,
 )
-from streamrec.triggers import OnlineAccuracy
 from streamrec.streams.metrics import WorkerMetrics
 from streamrec.streams.state_store import StateStore
+from streamrec.triggers import OnlineAccuracy
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +316,12 @@ class EventStage:
         for p, user_changes in changes.items():
             for user_id, value in user_changes.items():
                 self._produce(
-                    producer, self.settings.state_changelog_topic, user_id.encode(), value, delivered, partition=p
+                    producer,
+                    self.settings.state_changelog_topic,
+                    user_id.encode(),
+                    value,
+                    delivered,
+                    partition=p,
                 )
 
         # 5. commit only what has been delivered
@@ -378,7 +391,11 @@ class EventStage:
             "worker_id": self.worker_id,
         }
         self._produce(
-            producer, self.settings.dead_letter_topic, msg.key() or b"", self.codec.encode("DeadLetter", record), on_delivery
+            producer,
+            self.settings.dead_letter_topic,
+            msg.key() or b"",
+            self.codec.encode("DeadLetter", record),
+            on_delivery,
         )
         self.metrics.dead_letters.labels(rejection.reason).inc()
 

@@ -17,7 +17,9 @@ class WorkerMetrics:
         r = self.registry
         self.events = Counter("streamrec_events", "Events applied to user state", ["kind"], registry=r)
         self.duplicates = Counter("streamrec_duplicate_events", "Events ignored as duplicates", registry=r)
-        self.dead_letters = Counter("streamrec_dead_letters", "Records sent to dead letters", ["reason"], registry=r)
+        self.dead_letters = Counter(
+            "streamrec_dead_letters", "Records sent to dead letters", ["reason"], registry=r
+        )
         self.recommendations = Counter("streamrec_recommendations", "Recommendations published", registry=r)
         self.batches = Counter("streamrec_batches", "Micro-batches processed", registry=r)
         self.batch_seconds = Histogram(
@@ -33,6 +35,8 @@ class WorkerMetrics:
         self.partitions = Gauge("streamrec_partitions", "Event partitions owned", registry=r)
         self.catalog_items = Gauge("streamrec_catalog_items", "Catalogue items known", registry=r)
         self.online_hit_rate = Gauge(
-            "streamrec_online_hit_rate", "Share of clicks/purchases on an item recommended to that user", registry=r
+            "streamrec_online_hit_rate",
+            "Share of clicks/purchases on an item recommended to that user",
+            registry=r,
         )
         self.model_info = Gauge("streamrec_model_info", "Model being served", ["model_version"], registry=r)

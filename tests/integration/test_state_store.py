@@ -50,7 +50,7 @@ def test_lost_disk_and_lagging_checkpoint_both_restore_exactly(settings: Setting
     assert {p: snapshot(other, p, users) for p in (0, 1)} == expected
     assert other.restored_records == 3 * 3000 + 1
 
-    # The first worker gets partition 0 back later, after the other one wrote more: it catches up the tail only.
+    # The first worker gets partition 0 back after the other one wrote more: it catches up the tail only.
     store.revoke([0])
     write_through(other, producer, settings, 0, {users[2]: b"changed elsewhere"})
     before = store.restored_records

@@ -112,8 +112,14 @@ def test_validation_reasons() -> None:
     assert reason(click(1, "known", user="")) == "invalid_record"
     assert reason(Event("e", "u", EventKind.SEARCH, NOW, query="  ")) == "invalid_record"
     assert reason(Event("e", "u", EventKind.PURCHASE, NOW, item_id="known", price=-1.0)) == "invalid_record"
-    assert reason(Event("e", "u", EventKind.PURCHASE, NOW, item_id="known", price=float("nan"))) == "invalid_record"
-    assert reason(Event("e", "u", EventKind.PURCHASE, NOW, item_id="known", price=2.0, quantity=0)) == "invalid_record"
+    assert (
+        reason(Event("e", "u", EventKind.PURCHASE, NOW, item_id="known", price=float("nan")))
+        == "invalid_record"
+    )
+    assert (
+        reason(Event("e", "u", EventKind.PURCHASE, NOW, item_id="known", price=2.0, quantity=0))
+        == "invalid_record"
+    )
     lenient = ValidationRules(RULES.max_event_age_ms, RULES.max_clock_skew_ms, reject_unknown_items=False)
     assert validate_event(click(1, "nope"), NOW, lenient, catalog.__contains__) is None
 

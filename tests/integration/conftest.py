@@ -1,0 +1,196 @@
+"""Real worker processes against a real broker: a trained sample model, worker control, output readers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from streamrec.records import Recommendation
+from streamrec.sample import sample_catalog, write_sample_dataset
+from streamrec.serde import AvroCodec
+from streamrec.settings import Settings
+from streamrec.streams.broker import EmbeddedBroker, free_port
+from streamrec.streams.client import EventProducer
+from streamrec.streams.topics import create_topics
+from tests.conftest import wait_for
+
+
+@pytest.fixture(scope="session")
+def model_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny encoder trained on sample shoppers and promoted, shared by every worker test."""
+    from streamrec.models import registry
+    from streamrec.models.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("models")
+    data = write_sample_dataset(root / "data", users=2000, events=60_000, seed=42)
+    path = train(data, registry_dir=root / "registry", config=TrainConfig.preset("tiny"), progress=False)
+    registry.promote(path, root / "registry", force=True)
+    return root / "registry"
+
+
+class WorkerProcess:
+    """`streamrec worker` as a child process."""
+
+    def __init__(self, settings: Settings, data_dir: Path, name: str) -> None:
+        self.settings = settings
+        self.data_dir = data_dir
+        self.name = name
+        self.web_port = free_port()
+        self.log_path = data_dir.parent / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        env = {
+            **os.environ,
+            "STREAMREC_BOOTSTRAP_SERVERS": self.settings.bootstrap_servers,
+            "STREAMREC_MODEL_REGISTRY": str(self.settings.model_registry),
+            "STREAMREC_DATA_DIR": str(self.data_dir),
+            "STREAMREC_WEB_PORT": str(self.web_port),
+            "STREAMREC_WORKER_ID": self.name,
+            "STREAMREC_BATCH_WAIT_MS": "20",
+        }
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "streamrec.cli", "worker"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def get(self, path: str) -> dict | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}{path}", timeout=2) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return json.loads(exc.read()) if exc.code == 404 else None
+        except OSError:
+            return None
+
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        def ready() -> bool:
+            assert self.process is not None and self.process.poll() is None, self.log_path.read_text()[-3000:]
+            return bool((self.get("/health") or {}).get("ready"))
+
+        wait_for(ready, timeout_s, interval_s=0.25, what=f"{self.name} ready")
+
+    def state(self, user_id: str) -> dict | None:
+        found = self.get(f"/users/{user_id}/state")
+        return found if found and found.get("found") else None
+
+    def kill(self) -> None:
+        """kill -9: no flush, no commit, no leaving the group."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class OutputReader:
+    """Collects everything published on the recommendations and dead-letter topics, in a thread."""
+
+    def __init__(self, settings: Settings, topic: str | None = None) -> None:
+        self.settings = settings
+        self.topic = topic or settings.recommendations_topic
+        self.codec = AvroCodec()
+        self.recommendations: list[Recommendation] = []
+        self.dead_letters: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.settings.bootstrap_servers,
+                "group.id": "test-reader",
+                "enable.auto.commit": False,
+            }
+        )
+        n = self.settings.partitions
+        consumer.assign(
+            [TopicPartition(t, p, 0) for t in (self.topic, self.settings.dead_letter_topic) for p in range(n)]
+        )
+        while not self._stop.is_set():
+            for msg in consumer.consume(500, 0.1):
+                if msg.error() or msg.value() is None:
+                    continue
+                name, record = self.codec.decode(msg.value())
+                if name == "DeadLetter":
+                    self.dead_letters.append(record)
+                else:
+                    self.recommendations.append(Recommendation.from_avro(record))
+        consumer.close()
+
+    def for_user(self, user_id: str) -> list[Recommendation]:
+        return [r for r in list(self.recommendations) if r.user_id == user_id]
+
+    def wait_for_cause(self, user_id: str, event_id: str, timeout_s: float = 30) -> Recommendation:
+        return wait_for(
+            lambda: next((r for r in self.for_user(user_id) if r.cause_event_id == event_id), None),
+            timeout_s,
+            what=f"a recommendation for {user_id} caused by {event_id}",
+        )
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+class Cluster:
+    def __init__(self, settings: Settings, root: Path) -> None:
+        self.settings = settings
+        self.root = root
+        self.catalog = sample_catalog()
+        self.by_id = {i.item_id: i for i in self.catalog}
+        self.workers: list[WorkerProcess] = []
+        self.producer = EventProducer(settings)
+        self.output = OutputReader(settings)
+
+    def worker(self, name: str = "worker-0") -> WorkerProcess:
+        w = WorkerProcess(self.settings, self.root / name, name).start()
+        self.workers.append(w)
+        return w
+
+
+@pytest.fixture(scope="module")
+def cluster(model_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A broker with streamrec's topics, the sample catalogue published, and one running worker."""
+    root = tmp_path_factory.mktemp("cluster")
+    with EmbeddedBroker(log_path=root / "broker.log") as broker:
+        settings = Settings(bootstrap_servers=broker.bootstrap, model_registry=model_registry, data_dir=root)
+        create_topics(settings)
+        c = Cluster(settings, root)
+        for item in c.catalog:
+            c.producer.upsert_item(item)
+        c.producer.flush()
+        w = c.worker()
+        w.wait_ready()
+        wait_for(
+            lambda: (w.get("/health") or {}).get("catalog_items") == len(c.catalog), 60, what="catalogue"
+        )
+        try:
+            yield c
+        finally:
+            c.output.close()
+            c.producer.close()
+            for worker in c.workers:
+                worker.stop()
