@@ -14,7 +14,9 @@ from streamrec.settings import Settings
 T = TypeVar("T")
 
 
-def wait_for(condition: Callable[[], T], timeout_s: float = 30.0, interval_s: float = 0.1, what: str = "") -> T:
+def wait_for(
+    condition: Callable[[], T], timeout_s: float = 30.0, interval_s: float = 0.1, what: str = ""
+) -> T:
     """Poll until ``condition()`` is truthy or the deadline passes (tests never sleep a fixed time)."""
     deadline = time.monotonic() + timeout_s
     while True:

@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
-from streamrec.streams.broker import free_port
-from streamrec.streams.client import DeliveryError, EventProducer, RecommendationConsumer
-from streamrec.streams.schema_store import SchemaTopicResolver
 from typer.testing import CliRunner
 
 from streamrec.cli import app
 from streamrec.records import Recommendation, RecommendedItem
 from streamrec.serde import AvroCodec, DecodeError, bundled_schemas, make_schema
 from streamrec.settings import Settings
+from streamrec.streams.broker import free_port
+from streamrec.streams.client import DeliveryError, EventProducer, RecommendationConsumer
+from streamrec.streams.schema_store import SchemaTopicResolver
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration

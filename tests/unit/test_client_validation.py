@@ -9,13 +9,13 @@ from datetime import datetime
 from typing import Any
 
 import pytest
-from streamrec.streams.broker import free_port
-from streamrec.streams.client import EventProducer, InvalidRecordError
-from streamrec.streams.schema_store import SchemaTopicResolver, make_codec, subject_for
 
 from streamrec.records import CatalogItem
 from streamrec.serde import EncodeError
 from streamrec.settings import Settings
+from streamrec.streams.broker import free_port
+from streamrec.streams.client import EventProducer, InvalidRecordError
+from streamrec.streams.schema_store import SchemaTopicResolver, make_codec, subject_for
 
 
 @pytest.fixture

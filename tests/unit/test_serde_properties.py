@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from streamrec.streams.schema_store import RegistryCodec
 
 from streamrec.records import (
     CatalogItem,
@@ -30,6 +29,7 @@ from streamrec.serde import (
     registry_header,
 )
 from streamrec.settings import Settings
+from streamrec.streams.schema_store import RegistryCodec
 
 BUNDLED = bundled_schemas()
 NO_SCHEMA = lambda fp: None  # noqa: E731 - a resolver that knows nothing beyond the bundled schemas
