@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import faiss
 import numpy as np
@@ -29,7 +29,7 @@ class ItemIndex:
         self.dim = dim
         self.kind = kind
         self._index = index if index is not None else self._empty(dim, kind)
-        self._gpu_res = None
+        self._gpu_res: object | None = None
 
     @staticmethod
     def _empty(dim: int, kind: IndexKind, nlist: int = 1) -> faiss.Index:
@@ -54,20 +54,22 @@ class ItemIndex:
             else:
                 index = cls._empty(dim, "ivf", nlist)
                 index.train(vectors)
-                index.nprobe = max(1, nlist // 8)
+                faiss.extract_index_ivf(index).nprobe = max(1, nlist // 8)
                 out = cls(dim, "ivf", index)
                 out.add(vectors, ids)
                 return out
         out = cls(dim, kind)
         if kind == "hnsw":
-            faiss.downcast_index(out._index.index).hnsw.efSearch = 128
+            hnsw: Any = faiss.downcast_index(faiss.downcast_index(out._index).index)  # type: ignore[attr-defined]
+            hnsw.hnsw.efSearch = 128  # recall over speed: the catalogue index is small
         out.add(vectors, ids)
         return out
 
     def to_gpu_if_available(self) -> None:
         if self.kind == "flat" and _gpu_available():
-            self._gpu_res = faiss.StandardGpuResources()
-            self._index = faiss.index_cpu_to_gpu(self._gpu_res, 0, self._index)
+            res = faiss.StandardGpuResources()
+            self._index = faiss.index_cpu_to_gpu(res, 0, self._index)
+            self._gpu_res = res  # keep the GPU resources alive as long as the index
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         self._index.add_with_ids(

@@ -8,7 +8,7 @@ import threading
 import zlib
 from collections import OrderedDict
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -61,8 +61,8 @@ class MiniLMEmbedder:
     dim = 384
 
     def __init__(self, word_vectors: dict[str, np.ndarray] | None = None, cache_size: int = 100_000) -> None:
-        self._model = None
-        self._tokenizer = None
+        self._model: Any = None
+        self._tokenizer: Any = None
         self._load_lock = threading.Lock()
         self.word_vectors: dict[str, np.ndarray] = dict(word_vectors or {})
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
