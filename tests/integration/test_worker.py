@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -189,8 +191,6 @@ def test_a_producer_with_an_added_optional_field_does_not_break_the_running_work
 def test_state_survives_kill_9_and_a_lost_disk_and_events_sent_meanwhile_are_processed(
     cluster: Cluster,
 ) -> None:
-    import shutil
-
     users = [user() for _ in range(20)]
     items = items_in(cluster, "beauty/makeup", 6)
     last: dict[str, str] = {}
@@ -220,3 +220,34 @@ def test_state_survives_kill_9_and_a_lost_disk_and_events_sent_meanwhile_are_pro
         assert after["history"][:-1] == before[u]["history"], "restored exactly, then the new event on top"
         assert after["history"][-1]["item_id"] == items[-1]
         assert after["clicks"] == before[u]["clicks"] + 1
+
+
+def test_a_promoted_model_is_swapped_in_live_with_its_index(cluster: Cluster, tmp_path: Path) -> None:
+    from streamrec.models.registry import current, read_metadata
+
+    served = current(cluster.settings.model_registry)
+    assert served is not None
+    candidate = tmp_path / "candidate"
+    shutil.copytree(served, candidate)
+    metadata = read_metadata(candidate)
+    metadata["version"] = "candidate-v2"
+    metadata["parent_version"] = served.name
+    (candidate / "metadata.json").write_text(json.dumps(metadata))
+    update = {
+        "model_version": "candidate-v2",
+        "path": str(candidate),
+        "parent_version": served.name,
+        "metrics": {},
+        "promoted_at": int(time.time() * 1000),
+    }
+    cluster.producer.send("ModelUpdate", update, key="current", topic=cluster.settings.model_updates_topic)
+    cluster.producer.flush()
+    worker = cluster.workers[-1]
+    wait_for(lambda: (worker.get("/health") or {}).get("model_version") == "candidate-v2", 60, what="swap")
+
+    u = user()
+    event_id = cluster.producer.click(u, items_in(cluster, "sports/running", 1)[0])
+    cluster.producer.flush()
+    rec = cluster.output.wait_for_cause(u, event_id)
+    assert rec.model_version == "candidate-v2"
+    assert rec.index_version.startswith(read_metadata(candidate)["index_version"])
