@@ -5,6 +5,7 @@ catalogue, and turn a micro-batch of user states into ranked, explained recommen
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,7 @@ class Recommender:
         self._popular_order = self._rank_popular()
         self._index = index
         self._lock = threading.RLock()
+        self.last_timings: dict[str, float] = {}  # seconds per phase of the last recommend() call
 
     # --- loading --------------------------------------------------------------------------------------
     @classmethod
@@ -150,6 +152,8 @@ class Recommender:
             return self._recommend(users, k)
 
     def _recommend(self, users: list[UserState], k: int) -> list[list[RecommendedItem]]:
+        clock = time.perf_counter
+        t0 = clock()
         steps = [self._steps(u) for u in users]
         warm = [i for i, s in enumerate(steps) if s]
         results: list[list[RecommendedItem]] = [[] for _ in users]
@@ -168,13 +172,16 @@ class Recommender:
                     qspace = self._model.query_vectors(qtable).cpu().numpy()
             items, kinds, qids = pad_batch(warm_steps, self.serve_len, qindex)
             length = items.shape[1]
+            t1 = clock()
             with torch.inference_mode():
                 h = hidden_states(self._model, items, kinds, qids, qtable, self._vectors_t)[:, -1]
             user_vecs = h.float().cpu().numpy()
+            t2 = clock()
             n_out = int((~self._in_stock[1:]).sum())
             most_excluded = max(len(excluded[i]) for i in warm)
             fetch = min(self._index.size, k + most_excluded + min(n_out, 4 * k + 64) + 8)
             scores, found = self._index.search(user_vecs, fetch)
+            t3 = clock()
             picked = np.full((len(warm), k), PAD, dtype=np.int64)
             picked_scores = np.zeros((len(warm), k), dtype=np.float32)
             in_stock = self._in_stock
@@ -193,6 +200,8 @@ class Recommender:
                     for idx, sc, a in zip(picked[row], picked_scores[row], anchors[row], strict=True)
                     if idx != PAD
                 ]
+            t4 = clock()
+            self.last_timings = {"inputs": t1 - t0, "encoder": t2 - t1, "search": t3 - t2, "rank": t4 - t3}
         for i in range(len(users)):
             if len(results[i]) < k:
                 results[i].extend(self._popular(k - len(results[i]), excluded[i], results[i]))

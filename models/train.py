@@ -91,6 +91,8 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    # Multithreaded CPU kernels otherwise accumulate gradients in varying order (1e-9 differences that grow).
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def _text_embedder(data: Interactions, config: TrainConfig) -> TextEmbedder | None:
