@@ -21,7 +21,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("serving")
     data = synthetic.write(root / "data")
     reg = root / "registry"
-    path = train(data, registry_dir=reg, config=TrainConfig.preset("tiny"), progress=False)
+    path = train(data, registry_dir=reg, config=TrainConfig.preset("tiny", max_minutes=10.0), progress=False)
     assert registry.promote(path, reg)
     return path
 
@@ -38,8 +38,10 @@ def clicks(*items: str) -> list[HistoryEntry]:
 def test_trained_model_ranks_the_true_next_item_highly(rec: Recommender) -> None:
     [recs] = rec.recommend([UserState("u", clicks("laptop-3", "laptop-4", "laptop-5"))], 10)
     ids = [r.item_id for r in recs]
-    assert "laptop-6" in ids[:5]
-    assert all(i.startswith("laptop-") for i in ids[:5])
+    assert ids[0] == "laptop-6"
+    # The synthetic data also ties positions across categories ("-6" follows "-5" everywhere), so a tiny
+    # model may rank one same-position item of another category in the top 5.
+    assert sum(i.startswith("laptop-") for i in ids[:5]) >= 4
 
 
 def test_versions_and_catalogue_lookup(rec: Recommender, model_dir: Path) -> None:

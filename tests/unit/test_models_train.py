@@ -18,7 +18,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def quick(**overrides: object) -> TrainConfig:
-    return TrainConfig.preset("tiny", **({"epochs": 6} | overrides))
+    return TrainConfig.preset("tiny", **({"epochs": 6, "max_minutes": 10.0} | overrides))
 
 
 def test_same_seed_same_model(data_dir: Path, tmp_path: Path) -> None:
