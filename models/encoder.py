@@ -69,7 +69,9 @@ class SequenceEncoder(nn.Module):
         )
         self.backbone = GPT2Model(
             GPT2Config(
-                vocab_size=1,
+                vocab_size=1,  # unused: tokens come in as inputs_embeds
+                bos_token_id=None,
+                eos_token_id=None,
                 n_positions=config.max_len,
                 n_embd=d,
                 n_layer=config.layers,
