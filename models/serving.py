@@ -15,6 +15,7 @@ from streamrec.models import artifacts
 from streamrec.models.data import PAD, Step
 from streamrec.models.index import ItemIndex
 from streamrec.models.sequences import hidden_states, pad_batch
+from streamrec.models.text import MiniLMEmbedder
 from streamrec.models.train import resolve_device
 from streamrec.records import CatalogItem, EventKind, RecommendedItem, UserState
 
@@ -68,6 +69,8 @@ class Recommender:
         dev = resolve_device(device)
         art = artifacts.load(Path(model_dir), device=str(dev))
         index, index_version = ItemIndex.load(Path(model_dir))
+        if isinstance(art.embedder, MiniLMEmbedder):
+            art.embedder.warm()
         index.to_gpu_if_available() if dev.type == "cuda" else None
         return cls(art, index, index_version, dev, serve_len)
 

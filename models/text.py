@@ -68,6 +68,10 @@ class MiniLMEmbedder:
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
 
+    def warm(self) -> None:
+        """Load MiniLM now, so the first unseen query word does not stall a serving batch."""
+        self._ensure_model()
+
     def _ensure_model(self) -> None:
         with self._load_lock:
             if self._model is not None:
