@@ -33,7 +33,12 @@ def model_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("models")
     data = write_sample_dataset(root / "data", users=2000, events=60_000, seed=42)
-    path = train(data, registry_dir=root / "registry", config=TrainConfig.preset("tiny", max_minutes=10.0), progress=False)
+    path = train(
+        data,
+        registry_dir=root / "registry",
+        config=TrainConfig.preset("tiny", max_minutes=10.0),
+        progress=False,
+    )
     registry.promote(path, root / "registry", force=True)
     return root / "registry"
 
