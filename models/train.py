@@ -238,7 +238,7 @@ def fit(
     for epoch in range(1, config.epochs + 1):
         model.train()
         batches = _batches(train_seqs, config.batch_size, rng)
-        total = 0.0
+        total, steps = 0.0, 0
         bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False, unit="batch")
         for batch in bar:
             loss = train_step_loss(model, batch, qindex, qtable, blocked, config.negatives)
@@ -246,10 +246,11 @@ def fit(
             loss.backward()
             opt.step()
             total += loss.item()
+            steps += 1
             if time.perf_counter() > deadline:
                 break
         metrics = _validate(model, valid, qindex, qtable)
-        entry = {"epoch": epoch, "loss": total / max(len(batches), 1), **metrics}
+        entry = {"epoch": epoch, "loss": total / max(steps, 1), **metrics}
         entry["seconds"] = round(time.perf_counter() - start, 1)
         history.append(entry)
         tqdm.write(
