@@ -29,10 +29,9 @@ TARGETS: dict[str, dict[str, object]] = {
     "yelp": {"sasrec": (0.0274, 0.0136), "best": ("ICLRec", 0.0409, 0.0207), "minutes": 28},
 }
 # Per-dataset settings (from the probes described in models/MODEL_CARD.md).
-# Sampled softmax (2048 uniform negatives) reached a higher validation NDCG than full softmax at equal
-# wall-clock time on Beauty (2 shared cores); ML-1M has few items, so full softmax is cheap there.
+# Full softmax on Beauty converged (early stop) in 17 minutes on a quiet machine and beat sampled softmax;
+# Yelp (20k items) was measured with 2048 sampled uniform negatives, which are cheaper on busy cores.
 OVERRIDES: dict[str, dict[str, object]] = {
-    "amazon-beauty": {"negatives": 2048},
     "yelp": {"negatives": 2048},
     "ml-1m": {"max_len": 100, "dropout": 0.2, "batch_size": 64},
 }
