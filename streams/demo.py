@@ -9,12 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +26,9 @@ from streamrec.records import Recommendation
 from streamrec.sample import sample_catalog
 from streamrec.serde import AvroCodec, DecodeError
 from streamrec.settings import Settings
-from streamrec.streams.broker import EmbeddedBroker, free_port
+from streamrec.streams.broker import EmbeddedBroker
 from streamrec.streams.client import EventProducer
+from streamrec.streams.process import WorkerProcess
 from streamrec.streams.simulate import TrafficStats, publish_catalog, simulate
 from streamrec.streams.topics import create_topics
 
@@ -74,47 +71,6 @@ def ensure_sample_model(settings: Settings, workdir: Path, console: Console) -> 
     registry.promote(path, settings.model_registry, force=True)
     console.print(f"model [bold]{path.name}[/] trained and promoted")
     return path
-
-
-def worker_health(port: int) -> dict | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
-            return json.loads(response.read())
-    except Exception:
-        return None
-
-
-class WorkerProcess:
-    """`streamrec worker` as a child process, as ops would run it."""
-
-    def __init__(self, settings: Settings, name: str, log_path: Path) -> None:
-        self.web_port = free_port()
-        env = {
-            **os.environ,
-            "STREAMREC_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-            "STREAMREC_DATA_DIR": str(settings.data_dir / name),
-            "STREAMREC_MODEL_REGISTRY": str(settings.model_registry),
-            "STREAMREC_WEB_PORT": str(self.web_port),
-            "STREAMREC_WORKER_ID": name,
-        }
-        self.log = log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "streamrec.cli", "worker"],
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
 
 
 def follow(settings: Settings, figures: DemoFigures, stop: threading.Event) -> None:
@@ -204,22 +160,15 @@ def run_demo(settings: Settings, seconds: float = 60.0, rate: float = 1000.0, us
         settings = settings.model_copy(update={"bootstrap_servers": broker.bootstrap})
         create_topics(settings)
         console.print(f"embedded broker at {broker.bootstrap}; topics created")
-        worker = WorkerProcess(settings, "worker-0", workdir / "worker-0.log")
-        deadline = time.monotonic() + 120
-        while not (worker_health(worker.web_port) or {}).get("ready"):
-            if worker.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the worker did not start; see {workdir / 'worker-0.log'}")
-            time.sleep(0.2)
+        worker = WorkerProcess(settings, settings.data_dir / "worker-0", "worker-0", workdir / "worker-0.log")
+        worker.start().wait_ready()
         console.print(
             f"worker ready (health and metrics on http://127.0.0.1:{worker.web_port}/health, /metrics)"
         )
         catalog = sample_catalog()
         with EventProducer(settings) as producer:
             publish_catalog(producer, catalog)
-        while (worker_health(worker.web_port) or {}).get("catalog_items", 0) < len(catalog):
-            if worker.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the worker did not load the catalogue; see {workdir / 'worker-0.log'}")
-            time.sleep(0.2)
+        worker.wait_catalog(len(catalog))
         console.print(f"{len(catalog)} catalogue items loaded by the worker; simulating {users:,} shoppers")
 
         def produce() -> None:

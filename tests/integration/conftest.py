@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 import threading
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +13,9 @@ from streamrec.records import Recommendation
 from streamrec.sample import sample_catalog, write_sample_dataset
 from streamrec.serde import AvroCodec
 from streamrec.settings import Settings
-from streamrec.streams.broker import EmbeddedBroker, free_port
+from streamrec.streams.broker import EmbeddedBroker
 from streamrec.streams.client import EventProducer
+from streamrec.streams.process import WorkerProcess
 from streamrec.streams.topics import create_topics
 from tests.conftest import wait_for
 
@@ -41,72 +36,6 @@ def model_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     registry.promote(path, root / "registry", force=True)
     return root / "registry"
-
-
-class WorkerProcess:
-    """`streamrec worker` as a child process."""
-
-    def __init__(self, settings: Settings, data_dir: Path, name: str) -> None:
-        self.settings = settings
-        self.data_dir = data_dir
-        self.name = name
-        self.web_port = free_port()
-        self.log_path = data_dir.parent / f"{name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> WorkerProcess:
-        env = {
-            **os.environ,
-            "STREAMREC_BOOTSTRAP_SERVERS": self.settings.bootstrap_servers,
-            "STREAMREC_MODEL_REGISTRY": str(self.settings.model_registry),
-            "STREAMREC_DATA_DIR": str(self.data_dir),
-            "STREAMREC_WEB_PORT": str(self.web_port),
-            "STREAMREC_WORKER_ID": self.name,
-            "STREAMREC_BATCH_WAIT_MS": "20",
-        }
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "streamrec.cli", "worker"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        return self
-
-    def get(self, path: str) -> dict | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}{path}", timeout=2) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return json.loads(exc.read()) if exc.code == 404 else None
-        except OSError:
-            return None
-
-    def wait_ready(self, timeout_s: float = 120) -> None:
-        def ready() -> bool:
-            assert self.process is not None and self.process.poll() is None, self.log_path.read_text()[-3000:]
-            return bool((self.get("/health") or {}).get("ready"))
-
-        wait_for(ready, timeout_s, interval_s=0.25, what=f"{self.name} ready")
-
-    def state(self, user_id: str) -> dict | None:
-        found = self.get(f"/users/{user_id}/state")
-        return found if found and found.get("found") else None
-
-    def kill(self) -> None:
-        """kill -9: no flush, no commit, no leaving the group."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 class OutputReader:
@@ -189,9 +118,7 @@ def cluster(model_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         c.producer.flush()
         w = c.worker()
         w.wait_ready()
-        wait_for(
-            lambda: (w.get("/health") or {}).get("catalog_items") == len(c.catalog), 60, what="catalogue"
-        )
+        w.wait_catalog(len(c.catalog), timeout_s=60)
         try:
             yield c
         finally:

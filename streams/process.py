@@ -1,0 +1,138 @@
+"""`streamrec worker` as a child process, as ops run it; the demo, replay, benchmarks and tests use it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from streamrec.settings import Settings
+from streamrec.streams.broker import free_port
+
+
+class WorkerNotReady(RuntimeError):
+    pass
+
+
+class WorkerProcess:
+    """One worker process with its own data dir and web port; its output goes to `log_path`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        data_dir: Path,
+        name: str,
+        log_path: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.data_dir = data_dir
+        self.name = name
+        self.web_port = free_port()
+        self.log_path = log_path or data_dir.parent / f"{name}.log"
+        self.extra_env = env or {}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def start(self) -> WorkerProcess:
+        env = {
+            **os.environ,
+            "STREAMREC_BOOTSTRAP_SERVERS": self.settings.bootstrap_servers,
+            "STREAMREC_MODEL_REGISTRY": str(self.settings.model_registry),
+            "STREAMREC_DATA_DIR": str(self.data_dir),
+            "STREAMREC_WEB_PORT": str(self.web_port),
+            "STREAMREC_WORKER_ID": self.name,
+            "STREAMREC_BATCH_WAIT_MS": str(self.settings.batch_wait_ms),
+            "STREAMREC_BATCH_SIZE": str(self.settings.batch_size),
+            "STREAMREC_PARTITIONS": str(self.settings.partitions),
+            **self.extra_env,
+        }
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "streamrec.cli", "worker"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C in the parent's terminal is the parent's to handle
+            )
+        return self
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def get(self, path: str) -> dict | None:
+        """GET a JSON page of the worker's web server; None while it is not answering."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}{path}", timeout=2) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return json.loads(exc.read()) if exc.code == 404 else None
+        except (OSError, ValueError):
+            return None
+
+    def health(self) -> dict:
+        return self.get("/health") or {}
+
+    def metrics_text(self) -> str:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/metrics", timeout=2) as response:
+                return response.read().decode()
+        except OSError:
+            return ""
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def wait_until(self, condition: str, check: Callable[[dict], bool], timeout_s: float = 120) -> None:
+        """Poll `check(health)` until true; fail early, with the log's tail, if the process exits."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not self.alive():
+                raise WorkerNotReady(f"{self.name} exited before {condition}:\n{self.log_tail()}")
+            if check(self.health()):
+                return
+            if time.monotonic() > deadline:
+                raise WorkerNotReady(f"{self.name}: no {condition} in {timeout_s:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.2)
+
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        self.wait_until("readiness", lambda h: bool(h.get("ready")), timeout_s)
+
+    def wait_catalog(self, items: int, timeout_s: float = 120) -> None:
+        self.wait_until(f"catalogue of {items}", lambda h: h.get("catalog_items", 0) >= items, timeout_s)
+
+    def state(self, user_id: str) -> dict | None:
+        found = self.get(f"/users/{user_id}/state")
+        return found if found and found.get("found") else None
+
+    def kill(self) -> None:
+        """kill -9: no flush, no commit, no leaving the group."""
+        if self.alive():
+            assert self.process is not None
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self, timeout_s: float = 20) -> None:
+        """SIGTERM and wait: the worker finishes its batch, commits and leaves the group."""
+        if self.alive():
+            assert self.process is not None
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
