@@ -14,7 +14,7 @@ import torch
 from streamrec.models import artifacts
 from streamrec.models.data import PAD, Step
 from streamrec.models.index import ItemIndex
-from streamrec.models.sequences import hidden_states, pad_batch
+from streamrec.models.sequences import last_hidden_state, pad_batch
 from streamrec.models.text import MiniLMEmbedder
 from streamrec.models.train import resolve_device
 from streamrec.records import CatalogItem, EventKind, RecommendedItem, UserState
@@ -184,7 +184,7 @@ class Recommender:
             length = items.shape[1]
             t1 = clock()
             with torch.inference_mode():
-                h = hidden_states(self._model, items, kinds, qids, qtable, self._vectors_t)[:, -1]
+                h = last_hidden_state(self._model, items, kinds, qids, qtable, self._vectors_t)
             user_vecs = h.float().cpu().numpy()
             t2 = clock()
             n_out = int((~self._in_stock[1:]).sum())
