@@ -39,6 +39,7 @@ from streamrec.streams.simulate import publish_catalog, send_event, simulate
 from streamrec.streams.state_store import PartitionStore
 from streamrec.streams.topics import create_topics
 
+SAMPLE_REGISTRY = Path("var/bench/models")  # the trained sample model, shared by every run
 PARTS = ("ceiling", "throughput", "latency", "memory", "models", "index")
 BROKER_PARTS = {"ceiling", "throughput", "latency"}
 
@@ -190,7 +191,9 @@ def follow_recommendations(settings: Settings, arrivals: Arrivals, stop: threadi
     consumer.assign(positions)
     try:
         while not stop.is_set():
-            msgs = consumer.consume(num_messages=2000, timeout=0.1)
+            # consume() waits out its timeout unless num_messages arrive: keep it short, or the bench
+            # itself adds up to that timeout to every arrival time.
+            msgs = consumer.consume(num_messages=500, timeout=0.005)
             arrived = time.time() * 1000
             rows = []
             for msg in msgs:
@@ -420,6 +423,7 @@ class BrokerBench:
             for i, (rate, saturation) in enumerate(offered):
                 self.console.print(f"offered load {rate:,.0f} events/s for {cfg.load_seconds:.0f} s ...")
                 load_before = load_average()
+                before = self._batch_counters(worker)
                 start_ms = time.time() * 1000
                 stats = simulate(
                     settings,
@@ -432,6 +436,9 @@ class BrokerBench:
                 end_ms = time.time() * 1000
                 self._settle(arrivals)
                 rows = arrivals.between(start_ms, end_ms)
+                batches, batch_events, batch_seconds = (
+                    a - b for a, b in zip(self._batch_counters(worker), before, strict=True)
+                )
                 publish = [p - e for e, p, _ in rows]
                 arrival = [a - e for e, _, a in rows]
                 row = {
@@ -442,6 +449,9 @@ class BrokerBench:
                     "recommendations": len(rows),
                     "to_publish_ms": summarize(publish),
                     "to_arrival_ms": summarize(arrival),
+                    "batches": int(batches),
+                    "mean_batch_events": round(batch_events / batches, 1) if batches else None,
+                    "mean_batch_ms": round(batch_seconds / batches * 1000, 1) if batches else None,
                     "load_before": load_before,
                     "load_after": load_average(),
                 }
@@ -455,6 +465,15 @@ class BrokerBench:
             stop.set()
             follower.join(timeout=5)
         return out
+
+    def _batch_counters(self, worker: WorkerProcess) -> tuple[float, float, float]:
+        """(micro-batches, events applied, seconds spent processing) so far."""
+        text = worker.metrics_text()
+        return (
+            metric_total(text, "streamrec_batches_total"),
+            metric_total(text, "streamrec_events_total"),
+            metric_total(text, "streamrec_batch_seconds_sum"),
+        )
 
     @staticmethod
     def _settle(arrivals: Arrivals, quiet_s: float = 2.0, timeout_s: float = 120.0) -> None:
