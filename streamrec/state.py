@@ -106,33 +106,25 @@ def validate_event(event: Event, now_ms: int, rules: ValidationRules, knows_item
 _STATE_SCHEMA: RecordSchema = bundled_schemas()["UserState"]
 
 
-def encode_state(state: UserState) -> bytes:
-    """Schemaless Avro: the changelog is internal to the workers, so no per-record schema header."""
-    buf = io.BytesIO()
-    fastavro.schemaless_writer(
-        buf,
-        _STATE_SCHEMA.parsed,
-        {
-            "user_id": state.user_id,
-            "history": [
-                {"kind": int(h.kind), "item_id": h.item_id, "query": h.query, "timestamp": h.timestamp}
-                for h in state.history
-            ],
-            "purchased": state.purchased,
-            "seen_event_ids": state.seen_event_ids,
-            "clicks": state.clicks,
-            "searches": state.searches,
-            "purchases": state.purchases,
-            "last_event_id": state.last_event_id,
-            "last_event_time": state.last_event_time,
-        },
-    )
-    return buf.getvalue()
+def state_to_avro(state: UserState) -> dict[str, Any]:
+    """The UserState record as the Avro schema lays it out."""
+    return {
+        "user_id": state.user_id,
+        "history": [
+            {"kind": int(h.kind), "item_id": h.item_id, "query": h.query, "timestamp": h.timestamp}
+            for h in state.history
+        ],
+        "purchased": state.purchased,
+        "seen_event_ids": state.seen_event_ids,
+        "clicks": state.clicks,
+        "searches": state.searches,
+        "purchases": state.purchases,
+        "last_event_id": state.last_event_id,
+        "last_event_time": state.last_event_time,
+    }
 
 
-def decode_state(data: bytes) -> UserState:
-    raw = fastavro.schemaless_reader(io.BytesIO(data), _STATE_SCHEMA.parsed, None)
-    assert isinstance(raw, dict)
+def state_from_avro(raw: dict[str, Any]) -> UserState:
     return UserState(
         user_id=raw["user_id"],
         history=[
@@ -147,3 +139,16 @@ def decode_state(data: bytes) -> UserState:
         last_event_id=raw["last_event_id"],
         last_event_time=raw["last_event_time"],
     )
+
+
+def encode_state(state: UserState) -> bytes:
+    """Schemaless Avro: the changelog is internal to the workers, so no per-record schema header."""
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, _STATE_SCHEMA.parsed, state_to_avro(state))
+    return buf.getvalue()
+
+
+def decode_state(data: bytes) -> UserState:
+    raw = fastavro.schemaless_reader(io.BytesIO(data), _STATE_SCHEMA.parsed, None)
+    assert isinstance(raw, dict)
+    return state_from_avro(raw)
