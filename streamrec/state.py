@@ -106,6 +106,41 @@ def validate_event(event: Event, now_ms: int, rules: ValidationRules, knows_item
 _STATE_SCHEMA: RecordSchema = bundled_schemas()["UserState"]
 
 
+def state_to_avro(state: UserState) -> dict[str, Any]:
+    """The UserState record as the Avro schema lays it out."""
+    return {
+        "user_id": state.user_id,
+        "history": [
+            {"kind": int(h.kind), "item_id": h.item_id, "query": h.query, "timestamp": h.timestamp}
+            for h in state.history
+        ],
+        "purchased": state.purchased,
+        "seen_event_ids": state.seen_event_ids,
+        "clicks": state.clicks,
+        "searches": state.searches,
+        "purchases": state.purchases,
+        "last_event_id": state.last_event_id,
+        "last_event_time": state.last_event_time,
+    }
+
+
+def state_from_avro(raw: dict[str, Any]) -> UserState:
+    return UserState(
+        user_id=raw["user_id"],
+        history=[
+            HistoryEntry(EventKind(h["kind"]), h["timestamp"], h["item_id"], h["query"])
+            for h in raw["history"]
+        ],
+        purchased=raw["purchased"],
+        seen_event_ids=raw["seen_event_ids"],
+        clicks=raw["clicks"],
+        searches=raw["searches"],
+        purchases=raw["purchases"],
+        last_event_id=raw["last_event_id"],
+        last_event_time=raw["last_event_time"],
+    )
+
+
 # The UserState encoding is written by hand: byte for byte what fastavro writes (a test holds them equal), but
 # cheap to redo after a few new events, because a cached state keeps the bytes of its history entries and
 # seen event ids (StateBytes) and only the new ones are encoded. The worker re-encodes every changed user
@@ -201,17 +236,4 @@ def encode_state(state: UserState) -> bytes:
 def decode_state(data: bytes) -> UserState:
     raw = fastavro.schemaless_reader(io.BytesIO(data), _STATE_SCHEMA.parsed, None)
     assert isinstance(raw, dict)
-    return UserState(
-        user_id=raw["user_id"],
-        history=[
-            HistoryEntry(EventKind(h["kind"]), h["timestamp"], h["item_id"], h["query"])
-            for h in raw["history"]
-        ],
-        purchased=raw["purchased"],
-        seen_event_ids=raw["seen_event_ids"],
-        clicks=raw["clicks"],
-        searches=raw["searches"],
-        purchases=raw["purchases"],
-        last_event_id=raw["last_event_id"],
-        last_event_time=raw["last_event_time"],
-    )
+    return state_from_avro(raw)

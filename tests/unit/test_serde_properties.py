@@ -29,6 +29,7 @@ from streamrec.serde import (
     registry_header,
 )
 from streamrec.settings import Settings
+from streamrec.state import decode_state, encode_state, state_from_avro, state_to_avro
 from streamrec.streams.schema_store import RegistryCodec
 
 BUNDLED = bundled_schemas()
@@ -129,29 +130,6 @@ user_states = st.builds(
 )
 
 
-def state_to_avro(state: UserState) -> dict[str, Any]:
-    # records.UserState has no to_avro (the worker's state module owns it); the schema is the contract.
-    return {
-        "user_id": state.user_id,
-        "history": [
-            {"kind": int(h.kind), "item_id": h.item_id, "query": h.query, "timestamp": h.timestamp}
-            for h in state.history
-        ],
-        "purchased": state.purchased,
-        "seen_event_ids": state.seen_event_ids,
-        "clicks": state.clicks,
-        "searches": state.searches,
-        "purchases": state.purchases,
-        "last_event_id": state.last_event_id,
-        "last_event_time": state.last_event_time,
-    }
-
-
-def state_from_avro(record: dict[str, Any]) -> UserState:
-    history = [HistoryEntry(**{**h, "kind": EventKind(h["kind"])}) for h in record["history"]]
-    return UserState(**{**record, "history": history})
-
-
 # --- round trips -----------------------------------------------------------------------------------------
 
 
@@ -201,6 +179,12 @@ def test_user_state_round_trips(codec_name: str, state: UserState) -> None:
     codec = CODECS[codec_name]
     _, record = codec.decode(codec.encode("UserState", state_to_avro(state)))
     assert state_from_avro(record) == state
+
+
+@fast
+@given(state=user_states)
+def test_the_changelog_encoding_round_trips_user_state(state: UserState) -> None:
+    assert decode_state(encode_state(state)) == state
 
 
 # --- schema evolution ------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from streamrec.state import (
     decode_state,
     encode_state,
     encode_state_bytes,
+    state_to_avro,
     validate_event,
 )
 
@@ -155,24 +156,7 @@ _events = st.lists(
 
 def _fastavro_encoding(state: UserState) -> bytes:
     buf = io.BytesIO()
-    fastavro.schemaless_writer(
-        buf,
-        bundled_schemas()["UserState"].parsed,
-        {
-            "user_id": state.user_id,
-            "history": [
-                {"kind": int(h.kind), "item_id": h.item_id, "query": h.query, "timestamp": h.timestamp}
-                for h in state.history
-            ],
-            "purchased": state.purchased,
-            "seen_event_ids": state.seen_event_ids,
-            "clicks": state.clicks,
-            "searches": state.searches,
-            "purchases": state.purchases,
-            "last_event_id": state.last_event_id,
-            "last_event_time": state.last_event_time,
-        },
-    )
+    fastavro.schemaless_writer(buf, bundled_schemas()["UserState"].parsed, state_to_avro(state))
     return buf.getvalue()
 
 
