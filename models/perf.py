@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -124,8 +125,8 @@ def index_timings(
                 "recall_at_10": recall,
             }
             for size in batch_sizes:
-                batch = queries[:size]
-                ms = _median_ms(lambda i=index, q=batch: i.search(q, k), 5 if size <= 500 else 3)
+                search = partial(index.search, queries[:size], k)
+                ms = _median_ms(search, 5 if size <= 500 else 3)
                 row[f"query_ms_batch_{size}"] = ms
             out.append(row)
     return out

@@ -197,10 +197,11 @@ def follow_recommendations(settings: Settings, arrivals: Arrivals, stop: threadi
             arrived = time.time() * 1000
             rows = []
             for msg in msgs:
-                if msg.error() or msg.value() is None:
+                value = msg.value()
+                if msg.error() or value is None:
                     continue
                 try:
-                    _, record = codec.decode(msg.value(), accept={"Recommendation"})
+                    _, record = codec.decode(value, accept={"Recommendation"})
                 except DecodeError:
                     continue
                 rows.append((record["event_time"], record["publish_time"], arrived))
