@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -32,15 +33,16 @@ from streamrec.serde import AvroCodec, DecodeError
 from streamrec.settings import Settings
 from streamrec.state import (
     Rejection,
+    StateBytes,
     StateLimits,
     ValidationRules,
     apply_event,
     decode_state,
-    encode_state,
+    encode_state_bytes,
     validate_event,
 )
 from streamrec.streams.metrics import WorkerMetrics
-from streamrec.streams.state_store import StateStore
+from streamrec.streams.state_store import StateCache, StateStore
 from streamrec.triggers import OnlineAccuracy
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,7 @@ class EventStage:
         self.output_topic = settings.shadow_topic if settings.backfill else settings.recommendations_topic
         self.mode = "backfill" if settings.backfill else "live"
         self.store = StateStore(settings.data_dir, settings.state_changelog_topic, settings.bootstrap_servers)
+        self.cache = StateCache(settings.state_cache_users)
         self._pending_model: Recommender | None = None
         self._lock = threading.Lock()
         self.ready = threading.Event()  # set once partitions are assigned and restored
@@ -166,6 +169,7 @@ class EventStage:
         return consumer, producer
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.cache.clear()
         self.store.assign(p.partition for p in partitions)
         self.metrics.partitions.set(len(self.store.partitions))
         log.info("%s assigned %s", self.worker_id, sorted(p.partition for p in partitions))
@@ -173,6 +177,7 @@ class EventStage:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Everything consumed before this call has been published and committed (the loop is synchronous).
+        self.cache.clear()
         self.store.revoke(p.partition for p in partitions)
         self.metrics.partitions.set(len(self.store.partitions))
 
@@ -257,26 +262,36 @@ class EventStage:
                 continue
             by_partition.setdefault(p, {}).setdefault(outcome[0], []).append(outcome[1])
 
-        # 2. apply to state
-        changed: list[tuple[int, UserState, Event]] = []
+        # 2. apply to state: active users' decoded states come from the cache, the others from RocksDB
+        changed: list[tuple[int, UserState, Event, StateBytes]] = []
         changes: dict[int, dict[str, bytes | None]] = {}
+        applied: Counter[EventKind] = Counter()
         for p, users in by_partition.items():
-            user_ids = list(users)
-            stored = self.store.get_many(p, user_ids)
-            for user_id, raw in zip(user_ids, stored, strict=True):
-                state = decode_state(raw) if raw is not None else None
+            cached = {user_id: self.cache.get(p, user_id) for user_id in users}
+            missing = [user_id for user_id, hit in cached.items() if hit is None]
+            stored = dict(zip(missing, self.store.get_many(p, missing), strict=True))
+            for user_id, events in users.items():
+                hit = cached[user_id]
+                parts: StateBytes | None = None
+                if hit is not None:
+                    state, parts = hit
+                else:
+                    raw = stored[user_id]
+                    state = decode_state(raw) if raw is not None else None
                 cause: Event | None = None
                 erased = False
-                for event in users[user_id]:
+                new_events = 0
+                for event in events:
                     if event is None:
-                        state, cause, erased = None, None, True
+                        state, parts, cause, erased, new_events = None, None, None, True, 0
                         continue
-                    state, applied = apply_event(state, event, self.limits)
-                    if not applied:
+                    state, was_applied = apply_event(state, event, self.limits)
+                    if not was_applied:
                         out.duplicates += 1
                         continue
                     out.events += 1
-                    self.metrics.events.labels(event.kind.name.lower()).inc()
+                    new_events += 1
+                    applied[event.kind] += 1
                     if event.kind is not EventKind.SEARCH and event.item_id is not None:
                         self.accuracy.interacted(user_id, event.item_id)
                     cause = event
@@ -287,15 +302,18 @@ class EventStage:
                         out.deleted_users += 1
                     continue
                 if cause is not None:
-                    changes.setdefault(p, {})[user_id] = encode_state(state)
-                    changed.append((p, state, cause))
+                    value, parts = encode_state_bytes(state, parts, new_events)
+                    changes.setdefault(p, {})[user_id] = value
+                    changed.append((p, state, cause, parts))
+        for kind, n in applied.items():
+            self.metrics.events.labels(kind.name.lower()).inc(n)
 
         # 3. one encoder call and one index search for every changed user
         if changed:
-            ranked = self.recommender.recommend([s for _, s, _ in changed], self.settings.top_k)
+            ranked = self.recommender.recommend([s for _, s, _, _ in changed], self.settings.top_k)
             publish = now_ms()
             model, index = self.recommender.model_version, self.recommender.index_version
-            for (_, state, cause), items in zip(changed, ranked, strict=True):
+            for (_, state, cause, _), items in zip(changed, ranked, strict=True):
                 rec = Recommendation(
                     user_id=state.user_id,
                     items=items,
@@ -327,10 +345,16 @@ class EventStage:
         # 5. commit only what has been delivered
         remaining = producer.flush(30)
         if remaining or failures:
+            self.cache.clear()  # it holds this batch's states, updated in place: RocksDB has the truth
             self._rewind(first_offsets)
             raise DeliveryFailed(f"{remaining} undelivered, failures: {failures[:5]}")
         for p, user_changes in changes.items():
             self.store.write(p, user_changes, changelog_offsets.get(p))
+            for user_id, value in user_changes.items():
+                if value is None:
+                    self.cache.put(p, user_id, None)
+        for p, state, _, parts in changed:
+            self.cache.put(p, state.user_id, (state, parts))
         self._consumer.commit(
             offsets=[TopicPartition(self.input_topic, p, o + 1) for p, o in last_offsets.items()],
             asynchronous=False,
