@@ -59,6 +59,7 @@ class Worker:
         self.settings = settings
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = WorkerMetrics()
+        self.metrics.watch_gc()
         self.catalog = Catalog()
         self.accuracy = OnlineAccuracy()
         self.policy = TriggerPolicy(
