@@ -28,6 +28,14 @@ _NOTHING: set[int] = set()  # shared: never modified
 DEFAULT_SERVE_LEN = 16
 
 
+def set_threads(threads: int) -> None:
+    """CPU threads for serving: torch's intra-op pool and FAISS's OpenMP pool (process-wide)."""
+    import faiss
+
+    torch.set_num_threads(max(1, threads))
+    faiss.omp_set_num_threads(max(1, threads))
+
+
 class Recommender:
     """Thread-safe: ``recommend`` and ``upsert_items`` may run in different threads (one lock; upserts do
     their slow text embedding before taking it)."""

@@ -43,12 +43,14 @@ def load_recommender(settings: Settings, model_dir: Path | None = None) -> Recom
     """The model to serve: the given directory, the configured one, or the registry's current version."""
     from streamrec.models.registry import current
     from streamrec.models.serving import Recommender as ModelRecommender
+    from streamrec.models.serving import set_threads
 
     path = model_dir or settings.model_dir or current(settings.model_registry)
     if path is None:
         raise SystemExit(
             f"no model to serve: nothing promoted in {settings.model_registry}; run `streamrec train` first"
         )
+    set_threads(settings.serving_threads)
     return ModelRecommender.load(Path(path), device=settings.device)
 
 

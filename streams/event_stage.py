@@ -194,13 +194,19 @@ class EventStage:
         consumer, producer = self._make_clients()
         self._consumer, self._producer = consumer, producer
         consumer.subscribe([self.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
-        wait_s = self.settings.batch_wait_ms / 1000
+        wait_s, size = self.settings.batch_wait_ms / 1000, self.settings.batch_size
         try:
             while not stop.is_set():
                 self._between_batches()
-                msgs = consumer.consume(num_messages=self.settings.batch_size, timeout=wait_s)
+                # A batch is what arrived while the previous one was processed: under a backlog it fills
+                # up to batch_size (per-batch costs amortised, more coalescing per user); at low load a
+                # record is taken as soon as it arrives instead of after the whole wait.
+                msgs = consumer.consume(num_messages=size, timeout=0)
                 if not msgs:
-                    continue
+                    msgs = consumer.consume(num_messages=1, timeout=wait_s)
+                    if not msgs:
+                        continue
+                    msgs += consumer.consume(num_messages=size - 1, timeout=0)
                 try:
                     self.process(msgs)
                 except DeliveryFailed as exc:
@@ -263,6 +269,11 @@ class EventStage:
                 continue
             by_partition.setdefault(p, {}).setdefault(outcome[0], []).append(outcome[1])
 
+        clock = time.perf_counter
+        phases = self.metrics.batch_phase_seconds
+        t_decoded = clock()
+        phases.labels("decode").inc(t_decoded - started)
+
         # 2. apply to state: active users' decoded states come from the cache, the others from RocksDB
         changed: list[tuple[int, UserState, Event, StateBytes]] = []
         changes: dict[int, dict[str, bytes | None]] = {}
@@ -309,9 +320,15 @@ class EventStage:
         for kind, n in applied.items():
             self.metrics.events.labels(kind.name.lower()).inc(n)
 
+        t_applied = clock()
+        phases.labels("state").inc(t_applied - t_decoded)
+
         # 3. one encoder call and one index search for every changed user
         if changed:
             ranked = self.recommender.recommend([s for _, s, _, _ in changed], self.settings.top_k)
+            t_recommended = clock()
+            phases.labels("recommend").inc(t_recommended - t_applied)
+            t_applied = t_recommended
             publish = now_ms()
             model, index = self.recommender.model_version, self.recommender.index_version
             header, body = self.codec.header("Recommendation"), self.rec_writer.body
@@ -344,8 +361,13 @@ class EventStage:
                     partition=p,
                 )
 
+        t_produced = clock()
+        phases.labels("produce").inc(t_produced - t_applied)
+
         # 5. commit only what has been delivered
         remaining = producer.flush(30)
+        t_flushed = clock()
+        phases.labels("flush").inc(t_flushed - t_produced)
         if remaining or failures:
             self.cache.clear()  # it holds this batch's states, updated in place: RocksDB has the truth
             self._rewind(first_offsets)
@@ -361,6 +383,7 @@ class EventStage:
             offsets=[TopicPartition(self.input_topic, p, o + 1) for p, o in last_offsets.items()],
             asynchronous=False,
         )
+        phases.labels("commit").inc(clock() - t_flushed)
 
         self._record(out, time.perf_counter() - started)
         return out

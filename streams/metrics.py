@@ -28,6 +28,12 @@ class WorkerMetrics:
         self.batch_seconds = Histogram(
             "streamrec_batch_seconds", "Micro-batch processing time", buckets=LATENCY_BUCKETS_S, registry=r
         )
+        self.batch_phase_seconds = Counter(
+            "streamrec_batch_phase_seconds",
+            "Micro-batch time by phase: decode, state, recommend, produce, flush (delivery wait), commit",
+            ["phase"],
+            registry=r,
+        )
         self.latency = Histogram(
             "streamrec_event_to_recommendation_seconds",
             "Event timestamp to recommendation publish time",
