@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import socket
@@ -277,6 +278,7 @@ class Worker:
             await asyncio.wait_for(app.tables.recovery.completed.wait(), timeout=60)
         except TimeoutError:
             log.warning("table recovery not complete after 60s; starting the event stage anyway")
+        quiet_gc()
         stop = threading.Event()
         self.stage_thread = threading.Thread(
             target=self.stage.run, args=(stop,), name="event-stage", daemon=True
@@ -290,6 +292,21 @@ class Worker:
         finally:
             stop.set()
             self.stage_thread.join(timeout=30)
+
+
+def quiet_gc() -> None:
+    """Keep the cyclic garbage collector off the event path. Measured on the 100k-event backlog: full
+    collections took 6.2 s of a 22 s run with the defaults, 0 s with this (gen-0 collections 0.24 s).
+
+    Everything alive at start-up (model, catalogue, faust, libraries) is frozen out of every later
+    collection. A micro-batch makes ~10^5 short-lived objects (events, recommended items) that reference
+    counting frees at its end; with the default gen-0 threshold of 700 they were promoted and counted
+    towards full collections over the whole heap of cached user states. A larger threshold lets a batch's
+    objects die young. Cycles are still collected, just less often.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 10)
 
 
 def run_worker(settings: Settings) -> None:
