@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from streamrec.catalog import Catalog
 from streamrec.records import (
@@ -118,6 +118,7 @@ class EventStage:
         self.error: BaseException | None = None
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
+        self._committed: dict[int, TopicPartition] = {}  # partition -> the last offset committed
 
     # --- control from other threads -------------------------------------------------------------------
 
@@ -177,10 +178,24 @@ class EventStage:
         self.ready.set()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Everything consumed before this call has been published and committed (the loop is synchronous).
+        # Everything consumed before this call has been published (the loop is synchronous); its offsets
+        # were committed asynchronously: commit them once more, waiting, before the partitions move.
+        revoked = {p.partition for p in partitions}
+        self._commit_synchronously(consumer, revoked)
+        for p in revoked:
+            self._committed.pop(p, None)
         self.cache.clear()
         self.store.revoke(p.partition for p in partitions)
         self.metrics.partitions.set(len(self.store.partitions))
+
+    def _commit_synchronously(self, consumer: Consumer, partitions: set[int] | None = None) -> None:
+        offsets = [tp for tp in self._committed.values() if partitions is None or tp.partition in partitions]
+        if not offsets:
+            return
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:  # the batch is consumed again by the next owner: state is idempotent
+            log.warning("commit of %s failed: %s", offsets, exc)
 
     def run(self, stop: threading.Event) -> None:
         try:
@@ -215,6 +230,7 @@ class EventStage:
                     stop.wait(1.0)
         finally:
             producer.flush(10)
+            self._commit_synchronously(consumer)
             consumer.close()  # leaves the group now, so partitions move without waiting for a timeout
             self.store.close()
 
@@ -379,10 +395,11 @@ class EventStage:
                     self.cache.put(p, user_id, None)
         for p, state, _, parts in changed:
             self.cache.put(p, state.user_id, (state, parts))
-        self._consumer.commit(
-            offsets=[TopicPartition(self.input_topic, p, o + 1) for p, o in last_offsets.items()],
-            asynchronous=False,
-        )
+        # Asynchronous: everything before it is delivered, so a lost commit only means the batch is consumed
+        # again, and de-duplication makes that harmless; a revoke or a stop commits once more, waiting.
+        commits = [TopicPartition(self.input_topic, p, o + 1) for p, o in last_offsets.items()]
+        self._consumer.commit(offsets=commits, asynchronous=True)
+        self._committed.update((tp.partition, tp) for tp in commits)
         phases.labels("commit").inc(clock() - t_flushed)
 
         self._record(out, time.perf_counter() - started)
