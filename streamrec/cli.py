@@ -99,14 +99,14 @@ def recs_tail(
 def worker(
     data_dir: Path = typer.Option(None, help="State directory of this worker (STREAMREC_DATA_DIR)."),
     web_port: int = typer.Option(None, help="Web server port (STREAMREC_WEB_PORT)."),
-    backfill: bool = typer.Option(
-        None, "--backfill/--live", help="Read the backfill topic, publish to shadow."
-    ),
 ) -> None:
-    """Run one worker: the batched event stage plus faust agents for catalogue, models and triggers."""
+    """Run one worker: the batched event stage plus faust agents for catalogue, models and triggers.
+
+    It reads the events topic and, partition for partition, the backfill topic (see `streamrec replay`).
+    """
     from streamrec.streams.app import run_worker
 
-    run_worker(settings_from_env(data_dir=data_dir, web_port=web_port, backfill=backfill))
+    run_worker(settings_from_env(data_dir=data_dir, web_port=web_port))
 
 
 @app.command()
