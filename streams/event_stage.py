@@ -144,6 +144,7 @@ class EventStage:
         self.ready = threading.Event()  # set once partitions are assigned and restored
         self.error: BaseException | None = None
         self._consumer: Consumer | None = None
+        self._assigned: dict[str, set[int]] = {}
         self._producer: Producer | None = None
 
     # --- control from other threads -------------------------------------------------------------------
@@ -203,6 +204,7 @@ class EventStage:
             consumer.incremental_assign(with_backfill)
         else:
             consumer.assign(with_backfill)
+        self._note_assignment(with_backfill, added=True)
         self.metrics.partitions.set(len(self.store.partitions))
         log.info("%s assigned %s", self.worker_id, sorted(p.partition for p in partitions))
         self.ready.set()
@@ -210,24 +212,28 @@ class EventStage:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Everything consumed before this call has been published and committed (the loop is synchronous).
         self.store.revoke(p.partition for p in partitions)
+        with_backfill = partitions + follow(partitions, self.backfill_topic)
         if self.cooperative:
-            consumer.incremental_unassign(partitions + follow(partitions, self.backfill_topic))
+            consumer.incremental_unassign(with_backfill)
         else:
             consumer.unassign()
+        self._note_assignment(with_backfill, added=False)
         self.metrics.partitions.set(len(self.store.partitions))
 
     def assignment(self) -> dict[str, list[int]]:
         """Partitions this stage reads, by topic (the backfill ones follow the events ones)."""
-        if self._consumer is None:
-            return {}
-        try:
-            assigned = self._consumer.assignment()
-        except RuntimeError:  # closed meanwhile
-            return {}
-        out: dict[str, list[int]] = {}
-        for tp in assigned:
-            out.setdefault(tp.topic, []).append(tp.partition)
-        return {topic: sorted(ps) for topic, ps in out.items()}
+        with self._lock:
+            return {topic: sorted(ps) for topic, ps in self._assigned.items()}
+
+    def _note_assignment(self, partitions: list[TopicPartition], added: bool) -> None:
+        # Kept here for the web thread: asking the consumer from another thread can block on a rebalance.
+        with self._lock:
+            for tp in partitions:
+                held = self._assigned.setdefault(tp.topic, set())
+                if added:
+                    held.add(tp.partition)
+                else:
+                    held.discard(tp.partition)
 
     def run(self, stop: threading.Event) -> None:
         try:
