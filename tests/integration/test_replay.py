@@ -234,6 +234,16 @@ def test_replayed_file_rebuilds_live_state_and_publishes_no_live_recommendations
     assert shadow and {r.mode for r in shadow} == {"backfill"}
     assert {r.user_id for r in shadow} == set(expected)
 
+    # The shadow comparison, with the served model as the candidate: from the same states, the same lists.
+    from streamrec.models.registry import current
+
+    served_model = current(clusters.fresh.model_registry)
+    assert served_model is not None
+    args = ["--shadow", str(served_model), "--served-topic", clusters.fresh.shadow_topic]
+    report = finish(replay_cli(clusters.fresh, str(path), *args))
+    assert report["compared"] == len(shadow) and report["overlap@10"] >= 0.9
+    assert report["with_next_item"] > 0 and report["candidate"]["hr@10"] is not None
+
 
 def test_a_replay_killed_midway_and_resumed_builds_the_same_state(clusters: Clusters, tmp_path: Path) -> None:
     events = shoppers(10, 12, seed=2)
