@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 from torch import nn
@@ -124,3 +125,53 @@ class SequenceEncoder(nn.Module):
         mask[:, -1] = 1
         out = self.backbone(inputs_embeds=x, attention_mask=mask, position_ids=positions).last_hidden_state
         return out
+
+    def encode_last(
+        self,
+        item_vecs: torch.Tensor,  # (B, L, dim), as for encode()
+        kinds: torch.Tensor,  # (B, L)
+        query_text: torch.Tensor | None = None,  # (B, L, text_dim)
+    ) -> torch.Tensor:
+        """encode(...)[:, -1] at inference, computing only what the newest position needs: the last block
+        attends from that one position and runs its MLP there alone (a serving user vector is the last
+        position's). The same weights through plain torch ops; a test holds it equal to encode()."""
+        assert not self.training, "encode_last is for inference; training uses encode()"
+        x = item_vecs + self.kind(kinds)
+        if query_text is not None and self.text_proj is not None:
+            is_search = (kinds == int(EventKind.SEARCH)).unsqueeze(-1)
+            x = x + self.text_proj(query_text) * is_search
+        batch, length = kinds.shape
+        backbone: Any = self.backbone  # GPT2Model: its blocks are used one by one
+        positions = torch.arange(self.config.max_len - length, self.config.max_len, device=kinds.device)
+        h = x + backbone.wpe(positions)
+        keep = kinds > 0
+        keep[:, -1] = True  # as in encode(): a fully padded row sees itself
+        # Additive masks with a finite minimum: padded rows get harmless finite values, never NaN.
+        neg = torch.finfo(h.dtype).min
+        pad_bias = torch.zeros(batch, 1, 1, length, dtype=h.dtype, device=h.device).masked_fill(
+            ~keep[:, None, None, :], neg
+        )
+        causal = torch.ones(length, length, dtype=torch.bool, device=h.device).tril()
+        full_bias = pad_bias.masked_fill(~causal[None, None], neg)
+        blocks = list(backbone.h)
+        for block in blocks[:-1]:
+            h = h + self._attend(block, block.ln_1(h), full_bias, last_only=False)
+            h = h + block.mlp(block.ln_2(h))
+        last = blocks[-1]
+        h_last = h[:, -1:] + self._attend(last, last.ln_1(h), pad_bias, last_only=True)
+        h_last = h_last + last.mlp(last.ln_2(h_last))
+        return backbone.ln_f(h_last)[:, 0]
+
+    def _attend(self, block: Any, a: torch.Tensor, bias: torch.Tensor, last_only: bool) -> torch.Tensor:
+        attn = block.attn
+        batch, length, dim = a.shape
+        heads = self.config.heads
+        q, k, v = attn.c_attn(a).split(dim, dim=2)
+        if last_only:
+            q = q[:, -1:]
+        q = q.view(batch, q.shape[1], heads, -1).transpose(1, 2)
+        k = k.view(batch, length, heads, -1).transpose(1, 2)
+        v = v.view(batch, length, heads, -1).transpose(1, 2)
+        weights = torch.softmax(q @ k.transpose(-1, -2) * attn.scaling + bias, dim=-1)
+        out = (weights @ v).transpose(1, 2).reshape(batch, q.shape[2], dim)
+        return attn.c_proj(out)

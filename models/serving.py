@@ -14,10 +14,13 @@ import torch
 from streamrec.models import artifacts
 from streamrec.models.data import PAD, Step
 from streamrec.models.index import ItemIndex
-from streamrec.models.sequences import hidden_states, pad_batch
+from streamrec.models.sequences import last_hidden_state, pad_batch
 from streamrec.models.text import MiniLMEmbedder
 from streamrec.models.train import resolve_device
 from streamrec.records import CatalogItem, EventKind, RecommendedItem, UserState
+
+_SEARCH, _PURCHASE = EventKind.SEARCH, EventKind.PURCHASE
+_CLICK_INT, _SEARCH_INT, _PURCHASE_INT = int(EventKind.CLICK), int(EventKind.SEARCH), int(EventKind.PURCHASE)
 
 # Newest events fed to the encoder at serve time: cost grows with the window, quality saturates.
 DEFAULT_SERVE_LEN = 16
@@ -140,17 +143,20 @@ class Recommender:
 
     # --- recommending ---------------------------------------------------------------------------------
     def _steps(self, user: UserState) -> list[Step]:
+        # Runs for every changed user in every micro-batch: locals and plain ints, no enum lookups.
         steps: list[Step] = []
+        index_of, limit = self._index_of, self.serve_len
         for entry in reversed(user.history):
-            if len(steps) >= self.serve_len:
+            if len(steps) >= limit:
                 break
-            if entry.kind == EventKind.SEARCH:
+            kind = entry.kind
+            if kind is _SEARCH:
                 if entry.query:
-                    steps.append(Step(int(EventKind.SEARCH), PAD, entry.query))
+                    steps.append(Step(_SEARCH_INT, PAD, entry.query))
             elif entry.item_id is not None:
-                idx = self._index_of.get(entry.item_id)
+                idx = index_of.get(entry.item_id)
                 if idx is not None:
-                    steps.append(Step(int(entry.kind), idx))
+                    steps.append(Step(_PURCHASE_INT if kind is _PURCHASE else _CLICK_INT, idx))
         steps.reverse()
         return steps
 
@@ -184,7 +190,7 @@ class Recommender:
             length = items.shape[1]
             t1 = clock()
             with torch.inference_mode():
-                h = hidden_states(self._model, items, kinds, qids, qtable, self._vectors_t)[:, -1]
+                h = last_hidden_state(self._model, items, kinds, qids, qtable, self._vectors_t)
             user_vecs = h.float().cpu().numpy()
             t2 = clock()
             n_out = int((~self._in_stock[1:]).sum())
@@ -194,20 +200,26 @@ class Recommender:
             t3 = clock()
             picked = np.full((len(warm), k), PAD, dtype=np.int64)
             picked_scores = np.zeros((len(warm), k), dtype=np.float32)
-            in_stock = self._in_stock
-            for row, i in enumerate(warm):
-                n, skip = 0, excluded[i]
-                for score, idx in zip(scores[row].tolist(), found[row].tolist(), strict=True):
-                    if idx > PAD and in_stock[idx] and idx not in skip:
-                        picked[row, n], picked_scores[row, n] = idx, score
-                        n += 1
-                        if n == k:
-                            break
+            out_of_stock = set(np.flatnonzero(~self._in_stock).tolist())  # includes PAD (0)
+            for row, (row_scores, row_found) in enumerate(zip(scores.tolist(), found.tolist(), strict=True)):
+                skip = excluded[warm[row]]
+                ranked = [
+                    (idx, score)
+                    for score, idx in zip(row_scores, row_found, strict=True)
+                    if idx > PAD and idx not in out_of_stock and idx not in skip
+                ][:k]
+                if ranked:
+                    picked[row, : len(ranked)] = [idx for idx, _ in ranked]
+                    picked_scores[row, : len(ranked)] = [score for _, score in ranked]
             anchors = self._anchors(picked, items.numpy(), qids.numpy(), qspace)
-            for row, i in enumerate(warm):
-                results[i] = [
-                    self._item(int(idx), float(sc), warm_steps[row], int(a) - (length - len(warm_steps[row])))
-                    for idx, sc, a in zip(picked[row], picked_scores[row], anchors[row], strict=True)
+            for row, (row_picked, row_scores, row_anchors) in enumerate(
+                zip(picked.tolist(), picked_scores.tolist(), anchors.tolist(), strict=True)
+            ):
+                seq = warm_steps[row]
+                shift = length - len(seq)
+                results[warm[row]] = [
+                    self._item(idx, sc, seq, a - shift)
+                    for idx, sc, a in zip(row_picked, row_scores, row_anchors, strict=True)
                     if idx != PAD
                 ]
             t4 = clock()
@@ -238,7 +250,7 @@ class Recommender:
             return RecommendedItem(item_id, score, "matches_search", f"Matches your search '{q}'", q)
         title = self._titles[anchor.item] or self._ids[anchor.item - 1]
         anchor_id = self._ids[anchor.item - 1]
-        if anchor.kind == int(EventKind.PURCHASE):
+        if anchor.kind == _PURCHASE_INT:
             explanation = f"Goes with {title} you bought"
             return RecommendedItem(item_id, score, "goes_with_purchase", explanation, anchor_id)
         return RecommendedItem(item_id, score, "similar_to_recent", f"Because you viewed {title}", anchor_id)

@@ -139,6 +139,46 @@ def demo(
     run_demo(settings_from_env(), seconds=seconds, rate=rate, users=users)
 
 
+@app.command()
+def bench(
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the result as one JSON line (progress: stderr)."
+    ),
+    parts: str = typer.Option(
+        "ceiling,throughput,latency,memory,models,index",
+        help="Comma-separated: ceiling, throughput, latency, memory, models, index.",
+    ),
+    full: bool = typer.Option(False, "--full", help="1M users and 1M items (long: tens of minutes)."),
+    events: int = typer.Option(None, help="Backlog events for the throughput run."),
+    users: int = typer.Option(None, help="Simulated shoppers in the broker parts."),
+    loads: str = typer.Option(None, help="Comma-separated offered loads, events/s (saturation is added)."),
+    load_seconds: float = typer.Option(None, help="Seconds per offered load."),
+    profile: bool = typer.Option(True, "--profile/--no-profile", help="py-spy the worker's event stage."),
+    out: Path = typer.Option(Path("var/bench"), help="Where bench.json, latency.png and profile.txt go."),
+) -> None:
+    """Measure throughput, latency, memory and serving cost on the embedded broker; prints one JSON object."""
+    import json
+
+    from streamrec.streams.bench import PARTS, BenchConfig, run_bench
+
+    chosen = tuple(p for p in parts.split(",") if p)
+    unknown = set(chosen) - set(PARTS)
+    if unknown:
+        raise typer.BadParameter(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    overrides: dict[str, object] = {"parts": chosen, "profile": profile, "out_dir": out}
+    if events is not None:
+        overrides["events"] = events
+    if users is not None:
+        overrides["users"] = users
+    if loads is not None:
+        overrides["loads"] = tuple(float(x) for x in loads.split(","))
+    if load_seconds is not None:
+        overrides["load_seconds"] = load_seconds
+    config = BenchConfig.full(**overrides) if full else BenchConfig(**overrides)  # type: ignore[arg-type]
+    result = run_bench(settings_from_env(), config, Console(stderr=True))
+    print(json.dumps(result) if as_json else json.dumps(result, indent=2))
+
+
 @app.command("train")
 def train_cmd(
     data: Path = typer.Option(..., help="Dataset dir or file (shared/data or events+catalog)."),

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("var/worker"), description="RocksDB state and faust tables of this worker.")
     batch_size: int = Field(2000, description="Most events taken in one micro-batch.")
     batch_wait_ms: int = Field(20, description="Longest wait for a micro-batch to fill.")
+    state_cache_users: int = Field(
+        20_000,
+        description="Decoded states of the most recently active users kept in memory (LRU, ~10 KB each).",
+    )
     top_k: int = Field(10, description="Recommendations per user.")
     history_length: int = Field(50, description="Events kept per user (and encoder window).")
     max_purchased: int = Field(200, description="Purchased items remembered per user (never re-recommended).")

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -39,15 +40,17 @@ from streamrec.serde import AvroCodec, DecodeError
 from streamrec.settings import Settings
 from streamrec.state import (
     Rejection,
+    StateBytes,
     StateLimits,
     ValidationRules,
+    appends_to_history,
     apply_event,
     decode_state,
-    encode_state,
+    encode_state_bytes,
     validate_event,
 )
 from streamrec.streams.metrics import WorkerMetrics
-from streamrec.streams.state_store import StateStore
+from streamrec.streams.state_store import StateCache, StateStore
 from streamrec.triggers import OnlineAccuracy
 
 log = logging.getLogger(__name__)
@@ -139,6 +142,7 @@ class EventStage:
         self.backfill_topic = settings.backfill_topic
         self.cooperative = settings.assignment_strategy == "cooperative-sticky"
         self.store = StateStore(settings.data_dir, settings.state_changelog_topic, settings.bootstrap_servers)
+        self.cache = StateCache(settings.state_cache_users)
         self._pending_model: Recommender | None = None
         self._lock = threading.Lock()
         self.ready = threading.Event()  # set once partitions are assigned and restored
@@ -198,6 +202,7 @@ class EventStage:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Restore before fetching starts, then take the backfill partitions of the same numbers along.
+        self.cache.clear()
         self.store.assign(p.partition for p in partitions)
         with_backfill = partitions + follow(partitions, self.backfill_topic)
         if self.cooperative:
@@ -211,6 +216,7 @@ class EventStage:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Everything consumed before this call has been published and committed (the loop is synchronous).
+        self.cache.clear()
         self.store.revoke(p.partition for p in partitions)
         with_backfill = partitions + follow(partitions, self.backfill_topic)
         if self.cooperative:
@@ -324,30 +330,46 @@ class EventStage:
                 continue
             by_partition.setdefault(p, {}).setdefault(outcome[0], []).append((outcome[1], backfill))
 
-        # 2. apply to state; a user's recommendation is caused by their last live event, else by their last
-        # backfill event (shadow topic), so consumers of the live topic never see history as new
-        changed: list[tuple[UserState, Event, bool]] = []
+        # 2. apply to state: active users' decoded states come from the cache, the others from RocksDB. A
+        # user's recommendation is caused by their last live event, else by their last backfill event (shadow
+        # topic), so consumers of the live topic never see history as new.
+        changed: list[tuple[int, UserState, Event, StateBytes, bool]] = []
         changes: dict[int, dict[str, bytes | None]] = {}
+        cache_updates: list[tuple[int, UserState, StateBytes]] = []
+        applied: Counter[EventKind] = Counter()
         shadow = self.settings.backfill_recommendations == "shadow"
         for p, users in by_partition.items():
-            user_ids = list(users)
-            stored = self.store.get_many(p, user_ids)
-            for user_id, raw in zip(user_ids, stored, strict=True):
-                state = decode_state(raw) if raw is not None else None
+            cached = {user_id: self.cache.get(p, user_id) for user_id in users}
+            missing = [user_id for user_id, hit in cached.items() if hit is None]
+            stored = dict(zip(missing, self.store.get_many(p, missing), strict=True))
+            for user_id, events in users.items():
+                hit = cached[user_id]
+                parts: StateBytes | None = None
+                if hit is not None:
+                    state, parts = hit
+                else:
+                    raw = stored[user_id]
+                    state = decode_state(raw) if raw is not None else None
                 live_cause: Event | None = None
                 backfill_cause: Event | None = None
-                dirty = erased = False
-                for event, backfill in users[user_id]:
+                erased = False
+                new_events = 0
+                for event, backfill in events:
                     if event is None:
-                        state, live_cause, backfill_cause, dirty, erased = None, None, None, False, True
+                        state, parts, live_cause, backfill_cause, erased, new_events = (
+                            None, None, None, None, True, 0
+                        )  # fmt: skip
                         continue
-                    state, applied = apply_event(state, event, self.limits)
-                    if not applied:
+                    appends = appends_to_history(state, event)
+                    state, was_applied = apply_event(state, event, self.limits)
+                    if not was_applied:
                         out.duplicates += 1
                         continue
                     out.events += 1
-                    dirty = True
-                    self.metrics.events.labels(event.kind.name.lower()).inc()
+                    new_events += 1
+                    applied[event.kind] += 1
+                    if not appends:
+                        parts = None  # inserted by time, not appended: re-encode the whole history
                     if backfill:
                         backfill_cause = event
                         continue
@@ -360,19 +382,23 @@ class EventStage:
                         self.accuracy.forget(user_id)
                         out.deleted_users += 1
                     continue
-                if dirty:
-                    changes.setdefault(p, {})[user_id] = encode_state(state)
-                if live_cause is not None:
-                    changed.append((state, live_cause, False))
-                elif backfill_cause is not None and shadow:
-                    changed.append((state, backfill_cause, True))
+                if new_events:
+                    value, parts = encode_state_bytes(state, parts, new_events)
+                    changes.setdefault(p, {})[user_id] = value
+                    cache_updates.append((p, state, parts))
+                    if live_cause is not None:
+                        changed.append((p, state, live_cause, parts, False))
+                    elif backfill_cause is not None and shadow:
+                        changed.append((p, state, backfill_cause, parts, True))
+        for kind, n in applied.items():
+            self.metrics.events.labels(kind.name.lower()).inc(n)
 
         # 3. one encoder call and one index search for every user to recommend to
         if changed:
-            ranked = self.recommender.recommend([s for s, _, _ in changed], self.settings.top_k)
+            ranked = self.recommender.recommend([s for _, s, _, _, _ in changed], self.settings.top_k)
             publish = now_ms()
             model, index = self.recommender.model_version, self.recommender.index_version
-            for (state, cause, backfill), items in zip(changed, ranked, strict=True):
+            for (_, state, cause, _, backfill), items in zip(changed, ranked, strict=True):
                 rec = Recommendation(
                     user_id=state.user_id,
                     items=items,
@@ -406,10 +432,16 @@ class EventStage:
         # 5. commit only what has been delivered
         remaining = producer.flush(30)
         if remaining or failures:
+            self.cache.clear()  # it holds this batch's states, updated in place: RocksDB has the truth
             self._rewind(first_offsets)
             raise DeliveryFailed(f"{remaining} undelivered, failures: {failures[:5]}")
         for p, user_changes in changes.items():
             self.store.write(p, user_changes, changelog_offsets.get(p))
+            for user_id, value in user_changes.items():
+                if value is None:
+                    self.cache.put(p, user_id, None)
+        for p, state, parts in cache_updates:
+            self.cache.put(p, state.user_id, (state, parts))
         self._consumer.commit(
             offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last_offsets.items()], asynchronous=False
         )

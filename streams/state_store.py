@@ -13,11 +13,15 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 from rocksdict import Options, Rdict, WriteBatch
+
+from streamrec.records import UserState
+from streamrec.state import StateBytes
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,39 @@ class PartitionStore:
 
     def close(self) -> None:
         self.db.close()
+
+
+CachedState = tuple[UserState, StateBytes]
+
+
+class StateCache:
+    """Decoded states of recently active users (LRU) with their encoded parts, so an active user's state is
+    neither read from RocksDB and decoded nor encoded in full again every micro-batch. It holds only what
+    RocksDB holds: the stage puts states once their batch is delivered, and drops everything when a batch
+    fails (states are updated in place) or partitions move."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._states: OrderedDict[tuple[int, str], CachedState] = OrderedDict()
+
+    def get(self, partition: int, user_id: str) -> CachedState | None:
+        return self._states.get((partition, user_id))
+
+    def put(self, partition: int, user_id: str, cached: CachedState | None) -> None:
+        key = (partition, user_id)
+        if cached is None or self.capacity <= 0:
+            self._states.pop(key, None)
+            return
+        self._states[key] = cached
+        self._states.move_to_end(key)
+        while len(self._states) > self.capacity:
+            self._states.popitem(last=False)
+
+    def clear(self) -> None:
+        self._states.clear()
+
+    def __len__(self) -> int:
+        return len(self._states)
 
 
 class StateStore:

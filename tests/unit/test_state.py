@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import io
+
+import fastavro
 from hypothesis import given
 from hypothesis import strategies as st
 
 from streamrec.catalog import Catalog
-from streamrec.records import CatalogItem, Event, EventKind
+from streamrec.records import CatalogItem, Event, EventKind, UserState
+from streamrec.serde import bundled_schemas
 from streamrec.state import (
     StateLimits,
     ValidationRules,
+    appends_to_history,
     apply_event,
     decode_state,
     encode_state,
+    encode_state_bytes,
+    state_to_avro,
     validate_event,
 )
 
@@ -163,3 +170,47 @@ def test_catalog_keeps_latest_version_and_queues_changes_once() -> None:
     assert got is not None and got.title == "New"
     assert sorted(i.item_id for i in catalog.drain_changes()) == ["a", "b"]
     assert catalog.drain_changes() == []
+
+
+# --- the hand-written UserState encoding -------------------------------------------------------------------
+
+_events = st.lists(
+    st.tuples(
+        st.sampled_from([EventKind.CLICK, EventKind.SEARCH, EventKind.PURCHASE]),
+        st.text(min_size=1, max_size=12),  # item id or query, any unicode
+        st.integers(-(2**63), 2**63 - 1),  # timestamp: any Avro long
+        st.integers(0, 30),  # event id: small range, so duplicates happen
+    ),
+    max_size=40,
+)
+
+
+def _fastavro_encoding(state: UserState) -> bytes:
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, bundled_schemas()["UserState"].parsed, state_to_avro(state))
+    return buf.getvalue()
+
+
+@given(_events, st.integers(1, 5))
+def test_state_encoding_is_fastavros_and_incremental_encoding_is_the_full_one(
+    events: list[tuple[EventKind, str, int, int]], batch: int
+) -> None:
+    """Byte for byte what fastavro writes; re-encoding after each micro-batch from the previous bytes
+    gives the same bytes as encoding the state from scratch, and decodes back to the state. An event older
+    than the history's newest is inserted by time, not appended: that batch is encoded whole, as the worker
+    does."""
+    state: UserState | None = None
+    parts = None
+    for start in range(0, len(events), batch):
+        new = 0
+        for kind, text, ts, n in events[start : start + batch]:
+            item, query = (None, text) if kind is EventKind.SEARCH else (text, None)
+            event = Event(f"e{n}", "u\u00e9", kind, ts, item_id=item, query=query, price=1.0)
+            if not appends_to_history(state, event):
+                parts = None
+            state, applied = apply_event(state, event, LIMITS)
+            new += applied
+        assert state is not None
+        data, parts = encode_state_bytes(state, parts, new)
+        assert data == encode_state(state) == _fastavro_encoding(state)
+        assert decode_state(data) == state

@@ -1,0 +1,663 @@
+"""`streamrec bench`: the performance harness. One run on the embedded broker prints one JSON object.
+
+Parts: the raw consume ceiling, the worker's sustained throughput on a backlog, event-to-recommendation
+latency at fixed offered loads and at saturation, worker memory and RocksDB bytes per user, and the
+models' serving cost (encoder and recommend() by batch size, FAISS by catalogue size and index kind).
+Timings are reported, never asserted: the machine is shared, so the JSON carries its load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+from rich.console import Console
+
+from streamrec.records import HistoryEntry, UserState
+from streamrec.sample import ShopperSimulator, sample_catalog
+from streamrec.serde import AvroCodec, DecodeError
+from streamrec.settings import Settings
+from streamrec.state import StateLimits, apply_event, encode_state
+from streamrec.streams.broker import EmbeddedBroker
+from streamrec.streams.client import EventProducer
+from streamrec.streams.process import WorkerProcess
+from streamrec.streams.simulate import publish_catalog, send_event, simulate
+from streamrec.streams.state_store import PartitionStore
+from streamrec.streams.topics import create_topics
+
+SAMPLE_REGISTRY = Path("var/bench/models")  # the trained sample model, shared by every run
+PARTS = ("ceiling", "throughput", "latency", "memory", "models", "index")
+BROKER_PARTS = {"ceiling", "throughput", "latency"}
+
+
+@dataclass
+class BenchConfig:
+    parts: tuple[str, ...] = PARTS
+    events: int = 100_000  # backlog for the throughput run
+    users: int = 10_000  # simulated shoppers in the broker parts
+    loads: tuple[float, ...] = (100.0, 1_000.0, 5_000.0)
+    load_seconds: float = 10.0
+    state_users: tuple[int, ...] = (10_000, 100_000)
+    index_items: tuple[int, ...] = (10_000, 100_000)
+    batch_sizes: tuple[int, ...] = (1, 10, 100, 1_000, 2_000)
+    profile: bool = True
+    out_dir: Path = Path("var/bench")
+
+    @classmethod
+    def full(cls, **overrides: Any) -> BenchConfig:
+        sizes = dict(
+            events=500_000,
+            users=100_000,
+            load_seconds=30.0,
+            state_users=(10_000, 100_000, 1_000_000),
+            index_items=(10_000, 100_000, 1_000_000),
+        )
+        return cls(**{**sizes, **overrides})  # type: ignore[arg-type]
+
+
+# --- pure helpers ------------------------------------------------------------------------------------------
+
+
+def summarize(values: Sequence[float]) -> dict[str, float | int | None]:
+    """count, p50, p95, p99 and max of a sample, rounded to 0.1 (None when empty)."""
+    if len(values) == 0:
+        return {"count": 0, "p50": None, "p95": None, "p99": None, "max": None}
+    arr = np.asarray(values, dtype=np.float64)
+    p50, p95, p99 = np.percentile(arr, [50, 95, 99])
+    return {
+        "count": int(arr.size),
+        "p50": round(float(p50), 1),
+        "p95": round(float(p95), 1),
+        "p99": round(float(p99), 1),
+        "max": round(float(arr.max()), 1),
+    }
+
+
+def sustained_rate(
+    samples: Sequence[tuple[float, float]], total: float, low: float = 0.1, high: float = 0.9
+) -> float | None:
+    """Rate between the samples where ``low`` and ``high`` shares of ``total`` were first reached.
+
+    ``samples`` are (seconds, count so far), in time order; start-up and the drain at the end are left out.
+    """
+    start = next(((t, n) for t, n in samples if n >= low * total), None)
+    end = next(((t, n) for t, n in samples if n >= high * total), None)
+    if start is None or end is None or end[0] <= start[0]:
+        return None
+    return (end[1] - start[1]) / (end[0] - start[0])
+
+
+_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})? (?P<value>\S+)$")
+
+
+def metric_total(text: str, name: str) -> float:
+    """Sum of every labelled sample of one Prometheus metric in an exposition text."""
+    total = 0.0
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m and m.group("name") == name:
+            total += float(m.group("value"))
+    return total
+
+
+def profile_summary(collapsed: str, must_contain: str, top: int = 15) -> dict[str, Any]:
+    """Shares of samples per function from py-spy's raw (collapsed) output, for the stacks of one thread.
+
+    ``inclusive`` counts a sample for every function on its stack, ``self`` for the innermost one only.
+    """
+    inclusive: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if must_contain not in stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        total += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    share = lambda c: round(c / total, 3) if total else 0.0  # noqa: E731
+    return {
+        "samples": total,
+        "inclusive": {f: share(c) for f, c in inclusive.most_common(top)},
+        "self": {f: share(c) for f, c in own.most_common(top)},
+    }
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def process_memory_mb(pid: int) -> dict[str, float]:
+    """Current (VmRSS) and peak (VmHWM) resident memory of a process, in MB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out["rss_mb" if key == "VmRSS" else "peak_rss_mb"] = round(int(value.split()[0]) / 1024, 1)
+    return out
+
+
+# --- recommendations as they arrive ---------------------------------------------------------------------
+
+
+@dataclass
+class Arrivals:
+    """(event time, publish time, arrival time) in epoch ms of every recommendation read."""
+
+    rows: list[tuple[int, int, float]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def between(self, start_ms: float, end_ms: float) -> list[tuple[int, int, float]]:
+        with self.lock:
+            return [r for r in self.rows if start_ms <= r[0] < end_ms]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def follow_recommendations(settings: Settings, arrivals: Arrivals, stop: threading.Event) -> None:
+    """Read the recommendations topic from about its end (assign(): no group join)."""
+    codec = AvroCodec()
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": "streamrec-bench",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 5,  # the embedded broker holds a fetch for the whole wait
+        }
+    )
+    topic = settings.recommendations_topic
+    positions = []
+    for p in range(settings.partitions):
+        _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+        positions.append(TopicPartition(topic, p, max(0, high - 1)))  # a few old ones: filtered by time
+    consumer.assign(positions)
+    try:
+        while not stop.is_set():
+            # consume() waits out its timeout unless num_messages arrive: keep it short, or the bench
+            # itself adds up to that timeout to every arrival time.
+            msgs = consumer.consume(num_messages=500, timeout=0.005)
+            arrived = time.time() * 1000
+            rows = []
+            for msg in msgs:
+                value = msg.value()
+                if msg.error() or value is None:
+                    continue
+                try:
+                    _, record = codec.decode(value, accept={"Recommendation"})
+                except DecodeError:
+                    continue
+                rows.append((record["event_time"], record["publish_time"], arrived))
+            with arrivals.lock:
+                arrivals.rows.extend(rows)
+    finally:
+        consumer.close()
+
+
+# --- the broker parts ------------------------------------------------------------------------------------
+
+
+class BrokerBench:
+    """Embedded broker, one worker process, a backlog, then fixed offered loads."""
+
+    def __init__(self, settings: Settings, config: BenchConfig, console: Console) -> None:
+        self.settings = settings
+        self.config = config
+        self.console = console
+        self.results: dict[str, Any] = {}
+        self.rss_samples: list[dict[str, float]] = []
+
+    def run(self, model_registry: Path) -> dict[str, Any]:
+        cfg = self.config
+        workdir = cfg.out_dir
+        shutil.rmtree(workdir / "workers", ignore_errors=True)
+        with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
+            settings = self.settings.model_copy(
+                update={
+                    "bootstrap_servers": broker.bootstrap,
+                    "model_registry": model_registry,
+                    "data_dir": workdir / "workers",
+                }
+            )
+            create_topics(settings)
+            with EventProducer(settings) as producer:
+                publish_catalog(producer, sample_catalog())
+            backlog = 0
+            if "throughput" in cfg.parts or "ceiling" in cfg.parts:
+                backlog = self._preload(settings)
+            # The backlog is on the topic before the worker starts, so the catalogue agent and the event
+            # stage race: the catalogue check is off here (the model knows the sample catalogue anyway).
+            worker = WorkerProcess(
+                settings,
+                settings.data_dir / "worker-0",
+                "worker-0",
+                workdir / "worker-0.log",
+                env={"STREAMREC_REJECT_UNKNOWN_ITEMS": "false"},
+            )
+            try:
+                worker.start().wait_ready(timeout_s=180)
+                assert worker.pid is not None
+                if "throughput" in cfg.parts:
+                    self.results["throughput"] = self._throughput(worker, backlog)
+                else:
+                    self._wait_processed(worker, backlog, timeout_s=600)
+                if "ceiling" in cfg.parts:
+                    self.results["ceiling"] = self._ceiling(settings, backlog)
+                    if "throughput" in self.results and self.results["ceiling"]["events_per_s"]:
+                        worker_rate = self.results["throughput"]["events_per_s"] or 0.0
+                        ratio = worker_rate / self.results["ceiling"]["events_per_s"]
+                        self.results["throughput"]["ratio_to_ceiling"] = round(ratio, 4)
+                if "latency" in cfg.parts:
+                    worker.wait_catalog(len(sample_catalog()), timeout_s=60)
+                    self.results["latency"] = self._latency(settings, worker)
+                self.results["worker_memory"] = {
+                    **process_memory_mb(worker.pid),
+                    "samples": self.rss_samples,
+                }
+            finally:
+                worker.stop()
+        return self.results
+
+    def _preload(self, settings: Settings) -> int:
+        cfg = self.config
+        self.console.print(f"preloading {cfg.events:,} events from {cfg.users:,} simulated shoppers ...")
+        simulator = ShopperSimulator(sample_catalog(), users=cfg.users, seed=settings.seed)
+        now = time.time_ns() // 1_000_000
+        with EventProducer(settings, config={"linger.ms": 50, "batch.size": 1_000_000}) as producer:
+            for n in range(cfg.events):
+                send_event(producer, simulator.next_event(now))
+                if n % 10_000 == 0:
+                    producer.poll(0)
+        return cfg.events
+
+    def _events_done(self, worker: WorkerProcess) -> tuple[float, str]:
+        text = worker.metrics_text()
+        done = metric_total(text, "streamrec_events_total") + metric_total(
+            text, "streamrec_duplicate_events_total"
+        )
+        return done + metric_total(text, "streamrec_dead_letters_total"), text
+
+    def _wait_processed(
+        self, worker: WorkerProcess, total: int, timeout_s: float
+    ) -> list[tuple[float, float]]:
+        samples: list[tuple[float, float]] = []
+        started = time.monotonic()
+        last_change, last = started, -1.0
+        while time.monotonic() - started < timeout_s:
+            done, _ = self._events_done(worker)
+            now = time.monotonic()
+            samples.append((now - started, done))
+            if worker.pid is not None and len(samples) % 8 == 1:
+                self.rss_samples.append({"events": done, **process_memory_mb(worker.pid)})
+            if done >= total:
+                break
+            if done != last:
+                last_change, last = now, done
+            elif now - last_change > 60:
+                break  # stalled: report what was processed
+            time.sleep(0.25)
+        if worker.pid is not None:
+            self.rss_samples.append({"events": samples[-1][1], **process_memory_mb(worker.pid)})
+        return samples
+
+    def _throughput(self, worker: WorkerProcess, backlog: int) -> dict[str, Any]:
+        self.console.print(f"worker ready; measuring throughput on the {backlog:,}-event backlog ...")
+        load_before = load_average()
+        profiler = self._start_profiler(worker) if self.config.profile else None
+        samples = self._wait_processed(worker, backlog, timeout_s=900)
+        if profiler is not None:
+            self.results["profile"] = self._finish_profiler(*profiler)
+        done, text = self._events_done(worker)
+        rate = sustained_rate(samples, backlog)
+        batches = metric_total(text, "streamrec_batches_total")
+        recs = metric_total(text, "streamrec_recommendations_total")
+        batch_seconds = metric_total(text, "streamrec_batch_seconds_sum")
+        out = {
+            "events": int(done),
+            "users": self.config.users,
+            "events_per_s": round(rate, 1) if rate else None,
+            "seconds": round(samples[-1][0], 2),
+            "batches": int(batches),
+            "mean_batch_events": round(done / batches, 1) if batches else None,
+            "recommendations": int(recs),
+            "recommendations_per_event": round(recs / done, 3) if done else None,
+            "mean_batch_ms": round(batch_seconds / batches * 1000, 1) if batches else None,
+            "load_before": load_before,
+            "load_after": load_average(),
+        }
+        self.console.print(f"throughput: {out['events_per_s']} events/s")
+        return out
+
+    def _start_profiler(self, worker: WorkerProcess) -> tuple[subprocess.Popen[bytes], Path] | None:
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if not Path(spy).exists():
+            self.console.print("[yellow]py-spy not found: no profile[/]")
+            return None
+        path = self.config.out_dir / "profile.txt"
+        proc = subprocess.Popen(
+            [spy, "record", "--pid", str(worker.pid), "--format", "raw", "--rate", "50", "--idle"]
+            + ["--output", str(path), "--nonblocking"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        return proc, path
+
+    def _finish_profiler(self, proc: subprocess.Popen[bytes], path: Path) -> dict[str, Any]:
+        proc.send_signal(2)  # SIGINT: py-spy writes its output and exits
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if not path.exists():
+            return {"error": "py-spy wrote no profile"}
+        summary = profile_summary(path.read_text(), "event_stage.py")
+        return {"tool": "py-spy 50 Hz, --idle, event-stage thread", "raw": str(path), **summary}
+
+    def _ceiling(self, settings: Settings, backlog: int) -> dict[str, Any]:
+        """A plain consumer over the same events: no decoding, no work, no group."""
+        consumer = Consumer(
+            {
+                "bootstrap.servers": settings.bootstrap_servers,
+                "group.id": "streamrec-bench-ceiling",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "fetch.wait.max.ms": settings.batch_wait_ms,
+            }
+        )
+        load_before = load_average()
+        consumer.assign([TopicPartition(settings.events_topic, p, 0) for p in range(settings.partitions)])
+        pending = set(range(settings.partitions))
+        count, first = 0, None
+        deadline = time.monotonic() + 120
+        try:
+            while pending and time.monotonic() < deadline:
+                for msg in consumer.consume(num_messages=settings.batch_size, timeout=1.0):
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            pending.discard(msg.partition())
+                        continue
+                    if first is None:
+                        first = time.perf_counter()
+                    count += 1
+            seconds = time.perf_counter() - first if first is not None else 0.0
+        finally:
+            consumer.close()
+        rate = count / seconds if seconds > 0 else None
+        self.console.print(f"raw consume ceiling: {rate and round(rate):,} events/s")
+        return {
+            "events": count,
+            "events_per_s": round(rate, 1) if rate else None,
+            "consumer": f"confluent-kafka, consume({settings.batch_size}), no decode",
+            "load_before": load_before,
+        }
+
+    def _latency(self, settings: Settings, worker: WorkerProcess) -> list[dict[str, Any]]:
+        cfg = self.config
+        arrivals = Arrivals()
+        stop = threading.Event()
+        follower = threading.Thread(
+            target=follow_recommendations, args=(settings, arrivals, stop), name="follow", daemon=True
+        )
+        follower.start()
+        sustained = self.results.get("throughput", {}).get("events_per_s") or 5_000.0
+        offered = [(rate, False) for rate in cfg.loads] + [(max(2 * sustained, 2 * max(cfg.loads)), True)]
+        out = []
+        try:
+            for i, (rate, saturation) in enumerate(offered):
+                self.console.print(f"offered load {rate:,.0f} events/s for {cfg.load_seconds:.0f} s ...")
+                load_before = load_average()
+                before = self._batch_counters(worker)
+                start_ms = time.time() * 1000
+                stats = simulate(
+                    settings,
+                    users=cfg.users,
+                    rate=rate,
+                    seconds=cfg.load_seconds,
+                    with_catalog=False,
+                    seed=settings.seed + 1 + i,
+                )
+                end_ms = time.time() * 1000
+                self._settle(arrivals)
+                rows = arrivals.between(start_ms, end_ms)
+                batches, batch_events, batch_seconds = (
+                    a - b for a, b in zip(self._batch_counters(worker), before, strict=True)
+                )
+                publish = [p - e for e, p, _ in rows]
+                arrival = [a - e for e, _, a in rows]
+                row = {
+                    "offered_per_s": round(rate, 1),
+                    "saturation": saturation,
+                    "achieved_per_s": round(stats.events / stats.seconds, 1) if stats.seconds else None,
+                    "events": stats.events,
+                    "recommendations": len(rows),
+                    "to_publish_ms": summarize(publish),
+                    "to_arrival_ms": summarize(arrival),
+                    "batches": int(batches),
+                    "mean_batch_events": round(batch_events / batches, 1) if batches else None,
+                    "mean_batch_ms": round(batch_seconds / batches * 1000, 1) if batches else None,
+                    "load_before": load_before,
+                    "load_after": load_average(),
+                }
+                self.console.print(
+                    f"  p50/p99 to arrival {row['to_arrival_ms']['p50']}/{row['to_arrival_ms']['p99']} ms"
+                )
+                out.append(row)
+                assert worker.pid is not None
+                self.rss_samples.append({"after_load_per_s": rate, **process_memory_mb(worker.pid)})
+        finally:
+            stop.set()
+            follower.join(timeout=5)
+        return out
+
+    def _batch_counters(self, worker: WorkerProcess) -> tuple[float, float, float]:
+        """(micro-batches, events applied, seconds spent processing) so far."""
+        text = worker.metrics_text()
+        return (
+            metric_total(text, "streamrec_batches_total"),
+            metric_total(text, "streamrec_events_total"),
+            metric_total(text, "streamrec_batch_seconds_sum"),
+        )
+
+    @staticmethod
+    def _settle(arrivals: Arrivals, quiet_s: float = 2.0, timeout_s: float = 120.0) -> None:
+        """Wait until no recommendation has arrived for ``quiet_s`` (the worker drained what was sent)."""
+        deadline = time.monotonic() + timeout_s
+        last, last_change = len(arrivals), time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            now = len(arrivals)
+            if now != last:
+                last, last_change = now, time.monotonic()
+            elif time.monotonic() - last_change > quiet_s:
+                return
+
+
+# --- RocksDB state size ------------------------------------------------------------------------------------
+
+
+def realistic_states(settings: Settings, templates: int = 2_000) -> list[UserState]:
+    """Users with full histories (50 events by default) from the shopper simulator."""
+    limits = StateLimits(settings.history_length, settings.max_purchased, settings.dedupe_window)
+    simulator = ShopperSimulator(sample_catalog(), users=templates, seed=settings.seed)
+    states: dict[str, UserState] = {}
+    now = time.time_ns() // 1_000_000
+    events = templates * max(settings.history_length, settings.dedupe_window) + templates * 20
+    for n in range(events):
+        event = simulator.next_event(now - (events - n) * 1000)
+        states[event.user_id], _ = apply_event(states.get(event.user_id), event, limits)
+    return list(states.values())
+
+
+def state_size(settings: Settings, user_counts: Sequence[int], workdir: Path) -> list[dict[str, Any]]:
+    """Write encoded states straight into a PartitionStore (no broker) and measure bytes on disk."""
+    templates = realistic_states(settings)
+    rng = random.Random(settings.seed)
+    out = []
+    for users in user_counts:
+        path = workdir / f"state-{users}"
+        shutil.rmtree(path, ignore_errors=True)
+        store = PartitionStore(path)
+        encoded_bytes = 0
+        started = time.perf_counter()
+        for first in range(0, users, 10_000):
+            changes = {}
+            for u in range(first, min(users, first + 10_000)):
+                t = templates[u % len(templates)]
+                state = UserState(
+                    user_id=f"user-{u:08d}",
+                    history=[HistoryEntry(h.kind, h.timestamp + u, h.item_id, h.query) for h in t.history],
+                    purchased=list(t.purchased),
+                    seen_event_ids=[rng.getrandbits(64) - 2**63 for _ in t.seen_event_ids],
+                    clicks=t.clicks,
+                    searches=t.searches,
+                    purchases=t.purchases,
+                    last_event_id=f"{rng.getrandbits(128):032x}",
+                    last_event_time=t.last_event_time + u,
+                )
+                value = encode_state(state)
+                encoded_bytes += len(value)
+                changes[state.user_id] = value
+            store.write(changes, None)
+        store.db.flush()
+        store.db.compact_range(None, None)
+        store.close()
+        seconds = time.perf_counter() - started
+        disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        sst = sum(f.stat().st_size for f in path.rglob("*.sst"))
+        out.append(
+            {
+                "users": users,
+                "history_events": len(templates[0].history),
+                "encoded_bytes_per_user": round(encoded_bytes / users, 1),
+                "sst_bytes_per_user": round(sst / users, 1),
+                "disk_bytes_per_user": round(disk / users, 1),
+                "disk_mb_per_100k_users": round(disk / users * 100_000 / 2**20, 1),
+                "write_s": round(seconds, 1),
+            }
+        )
+        shutil.rmtree(path, ignore_errors=True)
+    return out
+
+
+# --- the whole run ---------------------------------------------------------------------------------------
+
+
+def _model_part(settings: Settings, model_dir: Path, config: BenchConfig) -> dict[str, Any]:
+    import torch
+
+    from streamrec.models.encoder import EncoderConfig
+    from streamrec.models.perf import encoder_timings, recommend_timings
+    from streamrec.models.serving import Recommender
+
+    recommender = Recommender.load(model_dir, device="cpu")
+    users = realistic_states(settings, templates=500)
+    result: dict[str, Any] = {
+        "torch_threads": torch.get_num_threads(),
+        "sample_model": {
+            "dir": model_dir.name,
+            "serve_len": recommender.serve_len,
+            "items": recommender.num_items,
+            "recommend_cpu": recommend_timings(recommender, users, config.batch_sizes),
+        },
+    }
+    # The default (`full` preset) encoder size, untrained: what a production model costs per batch.
+    full = EncoderConfig(num_items=12_000, dim=64, layers=2, heads=2, max_len=50)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for device in devices:
+        for last_only in (False, True):
+            key = f"full_size_encoder_{device.type}_{'last_position' if last_only else 'all_positions'}"
+            result[key] = encoder_timings(full, config.batch_sizes, (16, 50), device, last_only)
+    result["cuda"] = torch.cuda.is_available()
+    return result
+
+
+def run_bench(settings: Settings, config: BenchConfig, console: Console) -> dict[str, Any]:
+    from streamrec.streams.demo import ensure_sample_model
+
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    registry = (
+        settings.model_registry if "STREAMREC_MODEL_REGISTRY" in os.environ else config.out_dir / "models"
+    )
+    settings = settings.model_copy(update={"model_registry": registry})
+    model_dir = ensure_sample_model(settings, config.out_dir, console)
+    started = time.monotonic()
+    result: dict[str, Any] = {
+        "command": "streamrec bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "streamrec bench",
+        "machine": {"cpu_cores": os.cpu_count(), "load_at_start": load_average()},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "settings": {
+            k: settings.model_dump()[k]
+            for k in ("batch_size", "batch_wait_ms", "partitions", "history_length", "top_k", "device")
+        },
+        "model": model_dir.name,
+    }
+    if BROKER_PARTS & set(config.parts):
+        result |= BrokerBench(settings, config, console).run(registry)
+    if "memory" in config.parts:
+        console.print(f"RocksDB state size for {', '.join(f'{u:,}' for u in config.state_users)} users ...")
+        result["state_size"] = state_size(settings, config.state_users, config.out_dir)
+    if "models" in config.parts:
+        console.print("encoder and recommend() by batch size ...")
+        result["models"] = _model_part(settings, model_dir, config)
+    if "index" in config.parts:
+        from streamrec.models.perf import index_timings
+
+        console.print(f"FAISS by catalogue size {config.index_items} ...")
+        result["index"] = index_timings(config.index_items, ("flat", "ivf", "hnsw"), (1, 100, 2_000))
+    result["machine"]["load_at_end"] = load_average()
+    result["seconds"] = round(time.monotonic() - started, 1)
+    (config.out_dir / "bench.json").write_text(json.dumps(result, indent=2))
+    if result.get("latency"):
+        write_plot(result["latency"], config.out_dir / "latency.png")
+    return result
+
+
+def write_plot(latency: list[dict[str, Any]], path: Path) -> None:
+    """Latency percentiles (to arrival at a consumer) against offered load, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in latency if r["to_arrival_ms"]["count"]]
+    if not rows:
+        return
+    x = [r["achieved_per_s"] or r["offered_per_s"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for pct, style in (("p50", "o-"), ("p95", "s--"), ("p99", "^-")):
+        ax.plot(x, [r["to_arrival_ms"][pct] for r in rows], style, label=f"{pct} event to arrival")
+    ax.plot(x, [r["to_publish_ms"]["p99"] for r in rows], "x:", label="p99 event to publish")
+    for r, xi in zip(rows, x, strict=True):
+        if r["saturation"]:
+            ax.annotate(
+                "saturation", (xi, r["to_arrival_ms"]["p99"]), textcoords="offset points", xytext=(-60, 5)
+            )
+    ax.axhline(100, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("offered load (events/s, achieved)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title("streamrec: event-to-recommendation latency, one worker, 2 shared cores")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

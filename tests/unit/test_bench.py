@@ -1,0 +1,47 @@
+"""The benchmark's pure pieces: percentiles, the sustained rate, metric and profile parsing."""
+
+from __future__ import annotations
+
+from streamrec.streams.bench import metric_total, profile_summary, summarize, sustained_rate
+
+
+def test_summarize_gives_percentiles_and_handles_an_empty_sample() -> None:
+    s = summarize([float(x) for x in range(1, 101)])
+    assert s["count"] == 100 and s["max"] == 100.0
+    assert s["p50"] == 50.5 and s["p99"] == 99.0
+    assert summarize([]) == {"count": 0, "p50": None, "p95": None, "p99": None, "max": None}
+
+
+def test_sustained_rate_leaves_out_start_up_and_the_drain() -> None:
+    # 10 s of start-up with nothing done, then 1,000 events/s, then a slow tail.
+    samples = [(float(t), 0.0) for t in range(10)]
+    samples += [(10.0 + t, 1000.0 * t) for t in range(1, 10)]
+    samples += [(20.0, 9_500.0), (30.0, 10_000.0)]
+    assert sustained_rate(samples, 10_000) == 1000.0
+    assert sustained_rate([(0.0, 0.0), (1.0, 10.0)], 10_000) is None
+
+
+def test_metric_total_sums_the_labelled_samples_of_one_metric() -> None:
+    text = """# HELP streamrec_events_total Events applied
+streamrec_events_total{kind="click"} 700.0
+streamrec_events_total{kind="search"} 300.0
+streamrec_events_created{kind="click"} 1.7e9
+streamrec_batches_total 12.0
+"""
+    assert metric_total(text, "streamrec_events_total") == 1000.0
+    assert metric_total(text, "streamrec_batches_total") == 12.0
+    assert metric_total(text, "streamrec_missing_total") == 0.0
+
+
+def test_profile_summary_counts_inclusive_and_self_time_of_one_thread() -> None:
+    collapsed = "\n".join(
+        [
+            "run (event_stage.py:10);process (event_stage.py:20);decode (serde.py:5) 30",
+            "run (event_stage.py:10);process (event_stage.py:21);recommend (serving.py:9) 70",
+            "other (faust.py:1) 500",
+        ]
+    )
+    s = profile_summary(collapsed, "event_stage.py")
+    assert s["samples"] == 100
+    assert s["inclusive"]["process (event_stage.py)"] == 1.0
+    assert s["self"] == {"recommend (serving.py)": 0.7, "decode (serde.py)": 0.3}
