@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -99,14 +101,14 @@ def recs_tail(
 def worker(
     data_dir: Path = typer.Option(None, help="State directory of this worker (STREAMREC_DATA_DIR)."),
     web_port: int = typer.Option(None, help="Web server port (STREAMREC_WEB_PORT)."),
-    backfill: bool = typer.Option(
-        None, "--backfill/--live", help="Read the backfill topic, publish to shadow."
-    ),
 ) -> None:
-    """Run one worker: the batched event stage plus faust agents for catalogue, models and triggers."""
+    """Run one worker: the batched event stage plus faust agents for catalogue, models and triggers.
+
+    It reads the events topic and, partition for partition, the backfill topic (see `streamrec replay`).
+    """
     from streamrec.streams.app import run_worker
 
-    run_worker(settings_from_env(data_dir=data_dir, web_port=web_port, backfill=backfill))
+    run_worker(settings_from_env(data_dir=data_dir, web_port=web_port))
 
 
 @app.command()
@@ -229,6 +231,130 @@ def eval_cmd(
         print(json.dumps(result))
     else:
         console.print_json(json.dumps(result))
+
+
+@app.command()
+def replay(
+    source: str = typer.Argument(
+        ..., help="kafka:TOPIC, a .jsonl/.avro/.csv/.tsv/.parquet file, or a dataset (directory or .txt)."
+    ),
+    to: str = typer.Option(
+        "backfill", "--to", help="backfill (rebuilds state, no live recommendations) | live."
+    ),
+    fmt: str = typer.Option("auto", "--format", help="auto | jsonl | avro | csv | tsv | parquet | dataset."),
+    rate: float = typer.Option(None, "--rate", help="Most events sent per second."),
+    users: str = typer.Option(None, "--users", help="Only these users: ids a,b,c or a file of ids."),
+    kinds: str = typer.Option(None, "--kinds", help="Only these kinds, e.g. click,purchase."),
+    since: str = typer.Option(None, "--since", help="From this time (ISO 8601 or epoch s/ms), inclusive."),
+    until: str = typer.Option(None, "--until", help="Up to this time, exclusive."),
+    from_offset: str = typer.Option(None, "--from-offset", help="kafka: N for every partition, or P:N,P:N."),
+    to_offset: str = typer.Option(None, "--to-offset", help="kafka: stop before this offset (N or P:N,...)."),
+    base_time: str = typer.Option(None, "--base-time", help="Datasets: time of the first synthetic event."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and count; send nothing."),
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="Progress file, written after each flush."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run recorded in --checkpoint."),
+    reject_file: Path = typer.Option(None, "--reject-file", help="Write invalid records here (JSON Lines)."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first invalid record."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+    shadow: Path = typer.Option(
+        None,
+        "--shadow",
+        help="MODEL_DIR: re-score the range with this model, compare with what was served.",
+    ),
+    k: int = typer.Option(None, "--k", help="--shadow: list length compared (STREAMREC_TOP_K)."),
+    served_topic: str = typer.Option(None, "--served-topic", help="--shadow: where served lists are read."),
+    bootstrap: str = typer.Option(None, help="Overrides STREAMREC_BOOTSTRAP_SERVERS."),
+) -> None:
+    """Replay history (files or a Kafka range) into the backfill or events topic; prints a JSON summary.
+
+    Resumable with --checkpoint/--resume; filters by user, kind and time; --shadow compares a candidate model.
+    """
+    import json
+    import sys
+
+    from streamrec.streams import replay as rp
+
+    settings = settings_from_env(bootstrap_servers=bootstrap)
+    if to not in ("backfill", "live"):
+        raise typer.BadParameter("--to is backfill or live")
+    if resume and checkpoint is None:
+        raise typer.BadParameter("--resume needs --checkpoint")
+    try:
+        filters = rp.Filters(
+            rp.read_users(users), rp.read_kinds(kinds), rp.read_time(since), rp.read_time(until)
+        )
+        window = {"since": filters.since, "until": filters.until}
+        if shadow is not None:  # the whole range builds state; the window only selects what is scored
+            window = {"since": None, "until": None}
+        src = rp.open_source(
+            source,
+            settings,
+            fmt=fmt,
+            from_offset=from_offset,
+            to_offset=to_offset,
+            base_time=rp.read_time(base_time),
+            **window,
+        )
+        if shadow is not None:
+            from streamrec.streams.shadow import compare
+
+            print(json.dumps(compare(src, filters, settings, shadow, k or settings.top_k, served_topic)))
+            return
+        topic = settings.backfill_topic if to == "backfill" else settings.events_topic
+        sink: rp.Sink = rp.DryRunSink(topic) if dry_run else rp.KafkaSink(settings, topic)
+        options = rp.ReplayOptions(filters, rate, checkpoint, resume, reject_file, strict)
+        with _replay_progress(src.total(), enabled=progress) as on_progress:
+            try:
+                summary = rp.run_replay(src, sink, settings, options, on_progress)
+            finally:
+                sink.close()
+    except rp.ReplayError as exc:
+        console.print(f"[red]replay: {exc}[/]", highlight=False)
+        raise typer.Exit(2) from None
+    print(json.dumps({"source": source, **summary}))
+    sys.stdout.flush()
+    if summary["stopped"]:
+        raise typer.Exit(1)
+
+
+def _replay_progress(total: int | None, enabled: bool) -> Any:
+    """A context manager yielding ``on_progress(read, counts)``: a rich bar with rate and ETA on stderr."""
+    import contextlib
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    @contextlib.contextmanager
+    def bar() -> Iterator[Callable[[int, Any], None]]:
+        columns = [
+            TextColumn("replay"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} rec/s  sent {task.fields[sent]}  invalid {task.fields[invalid]}"),
+            TimeRemainingColumn(),
+        ]
+        with Progress(*columns, console=Console(stderr=True), disable=not enabled) as shown:
+            task = shown.add_task("replay", total=total, rate="-", sent=0, invalid=0)
+            last: list[Any] = [0.0, 0, None]  # time shown, records read, counts
+
+            def show() -> None:
+                speed = shown.tasks[0].speed
+                rate = f"{speed:,.0f}" if speed else "-"
+                counts = last[2]
+                sent, invalid = (counts.sent, sum(counts.invalid.values())) if counts else (0, 0)
+                shown.update(task, completed=last[1], rate=rate, sent=sent, invalid=invalid)
+
+            def update(read: int, counts: Any) -> None:
+                now = time.monotonic()
+                last[1:] = [read, counts]
+                if now - last[0] >= 0.2:
+                    last[0] = now
+                    show()
+
+            yield update
+            show()
+
+    return bar()
 
 
 def main() -> None:

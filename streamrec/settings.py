@@ -26,9 +26,11 @@ class Settings(BaseSettings):
     catalog_topic: str = Field("streamrec.catalog", description="Catalogue item upserts, keyed by item_id.")
     recommendations_topic: str = Field("streamrec.recommendations", description="Ranked recommendations out.")
     shadow_topic: str = Field(
-        "streamrec.recommendations.shadow", description="Recommendations made in backfill mode."
+        "streamrec.recommendations.shadow", description="Recommendations caused by backfill-topic events."
     )
-    backfill_topic: str = Field("streamrec.events.backfill", description="Events replayed for backfill.")
+    backfill_topic: str = Field(
+        "streamrec.events.backfill", description="Replayed history; co-partitioned with the events topic."
+    )
     dead_letter_topic: str = Field("streamrec.dead-letters", description="Rejected input, with reasons.")
     state_changelog_topic: str = Field(
         "streamrec.user-state-changelog", description="Compacted changelog of per-user state."
@@ -70,13 +72,16 @@ class Settings(BaseSettings):
     history_length: int = Field(50, description="Events kept per user (and encoder window).")
     max_purchased: int = Field(200, description="Purchased items remembered per user (never re-recommended).")
     dedupe_window: int = Field(64, description="Recent event ids remembered per user for de-duplication.")
-    max_event_age_days: int = Field(3650, description="Older events are dead-lettered as absurd timestamps.")
+    max_event_age_days: int = Field(
+        3650, description="Older live events are dead-lettered as absurd timestamps (backfill: no limit)."
+    )
     max_clock_skew_s: int = Field(300, description="Events further in the future are dead-lettered.")
     reject_unknown_items: bool = Field(
         True, description="Dead-letter events about items not in the catalogue."
     )
-    backfill: bool = Field(
-        False, description="Backfill mode: read the backfill topic, publish to the shadow topic."
+    backfill_recommendations: Literal["shadow", "none"] = Field(
+        "shadow",
+        description="What backfill-topic events publish: recommendations on the shadow topic, or none.",
     )
     web_port: int = Field(6066, description="Worker web server port (health, metrics, lookups).")
     web_host: str = Field("127.0.0.1", description="Worker web server address; 0.0.0.0 in containers.")

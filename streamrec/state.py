@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import math
@@ -26,10 +27,21 @@ def event_id_hash(event_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little", signed=True)
 
 
+def appends_to_history(state: UserState | None, event: Event) -> bool:
+    """Whether applying ``event`` appends to the history (the live case) rather than inserting it by time.
+
+    Incremental state encoding (``encode_state_bytes`` with ``previous``) holds only for appends.
+    """
+    return state is None or not state.history or state.history[-1].timestamp <= event.timestamp
+
+
 def apply_event(state: UserState | None, event: Event, limits: StateLimits) -> tuple[UserState, bool]:
     """Apply one event to a user's state. Returns (state, applied); a duplicate event id is not applied.
 
-    The state is updated in place when given (the caller owns it for the micro-batch).
+    The state is updated in place when given (the caller owns it for the micro-batch). The history is kept
+    in timestamp order: a backfilled event older than the live history is inserted where it belongs (after
+    any entry with the same timestamp, so arrival order breaks ties), and falls off at once if it is older
+    than everything the bounded history keeps.
     """
     if state is None:
         state = UserState(user_id=event.user_id)
@@ -38,9 +50,12 @@ def apply_event(state: UserState | None, event: Event, limits: StateLimits) -> t
         return state, False
     state.seen_event_ids.append(digest)
     del state.seen_event_ids[: -limits.dedupe_window]
-    state.history.append(
-        HistoryEntry(kind=event.kind, timestamp=event.timestamp, item_id=event.item_id, query=event.query)
-    )
+    entry = HistoryEntry(kind=event.kind, timestamp=event.timestamp, item_id=event.item_id, query=event.query)
+    if appends_to_history(state, event):
+        state.history.append(entry)  # the live case: newest last
+    else:
+        at = bisect.bisect_right(state.history, event.timestamp, key=lambda h: h.timestamp)
+        state.history.insert(at, entry)
     del state.history[: -limits.history_length]
     if event.kind is EventKind.CLICK:
         state.clicks += 1
@@ -70,7 +85,7 @@ class Rejection:
 
 @dataclass(frozen=True)
 class ValidationRules:
-    max_event_age_ms: int
+    max_event_age_ms: int | None  # None: no age limit (history replayed through the backfill topic)
     max_clock_skew_ms: int
     reject_unknown_items: bool = True
 
@@ -81,7 +96,7 @@ def validate_event(event: Event, now_ms: int, rules: ValidationRules, knows_item
         return Rejection("invalid_record", "event_id and user_id must be non-empty")
     if event.timestamp > now_ms + rules.max_clock_skew_ms:
         return Rejection("absurd_timestamp", f"timestamp {event.timestamp} is in the future (now {now_ms})")
-    if event.timestamp < now_ms - rules.max_event_age_ms:
+    if rules.max_event_age_ms is not None and event.timestamp < now_ms - rules.max_event_age_ms:
         return Rejection(
             "absurd_timestamp", f"timestamp {event.timestamp} is older than the retention window"
         )

@@ -177,6 +177,7 @@ class Worker:
                     "stage_alive": alive,
                     "ready": worker.stage.ready.is_set(),
                     "partitions": sorted(worker.stage.store.partitions),
+                    "assignment": worker.stage.assignment(),
                     "model_version": worker.stage.recommender.model_version,
                     "catalog_items": len(worker.catalog),
                 }

@@ -72,6 +72,15 @@ def _is_price(value: object) -> bool:
     )
 
 
+def _check_purchase(price: object, quantity: object, currency: object) -> None:
+    if not _is_price(price):
+        raise InvalidRecordError(f"price must be a finite number >= 0, got {price!r}")
+    if isinstance(quantity, bool) or not isinstance(quantity, int) or not 1 <= quantity <= AVRO_INT_MAX:
+        raise InvalidRecordError(f"quantity must be an integer >= 1, got {quantity!r}")
+    if currency is not None and (not isinstance(currency, str) or len(currency) != 3):
+        raise InvalidRecordError(f"currency must be an ISO 4217 code such as 'EUR', got {currency!r}")
+
+
 def _key(value: str | bytes | None) -> bytes | None:
     return value.encode() if isinstance(value, str) else value
 
@@ -165,12 +174,7 @@ class EventProducer:
     ) -> str:
         """A user bought ``quantity`` of an item at unit ``price``; returns the event id."""
         _require_id("item_id", item_id)
-        if not _is_price(price):
-            raise InvalidRecordError(f"price must be a finite number >= 0, got {price!r}")
-        if isinstance(quantity, bool) or not isinstance(quantity, int) or not 1 <= quantity <= AVRO_INT_MAX:
-            raise InvalidRecordError(f"quantity must be an integer >= 1, got {quantity!r}")
-        if currency is not None and (not isinstance(currency, str) or len(currency) != 3):
-            raise InvalidRecordError(f"currency must be an ISO 4217 code such as 'EUR', got {currency!r}")
+        _check_purchase(price, quantity, currency)
         return self._event(
             EventKind.PURCHASE,
             user_id,
@@ -182,6 +186,31 @@ class EventProducer:
             price=float(price),
             quantity=quantity,
             currency=currency,
+        )
+
+    def send_event(self, event: Event, *, topic: str | None = None, historical: bool = False) -> str:
+        """Send a ready-made event (replay), validated as the methods above validate theirs.
+
+        ``historical`` lifts the age limit: for the backfill topic, where the worker accepts old events.
+        """
+        if event.kind is EventKind.SEARCH:
+            _require_id("query", event.query)
+            fields: dict[str, Any] = {"query": event.query}
+        else:
+            fields = {"item_id": _require_id("item_id", event.item_id)}
+        if event.kind is EventKind.PURCHASE:
+            _check_purchase(event.price, event.quantity, None)
+            fields |= {"price": float(event.price or 0.0), "quantity": event.quantity}
+        return self._event(
+            event.kind,
+            event.user_id,
+            event.session_id,
+            event.context,
+            event.timestamp,
+            event.event_id,
+            topic=topic,
+            historical=historical,
+            **fields,
         )
 
     def delete_user(
@@ -290,13 +319,15 @@ class EventProducer:
         timestamp: int | datetime | None,
         event_id: str | None,
         currency: str | None = None,
+        topic: str | None = None,
+        historical: bool = False,
         **fields: Any,
     ) -> str:
         event = Event(
             event_id=self._event_id(event_id),
             user_id=_require_id("user_id", user_id),
             kind=kind,
-            timestamp=self._timestamp(timestamp),
+            timestamp=self._timestamp(timestamp, historical),
             session_id=session_id,
             context=self._context(context),
             **fields,
@@ -304,14 +335,14 @@ class EventProducer:
         record = event.to_avro()
         if kind is EventKind.PURCHASE:
             record["currency"] = currency
-        self.send(event.schema_name, record, key=user_id)
+        self.send(event.schema_name, record, key=user_id, topic=topic)
         return event.event_id
 
     @staticmethod
     def _event_id(event_id: str | None) -> str:
         return uuid.uuid4().hex if event_id is None else _require_id("event_id", event_id)
 
-    def _timestamp(self, timestamp: int | datetime | None) -> int:
+    def _timestamp(self, timestamp: int | datetime | None, historical: bool = False) -> int:
         now = int(time.time() * 1000)
         if timestamp is None:
             return now
@@ -322,7 +353,7 @@ class EventProducer:
         if isinstance(timestamp, bool) or not isinstance(timestamp, int):
             raise InvalidRecordError(f"timestamp must be epoch milliseconds (int), got {timestamp!r}")
         # The worker dead-letters events outside this window: reject them here, where the caller can react.
-        oldest = now - self.settings.max_event_age_days * 86_400_000
+        oldest = 0 if historical else now - self.settings.max_event_age_days * 86_400_000
         newest = now + self.settings.max_clock_skew_s * 1000
         if not oldest <= timestamp <= newest:
             raise InvalidRecordError(

@@ -5,10 +5,17 @@ id, apply to per-user state, encode every changed user in one encoder call and s
 the recommendations and the changed states to the changelog, wait for delivery, write the states locally, and
 only then commit the input offsets. A crash anywhere before the commit redelivers the batch; de-duplication by
 event id makes that harmless (at-least-once in, idempotent state).
+
+One writer per user's state: the consumer group subscribes to the events topic only. Whichever partitions the
+assignor gives a member, the member also assigns itself the backfill topic's partitions of the same numbers
+(the topics are co-partitioned: same count, same key, same partitioner). So the owner of a user's state is
+the only one that applies that user's replayed history, under any assignment strategy. Backfill events
+change state and the changelog like live ones; their recommendations go to the shadow topic, or nowhere.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -36,6 +43,7 @@ from streamrec.state import (
     StateBytes,
     StateLimits,
     ValidationRules,
+    appends_to_history,
     apply_event,
     decode_state,
     encode_state_bytes,
@@ -79,6 +87,28 @@ class DeliveryFailed(RuntimeError):
     pass
 
 
+class CoPartitioningError(RuntimeError):
+    """The backfill topic cannot follow the events topic partition for partition."""
+
+
+def check_co_partitioned(partition_counts: dict[str, int | None], events: str, backfill: str) -> None:
+    """Refuse to start unless both topics exist with the same partition count."""
+    ours, theirs = partition_counts.get(events), partition_counts.get(backfill)
+    if ours is None or theirs is None:
+        missing = [t for t, n in ((events, ours), (backfill, theirs)) if n is None]
+        raise CoPartitioningError(f"topic(s) {missing} missing: run `streamrec topics create`")
+    if ours != theirs:
+        raise CoPartitioningError(
+            f"{backfill} has {theirs} partitions and {events} has {ours}: a user's replayed events would "
+            "reach another worker than the one that owns the user's state"
+        )
+
+
+def follow(partitions: list[TopicPartition], backfill: str) -> list[TopicPartition]:
+    """The backfill partitions that go with the given events partitions: the same numbers."""
+    return [TopicPartition(backfill, p.partition) for p in partitions]
+
+
 class EventStage:
     """Runs in its own thread inside the worker process (confluent-kafka calls block)."""
 
@@ -106,9 +136,11 @@ class EventStage:
             max_clock_skew_ms=settings.max_clock_skew_s * 1000,
             reject_unknown_items=settings.reject_unknown_items,
         )
-        self.input_topic = settings.backfill_topic if settings.backfill else settings.events_topic
-        self.output_topic = settings.shadow_topic if settings.backfill else settings.recommendations_topic
-        self.mode = "backfill" if settings.backfill else "live"
+        # History is old by nature: only the clock-skew (future) rule applies to the backfill topic.
+        self.backfill_rules = dataclasses.replace(self.rules, max_event_age_ms=None)
+        self.events_topic = settings.events_topic
+        self.backfill_topic = settings.backfill_topic
+        self.cooperative = settings.assignment_strategy == "cooperative-sticky"
         self.store = StateStore(settings.data_dir, settings.state_changelog_topic, settings.bootstrap_servers)
         self.cache = StateCache(settings.state_cache_users)
         self.rec_writer = RecommendationWriter()  # byte for byte codec.encode("Recommendation", ...), faster
@@ -117,8 +149,10 @@ class EventStage:
         self.ready = threading.Event()  # set once partitions are assigned and restored
         self.error: BaseException | None = None
         self._consumer: Consumer | None = None
+        self._assigned: dict[str, set[int]] = {}
         self._producer: Producer | None = None
-        self._committed: dict[int, TopicPartition] = {}  # partition -> the last offset committed
+        # (topic, partition) -> the last offset committed, for the events and the backfill topic
+        self._committed: dict[tuple[str, int], TopicPartition] = {}
 
     # --- control from other threads -------------------------------------------------------------------
 
@@ -142,11 +176,10 @@ class EventStage:
 
     def _make_clients(self) -> tuple[Consumer, Producer]:
         s = self.settings
-        group = f"{s.events_group}-backfill" if s.backfill else s.events_group
         consumer = Consumer(
             {
                 "bootstrap.servers": s.bootstrap_servers,
-                "group.id": group,
+                "group.id": s.events_group,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "session.timeout.ms": s.session_timeout_ms,
@@ -171,8 +204,15 @@ class EventStage:
         return consumer, producer
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Restore before fetching starts, then take the backfill partitions of the same numbers along.
         self.cache.clear()
         self.store.assign(p.partition for p in partitions)
+        with_backfill = partitions + follow(partitions, self.backfill_topic)
+        if self.cooperative:
+            consumer.incremental_assign(with_backfill)
+        else:
+            consumer.assign(with_backfill)
+        self._note_assignment(with_backfill, added=True)
         self.metrics.partitions.set(len(self.store.partitions))
         log.info("%s assigned %s", self.worker_id, sorted(p.partition for p in partitions))
         self.ready.set()
@@ -182,10 +222,16 @@ class EventStage:
         # were committed asynchronously: commit them once more, waiting, before the partitions move.
         revoked = {p.partition for p in partitions}
         self._commit_synchronously(consumer, revoked)
-        for p in revoked:
-            self._committed.pop(p, None)
+        for key in [key for key in self._committed if key[1] in revoked]:
+            del self._committed[key]  # both topics: backfill partitions follow the events partitions
         self.cache.clear()
         self.store.revoke(p.partition for p in partitions)
+        with_backfill = partitions + follow(partitions, self.backfill_topic)
+        if self.cooperative:
+            consumer.incremental_unassign(with_backfill)
+        else:
+            consumer.unassign()
+        self._note_assignment(with_backfill, added=False)
         self.metrics.partitions.set(len(self.store.partitions))
 
     def _commit_synchronously(self, consumer: Consumer, partitions: set[int] | None = None) -> None:
@@ -196,6 +242,21 @@ class EventStage:
             consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:  # the batch is consumed again by the next owner: state is idempotent
             log.warning("commit of %s failed: %s", offsets, exc)
+
+    def assignment(self) -> dict[str, list[int]]:
+        """Partitions this stage reads, by topic (the backfill ones follow the events ones)."""
+        with self._lock:
+            return {topic: sorted(ps) for topic, ps in self._assigned.items()}
+
+    def _note_assignment(self, partitions: list[TopicPartition], added: bool) -> None:
+        # Kept here for the web thread: asking the consumer from another thread can block on a rebalance.
+        with self._lock:
+            for tp in partitions:
+                held = self._assigned.setdefault(tp.topic, set())
+                if added:
+                    held.add(tp.partition)
+                else:
+                    held.discard(tp.partition)
 
     def run(self, stop: threading.Event) -> None:
         try:
@@ -208,7 +269,14 @@ class EventStage:
     def _run(self, stop: threading.Event) -> None:
         consumer, producer = self._make_clients()
         self._consumer, self._producer = consumer, producer
-        consumer.subscribe([self.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        topics = consumer.list_topics(timeout=10).topics
+        counts = {
+            name: (len(meta.partitions) if meta.error is None else None)
+            for name in (self.events_topic, self.backfill_topic)
+            if (meta := topics.get(name)) is not None
+        }
+        check_co_partitioned(counts, self.events_topic, self.backfill_topic)
+        consumer.subscribe([self.events_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         wait_s, size = self.settings.batch_wait_ms / 1000, self.settings.batch_size
         try:
             while not stop.is_set():
@@ -264,10 +332,11 @@ class EventStage:
                 p = msg.partition()
                 changelog_offsets[p] = max(changelog_offsets.get(p, -1), msg.offset())
 
-        # 1. decode and validate, in input order; group valid events per (partition, user)
-        by_partition: dict[int, dict[str, list[Event | None]]] = {}  # None = erase the user
-        first_offsets: dict[int, int] = {}
-        last_offsets: dict[int, int] = {}
+        # 1. decode and validate, in input order; group valid events per (partition, user). Partition p of the
+        # backfill topic holds the same users as partition p of the events topic.
+        by_partition: dict[int, dict[str, list[tuple[Event | None, bool]]]] = {}  # None = erase the user
+        first_offsets: dict[tuple[str, int], int] = {}
+        last_offsets: dict[tuple[str, int], int] = {}
         now = now_ms()
         for msg in msgs:
             err = msg.error()
@@ -275,25 +344,29 @@ class EventStage:
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("consume error: %s", err)
                 continue
-            p = msg.partition()
-            first_offsets.setdefault(p, msg.offset())
-            last_offsets[p] = msg.offset()
-            outcome = self._decode(msg, now)
+            p, backfill = msg.partition(), msg.topic() == self.backfill_topic
+            first_offsets.setdefault((msg.topic(), p), msg.offset())
+            last_offsets[(msg.topic(), p)] = msg.offset()
+            outcome = self._decode(msg, now, self.backfill_rules if backfill else self.rules)
             if isinstance(outcome, Rejection):
                 self._dead_letter(producer, msg, outcome, delivered)
                 out.dead_letters += 1
                 continue
-            by_partition.setdefault(p, {}).setdefault(outcome[0], []).append(outcome[1])
+            by_partition.setdefault(p, {}).setdefault(outcome[0], []).append((outcome[1], backfill))
 
         clock = time.perf_counter
         phases = self.metrics.batch_phase_seconds
         t_decoded = clock()
         phases.labels("decode").inc(t_decoded - started)
 
-        # 2. apply to state: active users' decoded states come from the cache, the others from RocksDB
-        changed: list[tuple[int, UserState, Event, StateBytes]] = []
+        # 2. apply to state: active users' decoded states come from the cache, the others from RocksDB. A
+        # user's recommendation is caused by their last live event, else by their last backfill event (shadow
+        # topic), so consumers of the live topic never see history as new.
+        changed: list[tuple[int, UserState, Event, StateBytes, bool]] = []
         changes: dict[int, dict[str, bytes | None]] = {}
+        cache_updates: list[tuple[int, UserState, StateBytes]] = []
         applied: Counter[EventKind] = Counter()
+        shadow = self.settings.backfill_recommendations == "shadow"
         for p, users in by_partition.items():
             cached = {user_id: self.cache.get(p, user_id) for user_id in users}
             missing = [user_id for user_id, hit in cached.items() if hit is None]
@@ -306,13 +379,17 @@ class EventStage:
                 else:
                     raw = stored[user_id]
                     state = decode_state(raw) if raw is not None else None
-                cause: Event | None = None
+                live_cause: Event | None = None
+                backfill_cause: Event | None = None
                 erased = False
                 new_events = 0
-                for event in events:
+                for event, backfill in events:
                     if event is None:
-                        state, parts, cause, erased, new_events = None, None, None, True, 0
+                        state, parts, live_cause, backfill_cause, erased, new_events = (
+                            None, None, None, None, True, 0
+                        )  # fmt: skip
                         continue
+                    appends = appends_to_history(state, event)
                     state, was_applied = apply_event(state, event, self.limits)
                     if not was_applied:
                         out.duplicates += 1
@@ -320,35 +397,44 @@ class EventStage:
                     out.events += 1
                     new_events += 1
                     applied[event.kind] += 1
+                    if not appends:
+                        parts = None  # inserted by time, not appended: re-encode the whole history
+                    if backfill:
+                        backfill_cause = event
+                        continue
                     if event.kind is not EventKind.SEARCH and event.item_id is not None:
                         self.accuracy.interacted(user_id, event.item_id)
-                    cause = event
+                    live_cause = event
                 if state is None:
                     if erased:
                         changes.setdefault(p, {})[user_id] = None
                         self.accuracy.forget(user_id)
                         out.deleted_users += 1
                     continue
-                if cause is not None:
+                if new_events:
                     value, parts = encode_state_bytes(state, parts, new_events)
                     changes.setdefault(p, {})[user_id] = value
-                    changed.append((p, state, cause, parts))
+                    cache_updates.append((p, state, parts))
+                    if live_cause is not None:
+                        changed.append((p, state, live_cause, parts, False))
+                    elif backfill_cause is not None and shadow:
+                        changed.append((p, state, backfill_cause, parts, True))
         for kind, n in applied.items():
             self.metrics.events.labels(kind.name.lower()).inc(n)
 
         t_applied = clock()
         phases.labels("state").inc(t_applied - t_decoded)
 
-        # 3. one encoder call and one index search for every changed user
+        # 3. one encoder call and one index search for every user to recommend to
         if changed:
-            ranked = self.recommender.recommend([s for _, s, _, _ in changed], self.settings.top_k)
+            ranked = self.recommender.recommend([s for _, s, _, _, _ in changed], self.settings.top_k)
             t_recommended = clock()
             phases.labels("recommend").inc(t_recommended - t_applied)
             t_applied = t_recommended
             publish = now_ms()
             model, index = self.recommender.model_version, self.recommender.index_version
             header, body = self.codec.header("Recommendation"), self.rec_writer.body
-            for (_, state, cause, _), items in zip(changed, ranked, strict=True):
+            for (_, state, cause, _, backfill), items in zip(changed, ranked, strict=True):
                 rec = Recommendation(
                     user_id=state.user_id,
                     items=items,
@@ -357,12 +443,14 @@ class EventStage:
                     cause_event_id=cause.event_id,
                     event_time=cause.timestamp,
                     publish_time=publish,
-                    mode=self.mode,
+                    mode="backfill" if backfill else "live",
                 )
                 value = header + body(rec)
-                self._produce(producer, self.output_topic, state.user_id.encode(), value, delivered)
-                self.accuracy.recommended(state.user_id, [i.item_id for i in items])
-                out.latencies_ms.append(publish - cause.timestamp)
+                topic = self.settings.shadow_topic if backfill else self.settings.recommendations_topic
+                self._produce(producer, topic, state.user_id.encode(), value, delivered)
+                if not backfill:
+                    self.accuracy.recommended(state.user_id, [i.item_id for i in items])
+                    out.latencies_ms.append(publish - cause.timestamp)
             out.recommendations = len(changed)
 
         # 4. the changelog, keyed by user, on the partition of the same number
@@ -393,19 +481,19 @@ class EventStage:
             for user_id, value in user_changes.items():
                 if value is None:
                     self.cache.put(p, user_id, None)
-        for p, state, _, parts in changed:
+        for p, state, parts in cache_updates:
             self.cache.put(p, state.user_id, (state, parts))
         # Asynchronous: everything before it is delivered, so a lost commit only means the batch is consumed
         # again, and de-duplication makes that harmless; a revoke or a stop commits once more, waiting.
-        commits = [TopicPartition(self.input_topic, p, o + 1) for p, o in last_offsets.items()]
+        commits = [TopicPartition(t, p, o + 1) for (t, p), o in last_offsets.items()]
         self._consumer.commit(offsets=commits, asynchronous=True)
-        self._committed.update((tp.partition, tp) for tp in commits)
+        self._committed.update(((tp.topic, tp.partition), tp) for tp in commits)
         phases.labels("commit").inc(clock() - t_flushed)
 
         self._record(out, time.perf_counter() - started)
         return out
 
-    def _decode(self, msg: Message, now: int) -> tuple[str, Event | None] | Rejection:
+    def _decode(self, msg: Message, now: int, rules: ValidationRules) -> tuple[str, Event | None] | Rejection:
         value = msg.value()
         if value is None:
             return Rejection("undecodable", "empty record (tombstone) on the events topic")
@@ -418,7 +506,7 @@ class EventStage:
                 return Rejection("invalid_record", "user_id must be non-empty")
             return record["user_id"], None
         event = Event.from_avro(name, record)
-        rejection = validate_event(event, now, self.rules, self.catalog.__contains__)
+        rejection = validate_event(event, now, rules, self.catalog.__contains__)
         return rejection if rejection is not None else (event.user_id, event)
 
     def _produce(
@@ -465,10 +553,10 @@ class EventStage:
         )
         self.metrics.dead_letters.labels(rejection.reason).inc()
 
-    def _rewind(self, first_offsets: dict[int, int]) -> None:
+    def _rewind(self, first_offsets: dict[tuple[str, int], int]) -> None:
         assert self._consumer is not None
-        for p, offset in first_offsets.items():
-            self._consumer.seek(TopicPartition(self.input_topic, p, offset))
+        for (topic, p), offset in first_offsets.items():
+            self._consumer.seek(TopicPartition(topic, p, offset))
 
     def _record(self, out: BatchOutcome, seconds: float) -> None:
         m = self.metrics

@@ -14,6 +14,7 @@ from streamrec.serde import bundled_schemas
 from streamrec.state import (
     StateLimits,
     ValidationRules,
+    appends_to_history,
     apply_event,
     decode_state,
     encode_state,
@@ -67,6 +68,33 @@ def test_state_stays_bounded() -> None:
     assert state.purchased == ["p17", "p18", "p19"]
     assert len(state.seen_event_ids) == 4
     assert state.clicks == 20 and state.purchases == 20
+
+
+def test_a_backfilled_older_event_is_inserted_by_timestamp() -> None:
+    state = None
+    for n, ts in enumerate([NOW, NOW + 2, NOW + 4]):
+        state, _ = apply_event(state, click(n, f"live{n}", ts=ts), LIMITS)
+    state, _ = apply_event(state, click(10, "old", ts=NOW + 1), LIMITS)
+    state, _ = apply_event(state, click(11, "tie", ts=NOW + 2), LIMITS)  # after the entry it ties with
+    assert state is not None
+    assert [h.item_id for h in state.history] == ["live0", "old", "live1", "tie", "live2"]
+    state, _ = apply_event(state, click(12, "ancient", ts=NOW - 1), LIMITS)  # history full: falls off
+    assert [h.item_id for h in state.history] == ["live0", "old", "live1", "tie", "live2"]
+    assert state.last_event_id == "e2" and state.clicks == 6
+
+
+@given(st.permutations(list(range(12))), st.integers(min_value=1, max_value=12))
+def test_any_arrival_order_keeps_the_newest_events_in_time_order(order: list[int], length: int) -> None:
+    """What backfill relies on: replayed history interleaved with live events gives the same history."""
+    limits = StateLimits(history_length=length, dedupe_window=64)
+    state = None
+    for n in order:
+        state, applied = apply_event(state, click(n, f"i{n}", ts=NOW + 1000 * n), limits)
+        assert applied
+    assert state is not None
+    # Inserting by time and dropping the oldest keeps the newest `length` seen so far, whatever the order.
+    assert [h.item_id for h in state.history] == [f"i{n}" for n in range(12)[-length:]]
+    assert state.clicks == 12 and state.last_event_id == "e11"
 
 
 def test_out_of_order_event_does_not_move_last_event_back() -> None:
@@ -128,6 +156,9 @@ def test_validation_reasons() -> None:
     )
     lenient = ValidationRules(RULES.max_event_age_ms, RULES.max_clock_skew_ms, reject_unknown_items=False)
     assert validate_event(click(1, "nope"), NOW, lenient, catalog.__contains__) is None
+    history = ValidationRules(None, RULES.max_clock_skew_ms)  # the backfill topic: no age limit
+    assert validate_event(click(1, "known", ts=0), NOW, history, catalog.__contains__) is None
+    assert reason(click(1, "known", ts=NOW + 3_600_000)) == "absurd_timestamp", "the future still is not"
 
 
 def test_catalog_keeps_latest_version_and_queues_changes_once() -> None:
@@ -165,7 +196,9 @@ def test_state_encoding_is_fastavros_and_incremental_encoding_is_the_full_one(
     events: list[tuple[EventKind, str, int, int]], batch: int
 ) -> None:
     """Byte for byte what fastavro writes; re-encoding after each micro-batch from the previous bytes
-    gives the same bytes as encoding the state from scratch, and decodes back to the state."""
+    gives the same bytes as encoding the state from scratch, and decodes back to the state. An event older
+    than the history's newest is inserted by time, not appended: that batch is encoded whole, as the worker
+    does."""
     state: UserState | None = None
     parts = None
     for start in range(0, len(events), batch):
@@ -173,6 +206,8 @@ def test_state_encoding_is_fastavros_and_incremental_encoding_is_the_full_one(
         for kind, text, ts, n in events[start : start + batch]:
             item, query = (None, text) if kind is EventKind.SEARCH else (text, None)
             event = Event(f"e{n}", "u\u00e9", kind, ts, item_id=item, query=query, price=1.0)
+            if not appends_to_history(state, event):
+                parts = None
             state, applied = apply_event(state, event, LIMITS)
             new += applied
         assert state is not None
