@@ -21,7 +21,7 @@ app.add_typer(recs_app, name="recs")
 console = Console()
 
 
-def settings_from_env(**overrides: object) -> Settings:
+def settings_from_env(**overrides: Any) -> Settings:
     """Settings from STREAMREC_* variables, with command-line options (when given) taking precedence."""
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 
 class EventKind(IntEnum):
@@ -97,8 +98,9 @@ class CatalogItem:
         }
 
     @classmethod
-    def from_avro(cls, record: dict) -> CatalogItem:
-        return cls(**{k: record.get(k) for k in cls.__slots__ if k in record})  # type: ignore[attr-defined]
+    def from_avro(cls, record: dict[str, Any]) -> CatalogItem:
+        fields = cls.__slots__  # type: ignore[attr-defined]
+        return cls(**{k: record[k] for k in fields if k in record})
 
     @property
     def text(self) -> str:

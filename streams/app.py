@@ -276,7 +276,7 @@ class Worker:
     async def _run_stage(self, app: faust.App) -> None:
         # Start once the catalogue has been recovered, so known items are not dead-lettered as unknown.
         try:
-            await asyncio.wait_for(app.tables.recovery.completed.wait(), timeout=60)
+            await asyncio.wait_for(app.tables.recovery.completed.wait(), timeout=60)  # type: ignore[attr-defined]
         except TimeoutError:
             log.warning("table recovery not complete after 60s; starting the event stage anyway")
         quiet_gc()

@@ -92,13 +92,14 @@ def follow(settings: Settings, figures: DemoFigures, stop: threading.Event) -> N
     try:
         while not stop.is_set():
             for msg in consumer.consume(num_messages=1000, timeout=0.2):
-                if msg.error() or msg.value() is None:
+                value = msg.value()
+                if msg.error() or value is None:
                     continue
                 if msg.topic() == settings.dead_letter_topic:
                     figures.dead_letters += 1
                     continue
                 try:
-                    _, record = codec.decode(msg.value(), accept={"Recommendation"})
+                    _, record = codec.decode(value, accept={"Recommendation"})
                 except DecodeError:
                     continue
                 rec = Recommendation.from_avro(record)

@@ -897,11 +897,15 @@ def run_replay(
             reject.close()
     seconds = time.monotonic() - started
     sent_now = counts.sent - sent_before
+    dry_run = isinstance(sink, DryRunSink)
+    totals = counts.to_json()
+    if dry_run:  # nothing left the process: say what a real run would have sent
+        totals["would_send"], totals["sent"] = totals["sent"], 0
     return {
         "target": sink.target,
-        "dry_run": isinstance(sink, DryRunSink),
+        "dry_run": dry_run,
         "resumed": resumed,
-        **counts.to_json(),
+        **totals,
         "invalid_examples": examples,
         "seconds": round(seconds, 3),
         "events_per_s": round(sent_now / seconds, 1) if seconds > 0 else None,

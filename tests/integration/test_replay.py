@@ -317,7 +317,7 @@ def test_a_dry_run_sends_nothing(clusters: Clusters, tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "dry.jsonl", events)
     before = len(topic_values(clusters.fresh, clusters.fresh.backfill_topic))
     summary = finish(replay_cli(clusters.fresh, str(path), "--dry-run"))
-    assert summary["dry_run"] and summary["sent"] == len(events)
+    assert summary["dry_run"] and summary["sent"] == 0 and summary["would_send"] == len(events)
     assert len(topic_values(clusters.fresh, clusters.fresh.backfill_topic)) == before
     strict = replay_cli(
         clusters.fresh, str(write_jsonl(tmp_path / "bad.jsonl", events, {2: "oops"})), "--dry-run", "--strict"

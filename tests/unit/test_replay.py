@@ -284,7 +284,8 @@ def test_a_dry_run_counts_filters_duplicates_and_refusals_and_sends_nothing(tmp_
     path.write_text("".join(json.dumps(event_to_json(e)) + "\n" for e in [*events, future]))
     filters = Filters(kinds=frozenset({EventKind.CLICK, EventKind.PURCHASE}))
     summary = run_replay(open_source(str(path), SETTINGS), DryRunSink("t"), SETTINGS, ReplayOptions(filters))
-    assert summary["dry_run"] and summary["sent"] == 3 and summary["duplicates"] == 1
+    assert summary["dry_run"] and summary["sent"] == 0 and summary["would_send"] == 3
+    assert summary["duplicates"] == 1
     assert summary["skipped"] == {"kind": 1} and summary["invalid"] == {"refused": 1}
 
 
