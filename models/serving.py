@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from streamrec.models import artifacts
-from streamrec.models.data import PAD, Step
+from streamrec.models.data import PAD
 from streamrec.models.index import ItemIndex
-from streamrec.models.sequences import last_hidden_state, pad_batch
+from streamrec.models.sequences import last_hidden_state
 from streamrec.models.text import MiniLMEmbedder
 from streamrec.models.train import resolve_device
 from streamrec.records import CatalogItem, EventKind, RecommendedItem, UserState
@@ -22,8 +22,18 @@ from streamrec.records import CatalogItem, EventKind, RecommendedItem, UserState
 _SEARCH, _PURCHASE = EventKind.SEARCH, EventKind.PURCHASE
 _CLICK_INT, _SEARCH_INT, _PURCHASE_INT = int(EventKind.CLICK), int(EventKind.SEARCH), int(EventKind.PURCHASE)
 
+_NOTHING: set[int] = set()  # shared: never modified
+
 # Newest events fed to the encoder at serve time: cost grows with the window, quality saturates.
 DEFAULT_SERVE_LEN = 16
+
+
+def set_threads(threads: int) -> None:
+    """CPU threads for serving: torch's intra-op pool and FAISS's OpenMP pool (process-wide)."""
+    import faiss
+
+    torch.set_num_threads(max(1, threads))
+    faiss.omp_set_num_threads(max(1, threads))
 
 
 class Recommender:
@@ -142,23 +152,58 @@ class Recommender:
             self.index_version = f"{self._base_index_version}+{self._upserts}"
 
     # --- recommending ---------------------------------------------------------------------------------
-    def _steps(self, user: UserState) -> list[Step]:
-        # Runs for every changed user in every micro-batch: locals and plain ints, no enum lookups.
-        steps: list[Step] = []
+    def _inputs(
+        self, users: list[UserState]
+    ) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray, list[str]]:
+        """The encoder's input for a batch, without per-step objects: (warm rows, items, kinds, query ids,
+        queries), each array (warm users, L), left-padded, newest event last; query id j is queries[j - 1]
+        (sorted, so a batch embeds its queries in one call, in a fixed order)."""
         index_of, limit = self._index_of, self.serve_len
-        for entry in reversed(user.history):
-            if len(steps) >= limit:
-                break
-            kind = entry.kind
-            if kind is _SEARCH:
-                if entry.query:
-                    steps.append(Step(_SEARCH_INT, PAD, entry.query))
-            elif entry.item_id is not None:
-                idx = index_of.get(entry.item_id)
-                if idx is not None:
-                    steps.append(Step(_PURCHASE_INT if kind is _PURCHASE else _CLICK_INT, idx))
-        steps.reverse()
-        return steps
+        warm: list[int] = []
+        rows_items: list[list[int]] = []
+        rows_kinds: list[list[int]] = []
+        searches: list[tuple[int, int, str]] = []  # (warm row, steps from the newest, query)
+        for u, user in enumerate(users):
+            items: list[int] = []
+            kinds: list[int] = []
+            for entry in reversed(user.history):
+                if len(items) >= limit:
+                    break
+                kind = entry.kind
+                if kind is _SEARCH:
+                    if entry.query:
+                        searches.append((len(warm), len(items), entry.query))
+                        items.append(PAD)
+                        kinds.append(_SEARCH_INT)
+                elif entry.item_id is not None:
+                    idx = index_of.get(entry.item_id)
+                    if idx is not None:
+                        items.append(idx)
+                        kinds.append(_PURCHASE_INT if kind is _PURCHASE else _CLICK_INT)
+            if items:
+                warm.append(u)
+                rows_items.append(items)
+                rows_kinds.append(kinds)
+        length = max(1, min(limit, max((len(r) for r in rows_items), default=1)))
+        flat_items: list[int] = []
+        flat_kinds: list[int] = []
+        for items, kinds in zip(rows_items, rows_kinds, strict=True):
+            pad = [PAD] * (length - len(items))
+            flat_items += pad
+            flat_items += items[::-1]
+            flat_kinds += pad
+            flat_kinds += kinds[::-1]
+        shape = (len(warm), length)
+        item_arr = np.array(flat_items, dtype=np.int64).reshape(shape)
+        kind_arr = np.array(flat_kinds, dtype=np.int64).reshape(shape)
+        qid_arr = np.zeros(shape, dtype=np.int64)
+        queries = sorted({q for _, _, q in searches})
+        if searches:
+            qindex = {q: j + 1 for j, q in enumerate(queries)}
+            qid_arr[[row for row, _, _ in searches], [length - 1 - back for _, back, _ in searches]] = [
+                qindex[q] for _, _, q in searches
+            ]
+        return warm, item_arr, kind_arr, qid_arr, queries
 
     def recommend(self, users: list[UserState], k: int) -> list[list[RecommendedItem]]:
         """Top-k per user, in input order: one encoder call and one index search for the whole batch."""
@@ -167,17 +212,19 @@ class Recommender:
         with self._lock:
             return self._recommend(users, k)
 
+    def _excluded(self, user: UserState) -> set[int]:
+        if not user.purchased:
+            return _NOTHING
+        index_of = self._index_of
+        return {index_of[p] for p in user.purchased if p in index_of}
+
     def _recommend(self, users: list[UserState], k: int) -> list[list[RecommendedItem]]:
         clock = time.perf_counter
         t0 = clock()
-        steps = [self._steps(u) for u in users]
-        warm = [i for i, s in enumerate(steps) if s]
+        warm, items, kinds, qids, queries = self._inputs(users)
         results: list[list[RecommendedItem]] = [[] for _ in users]
-        excluded = [{self._index_of[p] for p in u.purchased if p in self._index_of} for u in users]
+        excluded = [self._excluded(u) for u in users]
         if warm:
-            warm_steps = [steps[i] for i in warm]
-            queries = sorted({s.query for seq in warm_steps for s in seq if s.query is not None})
-            qindex = {q: j + 1 for j, q in enumerate(queries)}
             qtable = None
             qspace = np.zeros((len(queries) + 1, self._model.config.dim), dtype=np.float32)
             if queries and self._embedder is not None and self._model.config.text_dim:
@@ -186,11 +233,16 @@ class Recommender:
                 qtable = torch.from_numpy(text).to(self._device)
                 with torch.inference_mode():
                     qspace = self._model.query_vectors(qtable).cpu().numpy()
-            items, kinds, qids = pad_batch(warm_steps, self.serve_len, qindex)
-            length = items.shape[1]
             t1 = clock()
             with torch.inference_mode():
-                h = last_hidden_state(self._model, items, kinds, qids, qtable, self._vectors_t)
+                h = last_hidden_state(
+                    self._model,
+                    torch.from_numpy(items),
+                    torch.from_numpy(kinds),
+                    torch.from_numpy(qids),
+                    qtable,
+                    self._vectors_t,
+                )
             user_vecs = h.float().cpu().numpy()
             t2 = clock()
             n_out = int((~self._in_stock[1:]).sum())
@@ -198,36 +250,86 @@ class Recommender:
             fetch = min(self._index.size, k + most_excluded + min(n_out, 4 * k + 64) + 8)
             scores, found = self._index.search(user_vecs, fetch)
             t3 = clock()
-            picked = np.full((len(warm), k), PAD, dtype=np.int64)
-            picked_scores = np.zeros((len(warm), k), dtype=np.float32)
-            out_of_stock = set(np.flatnonzero(~self._in_stock).tolist())  # includes PAD (0)
-            for row, (row_scores, row_found) in enumerate(zip(scores.tolist(), found.tolist(), strict=True)):
-                skip = excluded[warm[row]]
-                ranked = [
-                    (idx, score)
-                    for score, idx in zip(row_scores, row_found, strict=True)
-                    if idx > PAD and idx not in out_of_stock and idx not in skip
-                ][:k]
-                if ranked:
-                    picked[row, : len(ranked)] = [idx for idx, _ in ranked]
-                    picked_scores[row, : len(ranked)] = [score for _, score in ranked]
-            anchors = self._anchors(picked, items.numpy(), qids.numpy(), qspace)
-            for row, (row_picked, row_scores, row_anchors) in enumerate(
-                zip(picked.tolist(), picked_scores.tolist(), anchors.tolist(), strict=True)
-            ):
-                seq = warm_steps[row]
-                shift = length - len(seq)
-                results[warm[row]] = [
-                    self._item(idx, sc, seq, a - shift)
-                    for idx, sc, a in zip(row_picked, row_scores, row_anchors, strict=True)
-                    if idx != PAD
-                ]
+            picked, picked_scores = self._rank(found, scores, [excluded[u] for u in warm], k)
+            anchors = self._anchors(picked, items, qids, qspace)
+            results_rows = self._explain(picked, picked_scores, anchors, items, kinds, qids, queries)
+            for row, recs in zip(warm, results_rows, strict=True):
+                results[row] = recs
             t4 = clock()
             self.last_timings = {"inputs": t1 - t0, "encoder": t2 - t1, "search": t3 - t2, "rank": t4 - t3}
         for i in range(len(users)):
             if len(results[i]) < k:
                 results[i].extend(self._popular(k - len(results[i]), excluded[i], results[i]))
         return results
+
+    def _rank(
+        self, found: np.ndarray, scores: np.ndarray, excluded: list[set[int]], k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The first k candidates of each row, in the index's order, that are real, in stock and not
+        excluded; (rows, k) item indices (PAD where fewer) and their scores (0 there)."""
+        rows = found.shape[0]
+        valid = found > PAD  # FAISS answers -1 when it has fewer than asked
+        valid &= self._in_stock[np.where(valid, found, PAD)]  # in_stock[PAD] is False
+        if any(excluded):
+            width = np.int64(len(self._in_stock))
+            banned = np.array(
+                [row * int(width) + idx for row, skip in enumerate(excluded) for idx in skip], dtype=np.int64
+            )
+            keys = np.arange(rows, dtype=np.int64)[:, None] * width + np.where(valid, found, PAD)
+            valid &= ~np.isin(keys, banned)
+        take = min(k, found.shape[1])
+        order = np.argsort(~valid, axis=1, kind="stable")[:, :take]  # valid first, index order kept
+        kept = np.take_along_axis(valid, order, axis=1)
+        picked = np.full((rows, k), PAD, dtype=np.int64)
+        picked_scores = np.zeros((rows, k), dtype=np.float32)
+        picked[:, :take] = np.where(kept, np.take_along_axis(found, order, axis=1), PAD)
+        picked_scores[:, :take] = np.where(kept, np.take_along_axis(scores, order, axis=1), 0.0)
+        return picked, picked_scores
+
+    def _explain(
+        self,
+        picked: np.ndarray,
+        picked_scores: np.ndarray,
+        anchors: np.ndarray,
+        items: np.ndarray,
+        kinds: np.ndarray,
+        qids: np.ndarray,
+        queries: list[str],
+    ) -> list[list[RecommendedItem]]:
+        """The recommended items with their reasons, for the whole batch: the anchor of every item is
+        looked up in arrays, every distinct reason is formatted once, and the per-item loop only builds
+        records from Python lists (no numpy scalars)."""
+        anchor_items = np.take_along_axis(items, anchors, axis=1)
+        anchor_kinds = np.take_along_axis(kinds, anchors, axis=1)
+        anchor_qids = np.take_along_axis(qids, anchors, axis=1)
+        # One code per distinct reason: 2 * item (+1 when bought) for an item anchor, -query id for a search.
+        codes = np.where(anchor_items > PAD, 2 * anchor_items + (anchor_kinds == _PURCHASE_INT), -anchor_qids)
+        codes[picked == PAD] = 0
+        reasons = {int(c): self._reason(int(c), queries) for c in np.unique(codes)}
+        ids = self._ids
+        out = []
+        for row_picked, row_scores, row_codes in zip(
+            picked.tolist(), picked_scores.tolist(), codes.tolist(), strict=True
+        ):
+            out.append(
+                [
+                    RecommendedItem(ids[idx - 1], score, *reasons[code])
+                    for idx, score, code in zip(row_picked, row_scores, row_codes, strict=True)
+                    if idx != PAD
+                ]
+            )
+        return out
+
+    def _reason(self, code: int, queries: list[str]) -> tuple[str, str, str | None]:
+        """(reason code, explanation, anchor) of a reason code made by _explain."""
+        if code <= 0:
+            q = queries[-code - 1] if code < 0 else ""
+            return "matches_search", f"Matches your search '{q}'", q
+        item, bought = divmod(code, 2)
+        title = self._titles[item] or self._ids[item - 1]
+        if bought:
+            return "goes_with_purchase", f"Goes with {title} you bought", self._ids[item - 1]
+        return "similar_to_recent", f"Because you viewed {title}", self._ids[item - 1]
 
     def _anchors(
         self, picked: np.ndarray, items: np.ndarray, qids: np.ndarray, qspace: np.ndarray
@@ -241,19 +343,6 @@ class Recommender:
         sims[np.broadcast_to(((items == PAD) & (qids == 0))[:, None, :], sims.shape)] = -np.inf
         # Among equally similar anchors prefer the newest: it is what the user is doing now.
         return sims.shape[2] - 1 - np.argmax(sims[:, :, ::-1], axis=2)
-
-    def _item(self, idx: int, score: float, steps: list[Step], position: int) -> RecommendedItem:
-        item_id = self._ids[idx - 1]
-        anchor = steps[position]
-        if anchor.item == PAD:
-            q = anchor.query or ""
-            return RecommendedItem(item_id, score, "matches_search", f"Matches your search '{q}'", q)
-        title = self._titles[anchor.item] or self._ids[anchor.item - 1]
-        anchor_id = self._ids[anchor.item - 1]
-        if anchor.kind == _PURCHASE_INT:
-            explanation = f"Goes with {title} you bought"
-            return RecommendedItem(item_id, score, "goes_with_purchase", explanation, anchor_id)
-        return RecommendedItem(item_id, score, "similar_to_recent", f"Because you viewed {title}", anchor_id)
 
     def _popular(self, n: int, excluded: set[int], already: list[RecommendedItem]) -> list[RecommendedItem]:
         taken = {r.item_id for r in already}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
@@ -110,6 +111,93 @@ def bundled_schemas() -> dict[str, RecordSchema]:
     }
 
 
+# --- hand-written Avro writers for the worker's hot path (tests hold them byte-identical to fastavro) ------
+
+_SMALL = [bytes([n]) for n in range(128)]
+NULL = b"\x00"  # union branch 0 (null); also the end of an array
+SOME = b"\x02"  # union branch 1
+_FLOAT = struct.Struct("<f").pack
+
+
+def avro_long(n: int) -> bytes:
+    """Avro long: zig-zag, then base-128 varint, least significant group first."""
+    n = (n << 1) ^ (n >> 63)
+    if n < 0x80:
+        return _SMALL[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def avro_string(value: str) -> bytes:
+    data = value.encode()
+    return avro_long(len(data)) + data
+
+
+def avro_optional(value: str | None) -> bytes:
+    return NULL if value is None else SOME + avro_string(value)
+
+
+class RecommendationWriter:
+    """The body of a Recommendation record, written by hand: the same bytes as fastavro, ~10x cheaper.
+
+    Every micro-batch writes one record per changed user, ten items each, out of a small vocabulary (item
+    ids, reason codes, explanations, anchors): their encodings are kept in a bounded table, so an item costs
+    a few dictionary hits, a float pack and a join.
+    """
+
+    def __init__(self, max_strings: int = 200_000) -> None:
+        self.max_strings = max_strings
+        self._strings: dict[str, bytes] = {}
+        self._anchors: dict[str | None, bytes] = {None: NULL}
+
+    def _string(self, value: str) -> bytes:
+        found = self._strings.get(value)
+        if found is None:
+            if len(self._strings) >= self.max_strings:
+                self._strings.clear()  # bounded: the vocabulary of a catalogue, not of the event stream
+            found = self._strings[value] = avro_string(value)
+        return found
+
+    def _anchor(self, value: str | None) -> bytes:
+        found = self._anchors.get(value)
+        if found is None:
+            if len(self._anchors) >= self.max_strings:
+                self._anchors.clear()
+                self._anchors[None] = NULL
+            found = self._anchors[value] = SOME + avro_string(value)  # type: ignore[arg-type]
+        return found
+
+    def body(self, rec: Any) -> bytes:
+        """``rec``: a streamrec.records.Recommendation (attribute access only: serde imports no records)."""
+        string, anchor, pack = self._string, self._anchor, _FLOAT
+        parts = [avro_string(rec.user_id)]
+        items = rec.items
+        if items:
+            parts.append(avro_long(len(items)))
+            for i in items:
+                parts += (
+                    string(i.item_id),
+                    pack(i.score),
+                    string(i.reason),
+                    string(i.explanation),
+                    anchor(i.anchor),
+                )
+        parts += (
+            NULL,
+            string(rec.model_version),
+            string(rec.index_version),
+            avro_string(rec.cause_event_id),
+            avro_long(rec.event_time),
+            avro_long(rec.publish_time),
+            string(rec.mode),
+        )
+        return b"".join(parts)
+
+
 WriterSchemaResolver = Callable[[bytes], str | None]
 """Looks up a writer schema's JSON by fingerprint (e.g. from the schemas topic); None when unknown."""
 
@@ -120,6 +208,8 @@ class Codec(Protocol):
     def schema(self, name: str) -> RecordSchema: ...
 
     def encode(self, name: str, record: dict[str, Any], schema: RecordSchema | None = None) -> bytes: ...
+
+    def header(self, name: str) -> bytes: ...
 
     def decode(self, data: bytes, accept: Iterable[str] | None = None) -> tuple[str, dict[str, Any]]: ...
 
@@ -145,6 +235,10 @@ class AvroCodec:
         writer = make_schema(json.loads(writer_json))
         self._by_fingerprint.setdefault(writer.fingerprint, writer)
         return writer
+
+    def header(self, name: str) -> bytes:
+        """What precedes the Avro body of a record written with this process's schema ``name``."""
+        return MAGIC + self.schemas[name].fingerprint
 
     def encode(self, name: str, record: dict[str, Any], schema: RecordSchema | None = None) -> bytes:
         schema = schema or self.schemas[name]

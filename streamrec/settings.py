@@ -59,7 +59,11 @@ class Settings(BaseSettings):
     worker_id: str | None = Field(None, description="Name of this worker in logs and dead letters.")
     data_dir: Path = Field(Path("var/worker"), description="RocksDB state and faust tables of this worker.")
     batch_size: int = Field(2000, description="Most events taken in one micro-batch.")
-    batch_wait_ms: int = Field(20, description="Longest wait for a micro-batch to fill.")
+    batch_wait_ms: int = Field(
+        20,
+        description="Fetch wait, and how long an idle event stage waits for a first record. A micro-batch "
+        "is what arrived while the previous one was processed, up to the batch size.",
+    )
     state_cache_users: int = Field(
         20_000,
         description="Decoded states of the most recently active users kept in memory (LRU, ~10 KB each).",
@@ -90,6 +94,11 @@ class Settings(BaseSettings):
         None, description="Model to serve; default: the registry's current promoted version."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Encoder device.")
+    serving_threads: int = Field(
+        1,
+        description="CPU threads of the worker's encoder and index search (torch, FAISS). One is steadier "
+        "and faster on a shared machine (measured); raise it on a dedicated multi-core host.",
+    )
     seed: int = Field(42, description="Random seed for training and simulation.")
 
     # --- Fine-tuning triggers --------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any
 import fastavro
 
 from streamrec.records import Event, EventKind, HistoryEntry, UserState
-from streamrec.serde import RecordSchema, bundled_schemas
+from streamrec.serde import NULL, RecordSchema, avro_long, avro_optional, avro_string, bundled_schemas
 
 
 @dataclass(frozen=True)
@@ -161,31 +161,7 @@ def state_from_avro(raw: dict[str, Any]) -> UserState:
 # seen event ids (StateBytes) and only the new ones are encoded. The worker re-encodes every changed user
 # in every micro-batch; with fastavro that was ~200 us per user, with StateBytes it is a join.
 
-_SMALL = [bytes([n]) for n in range(128)]
-_NULL = b"\x00"  # union branch 0 (null); also the end of an array
-_SOME = b"\x02"  # union branch 1
-
-
-def _long(n: int) -> bytes:
-    """Avro long: zig-zag, then base-128 varint, least significant group first."""
-    n = (n << 1) ^ (n >> 63)
-    if n < 0x80:
-        return _SMALL[n]
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _string(value: str) -> bytes:
-    data = value.encode()
-    return _long(len(data)) + data
-
-
-def _optional(value: str | None) -> bytes:
-    return _NULL if value is None else _SOME + _string(value)
+_long, _string, _optional, _NULL = avro_long, avro_string, avro_optional, NULL
 
 
 def _entry(entry: HistoryEntry) -> bytes:

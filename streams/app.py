@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import socket
@@ -43,12 +44,14 @@ def load_recommender(settings: Settings, model_dir: Path | None = None) -> Recom
     """The model to serve: the given directory, the configured one, or the registry's current version."""
     from streamrec.models.registry import current
     from streamrec.models.serving import Recommender as ModelRecommender
+    from streamrec.models.serving import set_threads
 
     path = model_dir or settings.model_dir or current(settings.model_registry)
     if path is None:
         raise SystemExit(
             f"no model to serve: nothing promoted in {settings.model_registry}; run `streamrec train` first"
         )
+    set_threads(settings.serving_threads)
     return ModelRecommender.load(Path(path), device=settings.device)
 
 
@@ -59,6 +62,7 @@ class Worker:
         self.settings = settings
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = WorkerMetrics()
+        self.metrics.watch_gc()
         self.catalog = Catalog()
         self.accuracy = OnlineAccuracy()
         self.policy = TriggerPolicy(
@@ -275,6 +279,7 @@ class Worker:
             await asyncio.wait_for(app.tables.recovery.completed.wait(), timeout=60)  # type: ignore[attr-defined]
         except TimeoutError:
             log.warning("table recovery not complete after 60s; starting the event stage anyway")
+        quiet_gc()
         stop = threading.Event()
         self.stage_thread = threading.Thread(
             target=self.stage.run, args=(stop,), name="event-stage", daemon=True
@@ -288,6 +293,21 @@ class Worker:
         finally:
             stop.set()
             self.stage_thread.join(timeout=30)
+
+
+def quiet_gc() -> None:
+    """Keep the cyclic garbage collector off the event path. Measured on the 100k-event backlog: full
+    collections took 6.2 s of a 22 s run with the defaults, 0 s with this (gen-0 collections 0.24 s).
+
+    Everything alive at start-up (model, catalogue, faust, libraries) is frozen out of every later
+    collection. A micro-batch makes ~10^5 short-lived objects (events, recommended items) that reference
+    counting frees at its end; with the default gen-0 threshold of 700 they were promoted and counted
+    towards full collections over the whole heap of cached user states. A larger threshold lets a batch's
+    objects die young. Cycles are still collected, just less often.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 10)
 
 
 def run_worker(settings: Settings) -> None:

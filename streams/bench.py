@@ -101,7 +101,7 @@ def sustained_rate(
     return (end[1] - start[1]) / (end[0] - start[0])
 
 
-_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})? (?P<value>\S+)$")
+_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
 
 
 def metric_total(text: str, name: str) -> float:
@@ -112,6 +112,33 @@ def metric_total(text: str, name: str) -> float:
         if m and m.group("name") == name:
             total += float(m.group("value"))
     return total
+
+
+def metric_by_label(text: str, name: str) -> dict[str, float]:
+    """One Prometheus metric's samples by their (single) label value, e.g. phase="flush" -> flush."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m and m.group("name") == name and m.group("labels"):
+            label = m.group("labels").split("=", 1)[1].strip('"')
+            out[label] = out.get(label, 0.0) + float(m.group("value"))
+    return out
+
+
+def batch_breakdown(before: str, after: str) -> dict[str, Any]:
+    """Milliseconds per micro-batch by phase, and garbage-collector seconds, between two metric texts."""
+    batches = metric_total(after, "streamrec_batches_total") - metric_total(before, "streamrec_batches_total")
+    phases_before = metric_by_label(before, "streamrec_batch_phase_seconds_total")
+    phases = {
+        p: round((v - phases_before.get(p, 0.0)) / batches * 1000, 2) if batches else None
+        for p, v in metric_by_label(after, "streamrec_batch_phase_seconds_total").items()
+    }
+    gc_before = metric_by_label(before, "streamrec_gc_seconds_total")
+    gc_after = metric_by_label(after, "streamrec_gc_seconds_total")
+    return {
+        "phase_ms_per_batch": phases,
+        "gc_seconds_by_generation": {g: round(v - gc_before.get(g, 0.0), 3) for g, v in gc_after.items()},
+    }
 
 
 def profile_summary(collapsed: str, must_contain: str, top: int = 15) -> dict[str, Any]:
@@ -320,6 +347,7 @@ class BrokerBench:
     def _throughput(self, worker: WorkerProcess, backlog: int) -> dict[str, Any]:
         self.console.print(f"worker ready; measuring throughput on the {backlog:,}-event backlog ...")
         load_before = load_average()
+        metrics_before = worker.metrics_text()
         profiler = self._start_profiler(worker) if self.config.profile else None
         samples = self._wait_processed(worker, backlog, timeout_s=900)
         if profiler is not None:
@@ -339,6 +367,7 @@ class BrokerBench:
             "recommendations": int(recs),
             "recommendations_per_event": round(recs / done, 3) if done else None,
             "mean_batch_ms": round(batch_seconds / batches * 1000, 1) if batches else None,
+            **batch_breakdown(metrics_before, text),
             "load_before": load_before,
             "load_after": load_average(),
         }
@@ -425,6 +454,7 @@ class BrokerBench:
                 self.console.print(f"offered load {rate:,.0f} events/s for {cfg.load_seconds:.0f} s ...")
                 load_before = load_average()
                 before = self._batch_counters(worker)
+                metrics_before = worker.metrics_text()
                 start_ms = time.time() * 1000
                 stats = simulate(
                     settings,
@@ -453,6 +483,7 @@ class BrokerBench:
                     "batches": int(batches),
                     "mean_batch_events": round(batch_events / batches, 1) if batches else None,
                     "mean_batch_ms": round(batch_seconds / batches * 1000, 1) if batches else None,
+                    **batch_breakdown(metrics_before, worker.metrics_text()),
                     "load_before": load_before,
                     "load_after": load_average(),
                 }

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from streamrec.catalog import Catalog
 from streamrec.records import (
@@ -36,7 +36,7 @@ from streamrec.records import (
     RecommendedItem,
     UserState,
 )
-from streamrec.serde import AvroCodec, DecodeError
+from streamrec.serde import AvroCodec, DecodeError, RecommendationWriter
 from streamrec.settings import Settings
 from streamrec.state import (
     Rejection,
@@ -143,6 +143,7 @@ class EventStage:
         self.cooperative = settings.assignment_strategy == "cooperative-sticky"
         self.store = StateStore(settings.data_dir, settings.state_changelog_topic, settings.bootstrap_servers)
         self.cache = StateCache(settings.state_cache_users)
+        self.rec_writer = RecommendationWriter()  # byte for byte codec.encode("Recommendation", ...), faster
         self._pending_model: Recommender | None = None
         self._lock = threading.Lock()
         self.ready = threading.Event()  # set once partitions are assigned and restored
@@ -150,6 +151,8 @@ class EventStage:
         self._consumer: Consumer | None = None
         self._assigned: dict[str, set[int]] = {}
         self._producer: Producer | None = None
+        # (topic, partition) -> the last offset committed, for the events and the backfill topic
+        self._committed: dict[tuple[str, int], TopicPartition] = {}
 
     # --- control from other threads -------------------------------------------------------------------
 
@@ -215,7 +218,12 @@ class EventStage:
         self.ready.set()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Everything consumed before this call has been published and committed (the loop is synchronous).
+        # Everything consumed before this call has been published (the loop is synchronous); its offsets
+        # were committed asynchronously: commit them once more, waiting, before the partitions move.
+        revoked = {p.partition for p in partitions}
+        self._commit_synchronously(consumer, revoked)
+        for key in [key for key in self._committed if key[1] in revoked]:
+            del self._committed[key]  # both topics: backfill partitions follow the events partitions
         self.cache.clear()
         self.store.revoke(p.partition for p in partitions)
         with_backfill = partitions + follow(partitions, self.backfill_topic)
@@ -225,6 +233,15 @@ class EventStage:
             consumer.unassign()
         self._note_assignment(with_backfill, added=False)
         self.metrics.partitions.set(len(self.store.partitions))
+
+    def _commit_synchronously(self, consumer: Consumer, partitions: set[int] | None = None) -> None:
+        offsets = [tp for tp in self._committed.values() if partitions is None or tp.partition in partitions]
+        if not offsets:
+            return
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:  # the batch is consumed again by the next owner: state is idempotent
+            log.warning("commit of %s failed: %s", offsets, exc)
 
     def assignment(self) -> dict[str, list[int]]:
         """Partitions this stage reads, by topic (the backfill ones follow the events ones)."""
@@ -260,13 +277,19 @@ class EventStage:
         }
         check_co_partitioned(counts, self.events_topic, self.backfill_topic)
         consumer.subscribe([self.events_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
-        wait_s = self.settings.batch_wait_ms / 1000
+        wait_s, size = self.settings.batch_wait_ms / 1000, self.settings.batch_size
         try:
             while not stop.is_set():
                 self._between_batches()
-                msgs = consumer.consume(num_messages=self.settings.batch_size, timeout=wait_s)
+                # A batch is what arrived while the previous one was processed: under a backlog it fills
+                # up to batch_size (per-batch costs amortised, more coalescing per user); at low load a
+                # record is taken as soon as it arrives instead of after the whole wait.
+                msgs = consumer.consume(num_messages=size, timeout=0)
                 if not msgs:
-                    continue
+                    msgs = consumer.consume(num_messages=1, timeout=wait_s)
+                    if not msgs:
+                        continue
+                    msgs += consumer.consume(num_messages=size - 1, timeout=0)
                 try:
                     self.process(msgs)
                 except DeliveryFailed as exc:
@@ -275,6 +298,7 @@ class EventStage:
                     stop.wait(1.0)
         finally:
             producer.flush(10)
+            self._commit_synchronously(consumer)
             consumer.close()  # leaves the group now, so partitions move without waiting for a timeout
             self.store.close()
 
@@ -329,6 +353,11 @@ class EventStage:
                 out.dead_letters += 1
                 continue
             by_partition.setdefault(p, {}).setdefault(outcome[0], []).append((outcome[1], backfill))
+
+        clock = time.perf_counter
+        phases = self.metrics.batch_phase_seconds
+        t_decoded = clock()
+        phases.labels("decode").inc(t_decoded - started)
 
         # 2. apply to state: active users' decoded states come from the cache, the others from RocksDB. A
         # user's recommendation is caused by their last live event, else by their last backfill event (shadow
@@ -393,11 +422,18 @@ class EventStage:
         for kind, n in applied.items():
             self.metrics.events.labels(kind.name.lower()).inc(n)
 
+        t_applied = clock()
+        phases.labels("state").inc(t_applied - t_decoded)
+
         # 3. one encoder call and one index search for every user to recommend to
         if changed:
             ranked = self.recommender.recommend([s for _, s, _, _, _ in changed], self.settings.top_k)
+            t_recommended = clock()
+            phases.labels("recommend").inc(t_recommended - t_applied)
+            t_applied = t_recommended
             publish = now_ms()
             model, index = self.recommender.model_version, self.recommender.index_version
+            header, body = self.codec.header("Recommendation"), self.rec_writer.body
             for (_, state, cause, _, backfill), items in zip(changed, ranked, strict=True):
                 rec = Recommendation(
                     user_id=state.user_id,
@@ -409,7 +445,7 @@ class EventStage:
                     publish_time=publish,
                     mode="backfill" if backfill else "live",
                 )
-                value = self.codec.encode("Recommendation", rec.to_avro())
+                value = header + body(rec)
                 topic = self.settings.shadow_topic if backfill else self.settings.recommendations_topic
                 self._produce(producer, topic, state.user_id.encode(), value, delivered)
                 if not backfill:
@@ -429,8 +465,13 @@ class EventStage:
                     partition=p,
                 )
 
+        t_produced = clock()
+        phases.labels("produce").inc(t_produced - t_applied)
+
         # 5. commit only what has been delivered
         remaining = producer.flush(30)
+        t_flushed = clock()
+        phases.labels("flush").inc(t_flushed - t_produced)
         if remaining or failures:
             self.cache.clear()  # it holds this batch's states, updated in place: RocksDB has the truth
             self._rewind(first_offsets)
@@ -442,9 +483,12 @@ class EventStage:
                     self.cache.put(p, user_id, None)
         for p, state, parts in cache_updates:
             self.cache.put(p, state.user_id, (state, parts))
-        self._consumer.commit(
-            offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last_offsets.items()], asynchronous=False
-        )
+        # Asynchronous: everything before it is delivered, so a lost commit only means the batch is consumed
+        # again, and de-duplication makes that harmless; a revoke or a stop commits once more, waiting.
+        commits = [TopicPartition(t, p, o + 1) for (t, p), o in last_offsets.items()]
+        self._consumer.commit(offsets=commits, asynchronous=True)
+        self._committed.update(((tp.topic, tp.partition), tp) for tp in commits)
+        phases.labels("commit").inc(clock() - t_flushed)
 
         self._record(out, time.perf_counter() - started)
         return out

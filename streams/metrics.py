@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -25,6 +28,12 @@ class WorkerMetrics:
         self.batch_seconds = Histogram(
             "streamrec_batch_seconds", "Micro-batch processing time", buckets=LATENCY_BUCKETS_S, registry=r
         )
+        self.batch_phase_seconds = Counter(
+            "streamrec_batch_phase_seconds",
+            "Micro-batch time by phase: decode, state, recommend, produce, flush (delivery wait), commit",
+            ["phase"],
+            registry=r,
+        )
         self.latency = Histogram(
             "streamrec_event_to_recommendation_seconds",
             "Event timestamp to recommendation publish time",
@@ -40,3 +49,17 @@ class WorkerMetrics:
             registry=r,
         )
         self.model_info = Gauge("streamrec_model_info", "Model being served", ["model_version"], registry=r)
+        self.gc_seconds = Counter(
+            "streamrec_gc_seconds", "Time in Python's cyclic garbage collector", ["generation"], registry=r
+        )
+        self._gc_started = 0.0
+
+    def watch_gc(self) -> None:
+        """Count the collector's pauses: they stop every thread, the event stage included."""
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_seconds.labels(str(info["generation"])).inc(time.perf_counter() - self._gc_started)

@@ -271,6 +271,9 @@ class RegistryCodec(AvroCodec):
             self._by_id[found] = schema
         return found
 
+    def header(self, name: str) -> bytes:
+        return registry_header(self.schema_id(self.schemas[name]))
+
     def encode(self, name: str, record: dict[str, Any], schema: RecordSchema | None = None) -> bytes:
         schema = schema or self.schemas[name]
         single_object = super().encode(name, record, schema)  # validates before anything is registered

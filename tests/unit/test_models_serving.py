@@ -7,11 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from streamrec.models import registry, synthetic
 from streamrec.models.serving import Recommender
 from streamrec.models.train import TrainConfig, train
 from streamrec.records import CatalogItem, EventKind, HistoryEntry, UserState
+from tests.unit.reference_serving import reference_recommend
 
 H = HistoryEntry
 
@@ -141,3 +144,35 @@ def test_upserts_from_another_thread_while_recommending(rec: Recommender) -> Non
     assert not errors
     assert rec.knows_item("new-29")
     assert rec.index_version.endswith("+30")
+
+
+CATEGORY_ITEMS = [f"{c}-{j}" for c in ("coffee", "shoes", "laptop", "garden", "camera") for j in range(20)]
+entries = st.one_of(
+    st.builds(
+        H, st.just(EventKind.CLICK), st.integers(0, 99), st.sampled_from([*CATEGORY_ITEMS, "unknown-1"])
+    ),
+    st.builds(H, st.just(EventKind.PURCHASE), st.integers(0, 99), st.sampled_from(CATEGORY_ITEMS)),
+    st.builds(
+        H,
+        st.just(EventKind.SEARCH),
+        st.integers(0, 99),
+        st.none(),
+        st.sampled_from(["", "espresso coffee", "garden hose", "camera lens", "running shoes"]),
+    ),
+)
+shoppers = st.builds(
+    UserState,
+    user_id=st.text(min_size=1, max_size=4),
+    history=st.lists(entries, max_size=24),
+    purchased=st.lists(st.sampled_from([*CATEGORY_ITEMS, "gone-1"]), max_size=30, unique=True),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(users=st.lists(shoppers, min_size=1, max_size=8), k=st.sampled_from([1, 5, 10, 40]), stock=st.data())
+def test_the_batched_fast_path_equals_the_per_user_reference(
+    rec: Recommender, users: list[UserState], k: int, stock: st.DataObject
+) -> None:
+    gone = stock.draw(st.lists(st.sampled_from(CATEGORY_ITEMS), max_size=10, unique=True))
+    rec.upsert_items([CatalogItem(i, i.title(), None, 1.0, in_stock=i not in gone) for i in CATEGORY_ITEMS])
+    assert rec.recommend(users, k) == reference_recommend(rec, users, k)
