@@ -56,6 +56,7 @@ from streamrec.triggers import OnlineAccuracy
 log = logging.getLogger(__name__)
 
 ACCEPTED_SCHEMAS = frozenset([*EVENT_SCHEMAS, "UserDeletion"])
+ANY_PARTITION = -1  # librdkafka's RD_KAFKA_PARTITION_UA: the producer's partitioner picks (murmur2 by key)
 
 
 class Recommender(Protocol):
@@ -329,8 +330,9 @@ class EventStage:
             if err is not None:
                 failures.append(f"{msg.topic()}[{msg.partition()}]: {err}")
             elif msg.topic() == self.settings.state_changelog_topic:
-                p = msg.partition()
-                changelog_offsets[p] = max(changelog_offsets.get(p, -1), msg.offset())
+                p, offset = msg.partition(), msg.offset()
+                assert p is not None and offset is not None  # set on every delivered record
+                changelog_offsets[p] = max(changelog_offsets.get(p, -1), offset)
 
         # 1. decode and validate, in input order; group valid events per (partition, user). Partition p of the
         # backfill topic holds the same users as partition p of the events topic.
@@ -344,9 +346,11 @@ class EventStage:
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("consume error: %s", err)
                 continue
-            p, backfill = msg.partition(), msg.topic() == self.backfill_topic
-            first_offsets.setdefault((msg.topic(), p), msg.offset())
-            last_offsets[(msg.topic(), p)] = msg.offset()
+            topic, p, offset = msg.topic(), msg.partition(), msg.offset()
+            assert topic is not None and p is not None and offset is not None  # set on every fetched record
+            backfill = topic == self.backfill_topic
+            first_offsets.setdefault((topic, p), offset)
+            last_offsets[(topic, p)] = offset
             outcome = self._decode(msg, now, self.backfill_rules if backfill else self.rules)
             if isinstance(outcome, Rejection):
                 self._dead_letter(producer, msg, outcome, delivered)
@@ -412,8 +416,8 @@ class EventStage:
                         out.deleted_users += 1
                     continue
                 if new_events:
-                    value, parts = encode_state_bytes(state, parts, new_events)
-                    changes.setdefault(p, {})[user_id] = value
+                    encoded, parts = encode_state_bytes(state, parts, new_events)
+                    changes.setdefault(p, {})[user_id] = encoded
                     cache_updates.append((p, state, parts))
                     if live_cause is not None:
                         changed.append((p, state, live_cause, parts, False))
@@ -445,9 +449,8 @@ class EventStage:
                     publish_time=publish,
                     mode="backfill" if backfill else "live",
                 )
-                value = header + body(rec)
-                topic = self.settings.shadow_topic if backfill else self.settings.recommendations_topic
-                self._produce(producer, topic, state.user_id.encode(), value, delivered)
+                out_topic = self.settings.shadow_topic if backfill else self.settings.recommendations_topic
+                self._produce(producer, out_topic, state.user_id.encode(), header + body(rec), delivered)
                 if not backfill:
                     self.accuracy.recommended(state.user_id, [i.item_id for i in items])
                     out.latencies_ms.append(publish - cause.timestamp)
@@ -516,12 +519,11 @@ class EventStage:
         key: bytes,
         value: bytes | None,
         on_delivery: Callable[[KafkaError | None, Message], None],
-        partition: int | None = None,
+        partition: int = ANY_PARTITION,
     ) -> None:
-        kwargs = {"partition": partition} if partition is not None else {}
         while True:
             try:
-                producer.produce(topic, value=value, key=key, on_delivery=on_delivery, **kwargs)
+                producer.produce(topic, value=value, key=key, partition=partition, on_delivery=on_delivery)
                 return
             except BufferError:
                 producer.poll(0.05)  # local queue full: let deliveries drain

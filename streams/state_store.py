@@ -52,7 +52,10 @@ class PartitionStore:
     def get_many(self, user_ids: list[str]) -> list[bytes | None]:
         if not user_ids:
             return []
-        return list(self.db[[_USER + u.encode() for u in user_ids]])
+        keys: list[str | int | float | bytes | bool] = [_USER + u.encode() for u in user_ids]
+        values = self.db[keys]
+        assert isinstance(values, list)  # a list of keys reads a list (raw mode: bytes, None where absent)
+        return values
 
     def write(self, changes: dict[str, bytes | None], checkpoint: int | None) -> None:
         """Apply changes (None deletes the user) and move the checkpoint, atomically."""
@@ -68,7 +71,7 @@ class PartitionStore:
         self.db.write(batch)
 
     def user_count(self) -> int:
-        return sum(1 for k in self.db.keys(from_key=_USER) if k.startswith(_USER))
+        return sum(1 for k in self.db.keys(from_key=_USER) if isinstance(k, bytes) and k.startswith(_USER))
 
     def close(self) -> None:
         self.db.close()
@@ -176,17 +179,20 @@ class StateStore:
                     raise StoreError(f"changelog restore of partitions {sorted(pending)} timed out")
                 for msg in consumer.consume(num_messages=10_000, timeout=0.5):
                     err = msg.error()
-                    p = msg.partition()
+                    if err is not None and err.code() != KafkaError._PARTITION_EOF:
+                        raise StoreError(f"changelog restore failed: {err}")  # may name no partition
+                    partition = msg.partition()
+                    assert partition is not None  # a fetched record, or its partition's EOF, names it
                     if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            pending.discard(p)
-                            continue
-                        raise StoreError(f"changelog restore failed: {err}")
+                        pending.discard(partition)
+                        continue
                     key = msg.key()
                     if key is None:
                         continue
-                    batches[p][key.decode()] = msg.value()
-                    last_offset[p] = msg.offset()
+                    offset = msg.offset()
+                    assert offset is not None  # set on every fetched record
+                    batches[partition][key.decode()] = msg.value()
+                    last_offset[partition] = offset
                     self.restored_records += 1
                 for p, changes in batches.items():
                     if len(changes) >= 5_000:
