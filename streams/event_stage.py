@@ -142,7 +142,13 @@ class EventStage:
         self.events_topic = settings.events_topic
         self.backfill_topic = settings.backfill_topic
         self.cooperative = settings.assignment_strategy == "cooperative-sticky"
-        self.store = StateStore(settings.data_dir, settings.state_changelog_topic, settings.bootstrap_servers)
+        self.store = StateStore(
+            settings.data_dir,
+            settings.state_changelog_topic,
+            settings.bootstrap_servers,
+            memtable_mb=settings.state_memtable_mb,
+            block_cache_mb=settings.state_block_cache_mb,
+        )
         self.cache = StateCache(settings.state_cache_users)
         self.rec_writer = RecommendationWriter()  # byte for byte codec.encode("Recommendation", ...), faster
         self._pending_model: Recommender | None = None
@@ -188,6 +194,8 @@ class EventStage:
                 "partition.assignment.strategy": s.assignment_strategy,
                 "client.id": self.worker_id,
                 "fetch.wait.max.ms": max(1, s.batch_wait_ms),
+                "queued.max.messages.kbytes": s.consumer_queue_kbytes,
+                "queued.min.messages": s.consumer_queue_messages,
             }
         )
         producer = Producer(
@@ -198,7 +206,8 @@ class EventStage:
                 "linger.ms": 2,
                 "compression.type": "lz4",
                 "partitioner": "murmur2_random",
-                "queue.buffering.max.messages": 1_000_000,
+                "queue.buffering.max.messages": 1_000_000,  # bounded by bytes instead
+                "queue.buffering.max.kbytes": s.producer_queue_kbytes,
                 "client.id": self.worker_id,
             }
         )

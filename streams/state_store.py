@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch
 
 from streamrec.records import UserState
 from streamrec.state import StateBytes
@@ -36,10 +36,18 @@ class StoreError(RuntimeError):
 class PartitionStore:
     """One partition's users. Keys are user ids, values the encoded UserState."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, memtable_mb: int = 8, block_cache: Cache | None = None) -> None:
         path.mkdir(parents=True, exist_ok=True)
         options = Options(raw_mode=True)
         options.create_if_missing(True)
+        # Every state write lands in the memtable first: RocksDB's 64 MB default, per partition, is memory
+        # that grows with the events processed until the first flush.
+        options.set_write_buffer_size(memtable_mb * 1024 * 1024)
+        options.set_max_write_buffer_number(2)
+        if block_cache is not None:
+            table = BlockBasedOptions()
+            table.set_block_cache(block_cache)
+            options.set_block_based_table_factory(table)
         self.path = path
         self.db = Rdict(str(path), options)
 
@@ -113,8 +121,17 @@ class StateCache:
 class StateStore:
     """The partitions this worker currently owns, restored from and written through to the changelog."""
 
-    def __init__(self, data_dir: Path, changelog_topic: str, bootstrap_servers: str) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        changelog_topic: str,
+        bootstrap_servers: str,
+        memtable_mb: int = 8,
+        block_cache_mb: int = 32,
+    ) -> None:
         self.data_dir = data_dir
+        self.memtable_mb = memtable_mb
+        self.block_cache = Cache(block_cache_mb * 1024 * 1024)  # one for all partitions
         self.changelog_topic = changelog_topic
         self.bootstrap_servers = bootstrap_servers
         self.partitions: dict[int, PartitionStore] = {}
@@ -127,7 +144,9 @@ class StateStore:
         """Open and restore each newly assigned partition before any of its events is processed."""
         new = [p for p in partitions if p not in self.partitions]
         for partition in new:
-            self.partitions[partition] = PartitionStore(self._path(partition))
+            self.partitions[partition] = PartitionStore(
+                self._path(partition), self.memtable_mb, self.block_cache
+            )
         if new:
             self._restore(new)
 
