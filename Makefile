@@ -18,8 +18,9 @@ $(STAMP): requirements.lock pyproject.toml
 demo: install
 	$(BIN)/streamrec demo
 
-# Unit tests, contracts, lint and the integration suite against a real embedded broker; slow suites excluded.
-test: install lint
+# Lint, import contracts, types, then unit tests, contracts and the integration suite against a real embedded
+# broker; slow suites excluded.
+test: install lint typecheck
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -m "not slow" -q
 

@@ -49,30 +49,17 @@ def hidden_states(
     qids: torch.Tensor,
     qtable: torch.Tensor | None,
     item_vecs: torch.Tensor,
+    last: bool = False,
 ) -> torch.Tensor:
+    """The encoder's hidden states (B, L, D); with ``last``, only the newest position's (B, D), computing only
+    what it needs (serving)."""
     device = item_vecs.device
     items, kinds, qids = items.to(device), kinds.to(device), qids.to(device)
     qtext = None
     if qtable is not None and model.config.text_dim and qtable.shape[1] == model.config.text_dim:
         qtext = qtable.to(device)[qids]
-    return model.encode(item_vecs[items], kinds, qtext)
-
-
-def last_hidden_state(
-    model: SequenceEncoder,
-    items: torch.Tensor,
-    kinds: torch.Tensor,
-    qids: torch.Tensor,
-    qtable: torch.Tensor | None,
-    item_vecs: torch.Tensor,
-) -> torch.Tensor:
-    """hidden_states(...)[:, -1] at inference, computing only what the newest position needs."""
-    device = item_vecs.device
-    items, kinds, qids = items.to(device), kinds.to(device), qids.to(device)
-    qtext = None
-    if qtable is not None and model.config.text_dim and qtable.shape[1] == model.config.text_dim:
-        qtext = qtable.to(device)[qids]
-    return model.encode_last(item_vecs[items], kinds, qtext)
+    encode = model.encode_last if last else model.encode
+    return encode(item_vecs[items], kinds, qtext)
 
 
 @torch.inference_mode()

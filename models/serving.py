@@ -14,7 +14,7 @@ import torch
 from streamrec.models import artifacts
 from streamrec.models.data import PAD
 from streamrec.models.index import ItemIndex
-from streamrec.models.sequences import last_hidden_state
+from streamrec.models.sequences import hidden_states
 from streamrec.models.text import MiniLMEmbedder
 from streamrec.models.train import resolve_device
 from streamrec.records import CatalogItem, EventKind, RecommendedItem, UserState
@@ -235,13 +235,14 @@ class Recommender:
                     qspace = self._model.query_vectors(qtable).cpu().numpy()
             t1 = clock()
             with torch.inference_mode():
-                h = last_hidden_state(
+                h = hidden_states(
                     self._model,
                     torch.from_numpy(items),
                     torch.from_numpy(kinds),
                     torch.from_numpy(qids),
                     qtable,
                     self._vectors_t,
+                    last=True,
                 )
             user_vecs = h.float().cpu().numpy()
             t2 = clock()

@@ -68,6 +68,29 @@ class Settings(BaseSettings):
         20_000,
         description="Decoded states of the most recently active users kept in memory (LRU, ~10 KB each).",
     )
+    consumer_queue_kbytes: int = Field(
+        16_384,
+        description="Most kilobytes of records the event stage's consumer prefetches, all partitions "
+        "together (librdkafka queued.max.messages.kbytes; its own default, 65536, fills under a backlog).",
+    )
+    consumer_queue_messages: int = Field(
+        10_000,
+        description="Records the event stage's consumer tries to keep prefetched per partition "
+        "(librdkafka queued.min.messages; its own default is 100000).",
+    )
+    producer_queue_kbytes: int = Field(
+        65_536,
+        description="Most kilobytes of records waiting in the event stage's producer (a full queue makes the "
+        "stage wait for deliveries; librdkafka queue.buffering.max.kbytes, its default 1048576).",
+    )
+    state_memtable_mb: int = Field(
+        8,
+        description="RocksDB write buffer per state partition; at most two are held before a flush to disk "
+        "(RocksDB's default is 64 MB).",
+    )
+    state_block_cache_mb: int = Field(
+        32, description="RocksDB block cache shared by all of a worker's state partitions."
+    )
     top_k: int = Field(10, description="Recommendations per user.")
     history_length: int = Field(50, description="Events kept per user (and encoder window).")
     max_purchased: int = Field(200, description="Purchased items remembered per user (never re-recommended).")

@@ -56,6 +56,7 @@ from streamrec.triggers import OnlineAccuracy
 log = logging.getLogger(__name__)
 
 ACCEPTED_SCHEMAS = frozenset([*EVENT_SCHEMAS, "UserDeletion"])
+ANY_PARTITION = -1  # librdkafka's RD_KAFKA_PARTITION_UA: the producer's partitioner picks (murmur2 by key)
 
 
 class Recommender(Protocol):
@@ -141,7 +142,13 @@ class EventStage:
         self.events_topic = settings.events_topic
         self.backfill_topic = settings.backfill_topic
         self.cooperative = settings.assignment_strategy == "cooperative-sticky"
-        self.store = StateStore(settings.data_dir, settings.state_changelog_topic, settings.bootstrap_servers)
+        self.store = StateStore(
+            settings.data_dir,
+            settings.state_changelog_topic,
+            settings.bootstrap_servers,
+            memtable_mb=settings.state_memtable_mb,
+            block_cache_mb=settings.state_block_cache_mb,
+        )
         self.cache = StateCache(settings.state_cache_users)
         self.rec_writer = RecommendationWriter()  # byte for byte codec.encode("Recommendation", ...), faster
         self._pending_model: Recommender | None = None
@@ -187,6 +194,8 @@ class EventStage:
                 "partition.assignment.strategy": s.assignment_strategy,
                 "client.id": self.worker_id,
                 "fetch.wait.max.ms": max(1, s.batch_wait_ms),
+                "queued.max.messages.kbytes": s.consumer_queue_kbytes,
+                "queued.min.messages": s.consumer_queue_messages,
             }
         )
         producer = Producer(
@@ -197,7 +206,8 @@ class EventStage:
                 "linger.ms": 2,
                 "compression.type": "lz4",
                 "partitioner": "murmur2_random",
-                "queue.buffering.max.messages": 1_000_000,
+                "queue.buffering.max.messages": 1_000_000,  # bounded by bytes instead
+                "queue.buffering.max.kbytes": s.producer_queue_kbytes,
                 "client.id": self.worker_id,
             }
         )
@@ -329,8 +339,9 @@ class EventStage:
             if err is not None:
                 failures.append(f"{msg.topic()}[{msg.partition()}]: {err}")
             elif msg.topic() == self.settings.state_changelog_topic:
-                p = msg.partition()
-                changelog_offsets[p] = max(changelog_offsets.get(p, -1), msg.offset())
+                p, offset = msg.partition(), msg.offset()
+                assert p is not None and offset is not None  # set on every delivered record
+                changelog_offsets[p] = max(changelog_offsets.get(p, -1), offset)
 
         # 1. decode and validate, in input order; group valid events per (partition, user). Partition p of the
         # backfill topic holds the same users as partition p of the events topic.
@@ -344,9 +355,11 @@ class EventStage:
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("consume error: %s", err)
                 continue
-            p, backfill = msg.partition(), msg.topic() == self.backfill_topic
-            first_offsets.setdefault((msg.topic(), p), msg.offset())
-            last_offsets[(msg.topic(), p)] = msg.offset()
+            topic, p, offset = msg.topic(), msg.partition(), msg.offset()
+            assert topic is not None and p is not None and offset is not None  # set on every fetched record
+            backfill = topic == self.backfill_topic
+            first_offsets.setdefault((topic, p), offset)
+            last_offsets[(topic, p)] = offset
             outcome = self._decode(msg, now, self.backfill_rules if backfill else self.rules)
             if isinstance(outcome, Rejection):
                 self._dead_letter(producer, msg, outcome, delivered)
@@ -412,8 +425,8 @@ class EventStage:
                         out.deleted_users += 1
                     continue
                 if new_events:
-                    value, parts = encode_state_bytes(state, parts, new_events)
-                    changes.setdefault(p, {})[user_id] = value
+                    encoded, parts = encode_state_bytes(state, parts, new_events)
+                    changes.setdefault(p, {})[user_id] = encoded
                     cache_updates.append((p, state, parts))
                     if live_cause is not None:
                         changed.append((p, state, live_cause, parts, False))
@@ -445,9 +458,8 @@ class EventStage:
                     publish_time=publish,
                     mode="backfill" if backfill else "live",
                 )
-                value = header + body(rec)
-                topic = self.settings.shadow_topic if backfill else self.settings.recommendations_topic
-                self._produce(producer, topic, state.user_id.encode(), value, delivered)
+                out_topic = self.settings.shadow_topic if backfill else self.settings.recommendations_topic
+                self._produce(producer, out_topic, state.user_id.encode(), header + body(rec), delivered)
                 if not backfill:
                     self.accuracy.recommended(state.user_id, [i.item_id for i in items])
                     out.latencies_ms.append(publish - cause.timestamp)
@@ -516,12 +528,11 @@ class EventStage:
         key: bytes,
         value: bytes | None,
         on_delivery: Callable[[KafkaError | None, Message], None],
-        partition: int | None = None,
+        partition: int = ANY_PARTITION,
     ) -> None:
-        kwargs = {"partition": partition} if partition is not None else {}
         while True:
             try:
-                producer.produce(topic, value=value, key=key, on_delivery=on_delivery, **kwargs)
+                producer.produce(topic, value=value, key=key, partition=partition, on_delivery=on_delivery)
                 return
             except BufferError:
                 producer.poll(0.05)  # local queue full: let deliveries drain

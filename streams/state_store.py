@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch
 
 from streamrec.records import UserState
 from streamrec.state import StateBytes
@@ -36,10 +36,18 @@ class StoreError(RuntimeError):
 class PartitionStore:
     """One partition's users. Keys are user ids, values the encoded UserState."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, memtable_mb: int = 8, block_cache: Cache | None = None) -> None:
         path.mkdir(parents=True, exist_ok=True)
         options = Options(raw_mode=True)
         options.create_if_missing(True)
+        # Every state write lands in the memtable first: RocksDB's 64 MB default, per partition, is memory
+        # that grows with the events processed until the first flush.
+        options.set_write_buffer_size(memtable_mb * 1024 * 1024)
+        options.set_max_write_buffer_number(2)
+        if block_cache is not None:
+            table = BlockBasedOptions()
+            table.set_block_cache(block_cache)
+            options.set_block_based_table_factory(table)
         self.path = path
         self.db = Rdict(str(path), options)
 
@@ -52,7 +60,10 @@ class PartitionStore:
     def get_many(self, user_ids: list[str]) -> list[bytes | None]:
         if not user_ids:
             return []
-        return list(self.db[[_USER + u.encode() for u in user_ids]])
+        keys: list[str | int | float | bytes | bool] = [_USER + u.encode() for u in user_ids]
+        values = self.db[keys]
+        assert isinstance(values, list)  # a list of keys reads a list (raw mode: bytes, None where absent)
+        return values
 
     def write(self, changes: dict[str, bytes | None], checkpoint: int | None) -> None:
         """Apply changes (None deletes the user) and move the checkpoint, atomically."""
@@ -68,7 +79,7 @@ class PartitionStore:
         self.db.write(batch)
 
     def user_count(self) -> int:
-        return sum(1 for k in self.db.keys(from_key=_USER) if k.startswith(_USER))
+        return sum(1 for k in self.db.keys(from_key=_USER) if isinstance(k, bytes) and k.startswith(_USER))
 
     def close(self) -> None:
         self.db.close()
@@ -110,8 +121,17 @@ class StateCache:
 class StateStore:
     """The partitions this worker currently owns, restored from and written through to the changelog."""
 
-    def __init__(self, data_dir: Path, changelog_topic: str, bootstrap_servers: str) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        changelog_topic: str,
+        bootstrap_servers: str,
+        memtable_mb: int = 8,
+        block_cache_mb: int = 32,
+    ) -> None:
         self.data_dir = data_dir
+        self.memtable_mb = memtable_mb
+        self.block_cache = Cache(block_cache_mb * 1024 * 1024)  # one for all partitions
         self.changelog_topic = changelog_topic
         self.bootstrap_servers = bootstrap_servers
         self.partitions: dict[int, PartitionStore] = {}
@@ -124,7 +144,9 @@ class StateStore:
         """Open and restore each newly assigned partition before any of its events is processed."""
         new = [p for p in partitions if p not in self.partitions]
         for partition in new:
-            self.partitions[partition] = PartitionStore(self._path(partition))
+            self.partitions[partition] = PartitionStore(
+                self._path(partition), self.memtable_mb, self.block_cache
+            )
         if new:
             self._restore(new)
 
@@ -176,17 +198,20 @@ class StateStore:
                     raise StoreError(f"changelog restore of partitions {sorted(pending)} timed out")
                 for msg in consumer.consume(num_messages=10_000, timeout=0.5):
                     err = msg.error()
-                    p = msg.partition()
+                    if err is not None and err.code() != KafkaError._PARTITION_EOF:
+                        raise StoreError(f"changelog restore failed: {err}")  # may name no partition
+                    partition = msg.partition()
+                    assert partition is not None  # a fetched record, or its partition's EOF, names it
                     if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            pending.discard(p)
-                            continue
-                        raise StoreError(f"changelog restore failed: {err}")
+                        pending.discard(partition)
+                        continue
                     key = msg.key()
                     if key is None:
                         continue
-                    batches[p][key.decode()] = msg.value()
-                    last_offset[p] = msg.offset()
+                    offset = msg.offset()
+                    assert offset is not None  # set on every fetched record
+                    batches[partition][key.decode()] = msg.value()
+                    last_offset[partition] = offset
                     self.restored_records += 1
                 for p, changes in batches.items():
                     if len(changes) >= 5_000:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from streamrec.models.data import PAD, Step
-from streamrec.models.sequences import last_hidden_state, pad_batch
+from streamrec.models.sequences import hidden_states, pad_batch
 from streamrec.models.serving import Recommender
 from streamrec.records import EventKind, RecommendedItem, UserState
 
@@ -65,7 +65,7 @@ def reference_recommend(rec: Recommender, users: list[UserState], k: int) -> lis
         items, kinds, qids = pad_batch(warm_steps, rec.serve_len, qindex)
         length = items.shape[1]
         with torch.inference_mode():
-            h = last_hidden_state(rec._model, items, kinds, qids, qtable, rec._vectors_t)
+            h = hidden_states(rec._model, items, kinds, qids, qtable, rec._vectors_t, last=True)
         user_vecs = h.float().cpu().numpy()
         n_out = int((~rec._in_stock[1:]).sum())
         most_excluded = max(len(excluded[i]) for i in warm)
