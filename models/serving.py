@@ -225,14 +225,7 @@ class Recommender:
         results: list[list[RecommendedItem]] = [[] for _ in users]
         excluded = [self._excluded(u) for u in users]
         if warm:
-            qtable = None
-            qspace = np.zeros((len(queries) + 1, self._model.config.dim), dtype=np.float32)
-            if queries and self._embedder is not None and self._model.config.text_dim:
-                text = np.zeros((len(queries) + 1, self._model.config.text_dim), dtype=np.float32)
-                text[1:] = self._embedder.embed_queries(queries)
-                qtable = torch.from_numpy(text).to(self._device)
-                with torch.inference_mode():
-                    qspace = self._model.query_vectors(qtable).cpu().numpy()
+            qtable, qspace = self._query_tables(queries)
             t1 = clock()
             with torch.inference_mode():
                 h = hidden_states(
@@ -262,6 +255,19 @@ class Recommender:
             if len(results[i]) < k:
                 results[i].extend(self._popular(k - len(results[i]), excluded[i], results[i]))
         return results
+
+    def _query_tables(self, queries: list[str]) -> tuple[torch.Tensor | None, np.ndarray]:
+        """Row j + 1 is query j: its text vector (the encoder's input; None without a text model) and its
+        vector in item space (for reasons; zeros without a text model). Row 0 is padding."""
+        qspace = np.zeros((len(queries) + 1, self._model.config.dim), dtype=np.float32)
+        if not (queries and self._embedder is not None and self._model.config.text_dim):
+            return None, qspace
+        text = np.zeros((len(queries) + 1, self._model.config.text_dim), dtype=np.float32)
+        text[1:] = self._embedder.embed_queries(queries)
+        qtable = torch.from_numpy(text).to(self._device)
+        with torch.inference_mode():
+            qspace = self._model.query_vectors(qtable).cpu().numpy()
+        return qtable, qspace
 
     def _rank(
         self, found: np.ndarray, scores: np.ndarray, excluded: list[set[int]], k: int

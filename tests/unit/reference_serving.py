@@ -54,14 +54,7 @@ def reference_recommend(rec: Recommender, users: list[UserState], k: int) -> lis
         warm_steps = [steps[i] for i in warm]
         queries = sorted({s.query for seq in warm_steps for s in seq if s.query is not None})
         qindex = {q: j + 1 for j, q in enumerate(queries)}
-        qtable = None
-        qspace = np.zeros((len(queries) + 1, rec._model.config.dim), dtype=np.float32)
-        if queries and rec._embedder is not None and rec._model.config.text_dim:
-            text = np.zeros((len(queries) + 1, rec._model.config.text_dim), dtype=np.float32)
-            text[1:] = rec._embedder.embed_queries(queries)
-            qtable = torch.from_numpy(text).to(rec._device)
-            with torch.inference_mode():
-                qspace = rec._model.query_vectors(qtable).cpu().numpy()
+        qtable, qspace = rec._query_tables(queries)
         items, kinds, qids = pad_batch(warm_steps, rec.serve_len, qindex)
         length = items.shape[1]
         with torch.inference_mode():
