@@ -375,7 +375,7 @@ class EventStage:
         # 2. apply to state: active users' decoded states come from the cache, the others from RocksDB. A
         # user's recommendation is caused by their last live event, else by their last backfill event (shadow
         # topic), so consumers of the live topic never see history as new.
-        changed: list[tuple[int, UserState, Event, StateBytes, bool]] = []
+        changed: list[tuple[UserState, Event, bool]] = []  # (state, cause, caused by backfill)
         changes: dict[int, dict[str, bytes | None]] = {}
         cache_updates: list[tuple[int, UserState, StateBytes]] = []
         applied: Counter[EventKind] = Counter()
@@ -429,9 +429,9 @@ class EventStage:
                     changes.setdefault(p, {})[user_id] = encoded
                     cache_updates.append((p, state, parts))
                     if live_cause is not None:
-                        changed.append((p, state, live_cause, parts, False))
+                        changed.append((state, live_cause, False))
                     elif backfill_cause is not None and shadow:
-                        changed.append((p, state, backfill_cause, parts, True))
+                        changed.append((state, backfill_cause, True))
         for kind, n in applied.items():
             self.metrics.events.labels(kind.name.lower()).inc(n)
 
@@ -440,14 +440,14 @@ class EventStage:
 
         # 3. one encoder call and one index search for every user to recommend to
         if changed:
-            ranked = self.recommender.recommend([s for _, s, _, _, _ in changed], self.settings.top_k)
+            ranked = self.recommender.recommend([s for s, _, _ in changed], self.settings.top_k)
             t_recommended = clock()
             phases.labels("recommend").inc(t_recommended - t_applied)
             t_applied = t_recommended
             publish = now_ms()
             model, index = self.recommender.model_version, self.recommender.index_version
             header, body = self.codec.header("Recommendation"), self.rec_writer.body
-            for (_, state, cause, _, backfill), items in zip(changed, ranked, strict=True):
+            for (state, cause, backfill), items in zip(changed, ranked, strict=True):
                 rec = Recommendation(
                     user_id=state.user_id,
                     items=items,
