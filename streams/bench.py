@@ -35,7 +35,7 @@ from streamrec.state import StateLimits, apply_event, encode_state
 from streamrec.streams.broker import EmbeddedBroker
 from streamrec.streams.client import EventProducer
 from streamrec.streams.process import WorkerProcess
-from streamrec.streams.simulate import publish_catalog, send_event, simulate
+from streamrec.streams.simulate import publish_catalog, simulate
 from streamrec.streams.state_store import PartitionStore
 from streamrec.streams.topics import create_topics
 
@@ -309,7 +309,7 @@ class BrokerBench:
         now = time.time_ns() // 1_000_000
         with EventProducer(settings, config={"linger.ms": 50, "batch.size": 1_000_000}) as producer:
             for n in range(cfg.events):
-                send_event(producer, simulator.next_event(now))
+                producer.send_event(simulator.next_event(now))
                 if n % 10_000 == 0:
                     producer.poll(0)
         return cfg.events

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from streamrec.records import CatalogItem, Event, EventKind
+from streamrec.records import CatalogItem
 from streamrec.sample import ShopperSimulator, sample_catalog
 from streamrec.settings import Settings
 from streamrec.streams.client import EventProducer
@@ -30,16 +30,6 @@ def publish_catalog(producer: EventProducer, catalog: list[CatalogItem]) -> None
     for item in catalog:
         producer.upsert_item(item)
     producer.flush()
-
-
-def send_event(producer: EventProducer, event: Event) -> None:
-    common = dict(event_id=event.event_id, session_id=event.session_id, timestamp=event.timestamp)
-    if event.kind is EventKind.CLICK:
-        producer.click(event.user_id, event.item_id or "", **common)  # type: ignore[arg-type]
-    elif event.kind is EventKind.SEARCH:
-        producer.search(event.user_id, event.query or "", **common)  # type: ignore[arg-type]
-    else:
-        producer.purchase(event.user_id, event.item_id or "", event.price or 0.0, event.quantity, **common)  # type: ignore[arg-type]
 
 
 def simulate(
@@ -76,7 +66,7 @@ def simulate(
                     producer.send_raw(settings.events_topic, b"user-bad", bad)
                     stats.bad_records += 1
                     continue
-                send_event(producer, simulator.next_event(time.time_ns() // 1_000_000))
+                producer.send_event(simulator.next_event(time.time_ns() // 1_000_000))
                 stats.events += 1
             producer.poll(0)
             stats.seconds = time.monotonic() - started

@@ -16,6 +16,7 @@ from streamrec.settings import Settings
 from streamrec.streams.broker import EmbeddedBroker
 from streamrec.streams.client import EventProducer
 from streamrec.streams.process import WorkerProcess
+from streamrec.streams.simulate import publish_catalog
 from streamrec.streams.topics import create_topics
 from tests.conftest import wait_for
 
@@ -113,9 +114,7 @@ def cluster(model_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         settings = Settings(bootstrap_servers=broker.bootstrap, model_registry=model_registry, data_dir=root)
         create_topics(settings)
         c = Cluster(settings, root)
-        for item in c.catalog:
-            c.producer.upsert_item(item)
-        c.producer.flush()
+        publish_catalog(c.producer, c.catalog)
         w = c.worker()
         w.wait_ready()
         w.wait_catalog(len(c.catalog), timeout_s=60)

@@ -37,6 +37,7 @@ from streamrec.streams.replay import (
     ReplayOptions,
     run_replay,
 )
+from streamrec.streams.simulate import publish_catalog
 from streamrec.streams.topics import create_topics
 from tests.conftest import wait_for
 
@@ -82,8 +83,7 @@ def clusters(model_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         create_topics(fresh)
         catalog = sample_catalog()
         with EventProducer(live) as producer:
-            for item in catalog:
-                producer.upsert_item(item)
+            publish_catalog(producer, catalog)
         live_worker = WorkerProcess(live, root / "live-0", "live-0").start()
         c = Clusters(live, fresh, live_worker, live_worker, root, [live_worker])
         c.fresh_worker = c.fresh_worker_named("fresh-0")
