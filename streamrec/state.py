@@ -7,12 +7,15 @@ import hashlib
 import io
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fastavro
 
 from streamrec.records import Event, EventKind, HistoryEntry, UserState
 from streamrec.serde import NULL, RecordSchema, avro_long, avro_optional, avro_string, bundled_schemas
+
+if TYPE_CHECKING:
+    from streamrec.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,15 @@ class ValidationRules:
     max_event_age_ms: int | None  # None: no age limit (history replayed through the backfill topic)
     max_clock_skew_ms: int
     reject_unknown_items: bool = True
+
+    @classmethod
+    def from_settings(cls, settings: Settings, historical: bool = False) -> ValidationRules:
+        """The worker's rules; history is old by nature: only the clock-skew (future) rule bounds its time."""
+        return cls(
+            max_event_age_ms=None if historical else settings.max_event_age_days * 86_400_000,
+            max_clock_skew_ms=settings.max_clock_skew_s * 1000,
+            reject_unknown_items=settings.reject_unknown_items,
+        )
 
 
 def validate_event(event: Event, now_ms: int, rules: ValidationRules, knows_item: Any) -> Rejection | None:

@@ -15,7 +15,6 @@ change state and the changelog like live ones; their recommendations go to the s
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -132,13 +131,8 @@ class EventStage:
         self.on_events = on_events
         self.worker_id = settings.worker_id or f"worker-{id(self):x}"
         self.limits = StateLimits(settings.history_length, settings.max_purchased, settings.dedupe_window)
-        self.rules = ValidationRules(
-            max_event_age_ms=settings.max_event_age_days * 86_400_000,
-            max_clock_skew_ms=settings.max_clock_skew_s * 1000,
-            reject_unknown_items=settings.reject_unknown_items,
-        )
-        # History is old by nature: only the clock-skew (future) rule applies to the backfill topic.
-        self.backfill_rules = dataclasses.replace(self.rules, max_event_age_ms=None)
+        self.rules = ValidationRules.from_settings(settings)
+        self.backfill_rules = ValidationRules.from_settings(settings, historical=True)
         self.events_topic = settings.events_topic
         self.backfill_topic = settings.backfill_topic
         self.cooperative = settings.assignment_strategy == "cooperative-sticky"

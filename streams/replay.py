@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -804,10 +805,8 @@ class ReplayOptions:
 def _rules(settings: Settings, historical: bool) -> ValidationRules:
     # The worker's own rules, less the catalogue (the replay tool does not read it): an event the worker
     # would dead-letter for its shape or time is reported here instead of being sent.
-    return ValidationRules(
-        max_event_age_ms=None if historical else settings.max_event_age_days * 86_400_000,
-        max_clock_skew_ms=settings.max_clock_skew_s * 1000,
-        reject_unknown_items=False,
+    return dataclasses.replace(
+        ValidationRules.from_settings(settings, historical=historical), reject_unknown_items=False
     )
 
 
