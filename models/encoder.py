@@ -28,6 +28,9 @@ class EncoderConfig:
     max_attributes: int = 0  # attributes kept per item
     id_dropout: float = 0.1  # share of items whose ID embedding is hidden per step, so content stands alone
     text_embedder: str = "hashing"  # which text embedder produced the text vectors (hashing | minilm)
+    # LiGR-style blocks (eSASRec): each residual branch is scaled by a sigmoid gate computed from the stream
+    # it is added to, h + sigmoid(W h) * branch(LN(h)). False = plain GPT-2 blocks.
+    gated: bool = False
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -84,6 +87,9 @@ class SequenceEncoder(nn.Module):
                 activation_function="gelu",  # exact GELU: one fused op, ~2x faster on CPU than the tanh form,
             )
         )
+        # Gates live beside the backbone, so a plain model's state_dict is unchanged.
+        self.attn_gates = nn.ModuleList(nn.Linear(d, d) for _ in range(config.layers) if config.gated)
+        self.mlp_gates = nn.ModuleList(nn.Linear(d, d) for _ in range(config.layers) if config.gated)
 
     def content_vectors(self) -> torch.Tensor:
         """(num_items + 1, dim): what an item looks like from its text and attributes alone."""
@@ -117,6 +123,8 @@ class SequenceEncoder(nn.Module):
         if query_text is not None and self.text_proj is not None:
             is_search = (kinds == int(EventKind.SEARCH)).unsqueeze(-1)
             x = x + self.text_proj(query_text) * is_search
+        if self.config.gated:
+            return self._blocks(x, kinds, last_only=False)
         length = kinds.shape[1]
         start = self.config.max_len - length
         positions = torch.arange(start, self.config.max_len, device=kinds.device).expand_as(kinds)
@@ -140,10 +148,15 @@ class SequenceEncoder(nn.Module):
         if query_text is not None and self.text_proj is not None:
             is_search = (kinds == int(EventKind.SEARCH)).unsqueeze(-1)
             x = x + self.text_proj(query_text) * is_search
+        return self._blocks(x, kinds, last_only=True)[:, 0]
+
+    def _blocks(self, x: torch.Tensor, kinds: torch.Tensor, last_only: bool) -> torch.Tensor:
+        """The backbone's blocks run one by one: (B, L, dim), or (B, 1, dim) for the newest position alone
+        (its last block attends from that position only and runs its MLP there)."""
         batch, length = kinds.shape
         backbone: Any = self.backbone  # GPT2Model: its blocks are used one by one
         positions = torch.arange(self.config.max_len - length, self.config.max_len, device=kinds.device)
-        h = x + backbone.wpe(positions)
+        h = backbone.drop(x + backbone.wpe(positions))
         keep = kinds > 0
         keep[:, -1] = True  # as in encode(): a fully padded row sees itself
         # Additive masks with a finite minimum: padded rows get harmless finite values, never NaN.
@@ -154,13 +167,18 @@ class SequenceEncoder(nn.Module):
         causal = torch.ones(length, length, dtype=torch.bool, device=h.device).tril()
         full_bias = pad_bias.masked_fill(~causal[None, None], neg)
         blocks = list(backbone.h)
-        for block in blocks[:-1]:
-            h = h + self._attend(block, block.ln_1(h), full_bias, last_only=False)
-            h = h + block.mlp(block.ln_2(h))
-        last = blocks[-1]
-        h_last = h[:, -1:] + self._attend(last, last.ln_1(h), pad_bias, last_only=True)
-        h_last = h_last + last.mlp(last.ln_2(h_last))
-        return backbone.ln_f(h_last)[:, 0]
+        for i, block in enumerate(blocks):
+            final = last_only and i == len(blocks) - 1
+            branch = self._attend(block, block.ln_1(h), pad_bias if final else full_bias, last_only=final)
+            if final:
+                h = h[:, -1:]
+            h = h + self._gated(self.attn_gates, i, h, branch)
+            h = h + self._gated(self.mlp_gates, i, h, block.mlp(block.ln_2(h)))
+        return backbone.ln_f(h)
+
+    @staticmethod
+    def _gated(gates: nn.ModuleList, i: int, h: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(gates[i](h)) * branch if len(gates) else branch
 
     def _attend(self, block: Any, a: torch.Tensor, bias: torch.Tensor, last_only: bool) -> torch.Tensor:
         attn = block.attn
@@ -172,6 +190,6 @@ class SequenceEncoder(nn.Module):
         q = q.view(batch, q.shape[1], heads, -1).transpose(1, 2)
         k = k.view(batch, length, heads, -1).transpose(1, 2)
         v = v.view(batch, length, heads, -1).transpose(1, 2)
-        weights = torch.softmax(q @ k.transpose(-1, -2) * attn.scaling + bias, dim=-1)
+        weights = attn.attn_dropout(torch.softmax(q @ k.transpose(-1, -2) * attn.scaling + bias, dim=-1))
         out = (weights @ v).transpose(1, 2).reshape(batch, q.shape[2], dim)
-        return attn.c_proj(out)
+        return attn.resid_dropout(attn.c_proj(out))

@@ -44,6 +44,11 @@ class TrainConfig:
     text: str = "auto"  # auto (minilm when items have text) | minilm | hashing | none
     use_attributes: bool = True
     id_dropout: float = 0.1
+    gated: bool = False  # LiGR-style gated residuals (see EncoderConfig.gated)
+    clip_norm: float = 0.0  # clip the gradient's global norm to this (0 = no clipping)
+    # Multiply the learning rate by lr_decay after lr_decay_patience epochs without a validation gain (1 = off)
+    lr_decay: float = 1.0
+    lr_decay_patience: int = 1
     negatives: int = 0  # 0 = full softmax over all items; n = sampled softmax with n shared uniform negatives
     index: IndexKind = "flat"
     device: str = "auto"
@@ -117,6 +122,7 @@ def build_model(data: Interactions, config: TrainConfig, embedder: TextEmbedder 
         num_attributes=max((max(v) for v in attrs.values() if v), default=0),
         max_attributes=max_attrs,
         id_dropout=config.id_dropout,
+        gated=config.gated,
         text_embedder=embedder.name if embedder is not None else "hashing",
     )
     model = SequenceEncoder(enc)
@@ -229,6 +235,13 @@ def fit(
         valid = {k: valid[k] for k in keys}
     blocked = torch.tensor(blocked_items, device=device) if blocked_items else None
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    plateau = (
+        torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="max", factor=config.lr_decay, patience=config.lr_decay_patience
+        )
+        if config.lr_decay < 1.0
+        else None
+    )
     rng = random.Random(config.seed)
     best: dict[str, float] = {"ndcg@10": -1.0}
     best_state = copy.deepcopy(model.state_dict())
@@ -244,13 +257,17 @@ def fit(
             loss = train_step_loss(model, batch, qindex, qtable, blocked, config.negatives)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if config.clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
             opt.step()
             total += loss.item()
             steps += 1
             if time.perf_counter() > deadline:
                 break
         metrics = _validate(model, valid, qindex, qtable)
-        entry = {"epoch": epoch, "loss": total / max(steps, 1), **metrics}
+        entry = {"epoch": epoch, "loss": total / max(steps, 1), **metrics, "lr": opt.param_groups[0]["lr"]}
+        if plateau is not None:
+            plateau.step(metrics["ndcg@10"])
         entry["seconds"] = round(time.perf_counter() - start, 1)
         history.append(entry)
         tqdm.write(

@@ -18,13 +18,14 @@ from streamrec.records import EventKind
     batch=st.integers(1, 6),
     length=st.integers(1, 12),
     seed=st.integers(0, 10_000),
+    gated=st.booleans(),
 )
 def test_encode_last_equals_the_last_position_of_encode(
-    layers: int, heads: int, text: bool, batch: int, length: int, seed: int
+    layers: int, heads: int, text: bool, batch: int, length: int, seed: int, gated: bool
 ) -> None:
     torch.manual_seed(seed)
     config = EncoderConfig(
-        num_items=30, dim=16, layers=layers, heads=heads, max_len=12, text_dim=8 if text else 0
+        num_items=30, dim=16, layers=layers, heads=heads, max_len=12, text_dim=8 if text else 0, gated=gated
     )
     model = SequenceEncoder(config).eval()
     kinds = torch.randint(1, 4, (batch, length))
@@ -39,3 +40,26 @@ def test_encode_last_equals_the_last_position_of_encode(
         full = model.encode(vecs, kinds.clone(), query_text)[:, -1]
         last = model.encode_last(vecs, kinds.clone(), query_text)
     assert torch.allclose(full, last, atol=1e-5, rtol=1e-4)
+
+
+def test_gated_blocks_with_open_gates_are_the_gpt2_blocks_in_training_too() -> None:
+    """The gated path runs the backbone's blocks by hand; with every gate held open (sigmoid = 1) it must be
+    the GPT-2 forward pass, so the gates are the only difference a gated model trains with."""
+    torch.manual_seed(7)
+    plain = SequenceEncoder(EncoderConfig(num_items=30, dim=16, layers=2, heads=2, max_len=12, dropout=0.0))
+    gated = SequenceEncoder(
+        EncoderConfig(num_items=30, dim=16, layers=2, heads=2, max_len=12, dropout=0.0, gated=True)
+    )
+    gated.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        for gate in [*gated.attn_gates, *gated.mlp_gates]:
+            gate.weight.zero_()
+            gate.bias.fill_(50.0)
+    kinds = torch.randint(1, 4, (4, 9))
+    kinds[0, :5] = 0
+    vecs = plain.item_vectors()[torch.randint(1, 31, (4, 9))]
+    plain.train()
+    gated.train()  # training mode: the hand-run path must match the backbone where it is used for training
+    real = kinds > 0  # padded positions' outputs are never used (no target, never attended to)
+    expected = plain.encode(vecs, kinds.clone())[real]
+    assert torch.allclose(expected, gated.encode(vecs, kinds.clone())[real], atol=1e-5)
