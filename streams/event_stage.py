@@ -2,9 +2,14 @@
 
 Per micro-batch: decode, validate (rejects go to the dead-letter topic with a reason), de-duplicate by event
 id, apply to per-user state, encode every changed user in one encoder call and search the index once, publish
-the recommendations and the changed states to the changelog, wait for delivery, write the states locally, and
-only then commit the input offsets. A crash anywhere before the commit redelivers the batch; de-duplication by
-event id makes that harmless (at-least-once in, idempotent state).
+the recommendations and the changed states to the changelog; once they are delivered, write the states locally
+and only then commit the input offsets. A crash anywhere before the commit redelivers the batch;
+de-duplication by event id makes that harmless (at-least-once in, idempotent state).
+
+Delivery is pipelined one batch deep: while batch N's records travel to the broker, batch N+1 is consumed,
+applied and published, and N is settled (delivered, written, committed) after that, before N+1 is. Batch N+1
+reads N's states from the cache, or from N's pending changes, never from RocksDB, which N has not written yet.
+If N's delivery fails, both batches are consumed again from N's offsets.
 
 One writer per user's state: the consumer group subscribes to the events topic only. Whichever partitions the
 assignor gives a member, the member also assigns itself the backfill topic's partitions of the same numbers
@@ -56,6 +61,7 @@ log = logging.getLogger(__name__)
 
 ACCEPTED_SCHEMAS = frozenset([*EVENT_SCHEMAS, "UserDeletion"])
 ANY_PARTITION = -1  # librdkafka's RD_KAFKA_PARTITION_UA: the producer's partitioner picks (murmur2 by key)
+IDLE_POLL_S = 0.002  # with a batch in flight, how long an idle loop waits for records before settling it
 
 
 class Recommender(Protocol):
@@ -85,6 +91,41 @@ class BatchOutcome:
 
 class DeliveryFailed(RuntimeError):
     pass
+
+
+@dataclass
+class InFlight:
+    """A published batch whose records are not all delivered yet: settled (states written locally, offsets
+    committed) once they are."""
+
+    changelog_topic: str
+    first_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    last_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    changes: dict[int, dict[str, bytes | None]] = field(default_factory=dict)  # None = user erased
+    changelog_offsets: dict[int, int] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    sent: int = 0
+    acked: int = 0
+
+    @property
+    def delivered(self) -> bool:
+        return self.acked >= self.sent
+
+    def on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        self.acked += 1
+        if err is not None:
+            self.failures.append(f"{msg.topic()}[{msg.partition()}]: {err}")
+        elif msg.topic() == self.changelog_topic:
+            p, offset = msg.partition(), msg.offset()
+            assert p is not None and offset is not None  # set on every delivered record
+            self.changelog_offsets[p] = max(self.changelog_offsets.get(p, -1), offset)
+
+    def pending_state(self, partition: int, user_id: str) -> tuple[bool, bytes | None]:
+        """(True, bytes or None if erased) when this batch changed the user, else (False, None)."""
+        users = self.changes.get(partition)
+        if users is None or user_id not in users:
+            return False, None
+        return True, users[user_id]
 
 
 class CoPartitioningError(RuntimeError):
@@ -154,6 +195,7 @@ class EventStage:
         self._producer: Producer | None = None
         # (topic, partition) -> the last offset committed, for the events and the backfill topic
         self._committed: dict[tuple[str, int], TopicPartition] = {}
+        self._inflight: InFlight | None = None  # the published batch not yet settled
 
     # --- control from other threads -------------------------------------------------------------------
 
@@ -225,6 +267,10 @@ class EventStage:
         # Everything consumed before this call has been published (the loop is synchronous); its offsets
         # were committed asynchronously: commit them once more, waiting, before the partitions move.
         revoked = {p.partition for p in partitions}
+        try:
+            self._settle_inflight(wait=True)
+        except DeliveryFailed as exc:  # not committed: the next owner consumes it again
+            log.error("batch in flight not delivered before a revoke: %s", exc)
         self._commit_synchronously(consumer, revoked)
         for key in [key for key in self._committed if key[1] in revoked]:
             del self._committed[key]  # both topics: backfill partitions follow the events partitions
@@ -288,19 +334,26 @@ class EventStage:
                 # A batch is what arrived while the previous one was processed: under a backlog it fills
                 # up to batch_size (per-batch costs amortised, more coalescing per user); at low load a
                 # record is taken as soon as it arrives instead of after the whole wait.
-                msgs = consumer.consume(num_messages=size, timeout=0)
-                if not msgs:
-                    msgs = consumer.consume(num_messages=1, timeout=wait_s)
-                    if not msgs:
-                        continue
-                    msgs += consumer.consume(num_messages=size - 1, timeout=0)
                 try:
+                    msgs = consumer.consume(num_messages=size, timeout=0)
+                    if not msgs:
+                        # Idle: settle the batch in flight while waiting for the next record.
+                        timeout = wait_s if self._inflight is None else min(wait_s, IDLE_POLL_S)
+                        msgs = consumer.consume(num_messages=1, timeout=timeout)
+                        if not msgs:
+                            self._settle_inflight(wait=False)
+                            continue
+                        msgs += consumer.consume(num_messages=size - 1, timeout=0)
                     self.process(msgs)
                 except DeliveryFailed as exc:
-                    # Nothing of the batch was committed or written locally; it is consumed again.
+                    # Nothing of the failed batches was committed or written locally; they are consumed again.
                     log.error("batch not delivered, retrying: %s", exc)
                     stop.wait(1.0)
         finally:
+            try:
+                self._settle_inflight(wait=True, timeout_s=10)
+            except DeliveryFailed as exc:
+                log.error("last batch not delivered at stop, it is consumed again: %s", exc)
             producer.flush(10)
             self._commit_synchronously(consumer)
             consumer.close()  # leaves the group now, so partitions move without waiting for a timeout
@@ -326,22 +379,13 @@ class EventStage:
         started = time.perf_counter()
         out = BatchOutcome()
         producer = self._producer
-        failures: list[str] = []
-        changelog_offsets: dict[int, int] = {}
-
-        def delivered(err: KafkaError | None, msg: Message) -> None:
-            if err is not None:
-                failures.append(f"{msg.topic()}[{msg.partition()}]: {err}")
-            elif msg.topic() == self.settings.state_changelog_topic:
-                p, offset = msg.partition(), msg.offset()
-                assert p is not None and offset is not None  # set on every delivered record
-                changelog_offsets[p] = max(changelog_offsets.get(p, -1), offset)
+        previous = self._inflight
+        flight = InFlight(self.settings.state_changelog_topic)
+        first_offsets, last_offsets = flight.first_offsets, flight.last_offsets
 
         # 1. decode and validate, in input order; group valid events per (partition, user). Partition p of the
         # backfill topic holds the same users as partition p of the events topic.
         by_partition: dict[int, dict[str, list[tuple[Event | None, bool]]]] = {}  # None = erase the user
-        first_offsets: dict[tuple[str, int], int] = {}
-        last_offsets: dict[tuple[str, int], int] = {}
         now = now_ms()
         for msg in msgs:
             err = msg.error()
@@ -356,7 +400,7 @@ class EventStage:
             last_offsets[(topic, p)] = offset
             outcome = self._decode(msg, now, self.backfill_rules if backfill else self.rules)
             if isinstance(outcome, Rejection):
-                self._dead_letter(producer, msg, outcome, delivered)
+                self._dead_letter(producer, msg, outcome, flight)
                 out.dead_letters += 1
                 continue
             by_partition.setdefault(p, {}).setdefault(outcome[0], []).append((outcome[1], backfill))
@@ -366,18 +410,28 @@ class EventStage:
         t_decoded = clock()
         phases.labels("decode").inc(t_decoded - started)
 
-        # 2. apply to state: active users' decoded states come from the cache, the others from RocksDB. A
-        # user's recommendation is caused by their last live event, else by their last backfill event (shadow
-        # topic), so consumers of the live topic never see history as new.
+        # 2. apply to state: active users' decoded states come from the cache, the others from the changes
+        # of the batch in flight or else RocksDB. A user's recommendation is caused by their last live event,
+        # else by their last backfill event (shadow topic), so consumers of the live topic never see history
+        # as new.
         changed: list[tuple[UserState, Event, bool]] = []  # (state, cause, caused by backfill)
-        changes: dict[int, dict[str, bytes | None]] = {}
+        changes = flight.changes
         cache_updates: list[tuple[int, UserState, StateBytes]] = []
         applied: Counter[EventKind] = Counter()
         shadow = self.settings.backfill_recommendations == "shadow"
         for p, users in by_partition.items():
             cached = {user_id: self.cache.get(p, user_id) for user_id in users}
-            missing = [user_id for user_id, hit in cached.items() if hit is None]
-            stored = dict(zip(missing, self.store.get_many(p, missing), strict=True))
+            stored: dict[str, bytes | None] = {}
+            missing = []
+            for user_id, hit in cached.items():
+                if hit is not None:
+                    continue
+                pending, raw = previous.pending_state(p, user_id) if previous else (False, None)
+                if pending:
+                    stored[user_id] = raw
+                else:
+                    missing.append(user_id)
+            stored.update(zip(missing, self.store.get_many(p, missing), strict=True))
             for user_id, events in users.items():
                 hit = cached[user_id]
                 parts: StateBytes | None = None
@@ -453,7 +507,7 @@ class EventStage:
                     mode="backfill" if backfill else "live",
                 )
                 out_topic = self.settings.shadow_topic if backfill else self.settings.recommendations_topic
-                self._produce(producer, out_topic, state.user_id.encode(), header + body(rec), delivered)
+                self._produce(producer, out_topic, state.user_id.encode(), header + body(rec), flight)
                 if not backfill:
                     self.accuracy.recommended(state.user_id, [i.item_id for i in items])
                     out.latencies_ms.append(publish - cause.timestamp)
@@ -467,37 +521,81 @@ class EventStage:
                     self.settings.state_changelog_topic,
                     user_id.encode(),
                     value,
-                    delivered,
+                    flight,
                     partition=p,
                 )
-
-        t_produced = clock()
-        phases.labels("produce").inc(t_produced - t_applied)
-
-        # 5. commit only what has been delivered
-        remaining = producer.flush(30)
-        t_flushed = clock()
-        phases.labels("flush").inc(t_flushed - t_produced)
-        if remaining or failures:
-            self.cache.clear()  # it holds this batch's states, updated in place: RocksDB has the truth
-            self._rewind(first_offsets)
-            raise DeliveryFailed(f"{remaining} undelivered, failures: {failures[:5]}")
+        # The next batch reads these states from the cache (a failure anywhere clears it)
         for p, user_changes in changes.items():
-            self.store.write(p, user_changes, changelog_offsets.get(p))
             for user_id, value in user_changes.items():
                 if value is None:
                     self.cache.put(p, user_id, None)
         for p, state, parts in cache_updates:
             self.cache.put(p, state.user_id, (state, parts))
-        # Asynchronous: everything before it is delivered, so a lost commit only means the batch is consumed
-        # again, and de-duplication makes that harmless; a revoke or a stop commits once more, waiting.
-        commits = [TopicPartition(t, p, o + 1) for (t, p), o in last_offsets.items()]
-        self._consumer.commit(offsets=commits, asynchronous=True)
-        self._committed.update(((tp.topic, tp.partition), tp) for tp in commits)
-        phases.labels("commit").inc(clock() - t_flushed)
+
+        t_produced = clock()
+        phases.labels("produce").inc(t_produced - t_applied)
+
+        # 5. settle the previous batch (its records had this batch's time to be delivered), then leave this
+        # one in flight
+        self._inflight = flight
+        if previous is not None:
+            try:
+                self._settle(previous, wait=True)
+            except DeliveryFailed:
+                self._inflight = None
+                self._rewind(first_offsets | previous.first_offsets)  # both batches, from the older's offsets
+                raise
+        self._settle_inflight(wait=False)  # settled already if its deliveries are in
 
         self._record(out, time.perf_counter() - started)
         return out
+
+    def _settle_inflight(self, wait: bool, timeout_s: float = 30.0) -> None:
+        """Settle the batch in flight, if any (see _settle); if it cannot be delivered, rewind to its offsets
+        so it is consumed again."""
+        flight = self._inflight
+        if flight is None:
+            return
+        try:
+            if self._settle(flight, wait, timeout_s):
+                self._inflight = None
+        except DeliveryFailed:
+            self._inflight = None
+            self._rewind(flight.first_offsets)
+            raise
+
+    def _settle(self, flight: InFlight, wait: bool, timeout_s: float = 30.0) -> bool:
+        """Once ``flight`` is delivered, write its states locally and commit its offsets; whether it is
+        settled. Without ``wait`` it only settles a batch whose deliveries are in. Raises DeliveryFailed,
+        after clearing the cache, if the batch cannot be delivered."""
+        assert self._consumer is not None and self._producer is not None
+        phases = self.metrics.batch_phase_seconds
+        t0 = time.perf_counter()
+        if not flight.delivered:
+            self._producer.poll(0)  # serve the delivery reports that are in
+        deadline = time.monotonic() + timeout_s
+        while not flight.delivered and not flight.failures:
+            left = deadline - time.monotonic()
+            if not wait or left <= 0:
+                break
+            self._producer.poll(min(left, 0.1))
+        t1 = time.perf_counter()
+        phases.labels("flush").inc(t1 - t0)
+        if not wait and not flight.delivered and not flight.failures:
+            return False
+        if flight.failures or not flight.delivered:
+            self.cache.clear()  # it holds this batch's states, updated in place: RocksDB has the truth
+            raise DeliveryFailed(f"{flight.sent - flight.acked} undelivered, failures: {flight.failures[:5]}")
+        for p, user_changes in flight.changes.items():
+            self.store.write(p, user_changes, flight.changelog_offsets.get(p))
+        # Asynchronous: everything before it is delivered, so a lost commit only means the batch is consumed
+        # again, and de-duplication makes that harmless; a revoke or a stop commits once more, waiting.
+        commits = [TopicPartition(t, p, o + 1) for (t, p), o in flight.last_offsets.items()]
+        if commits:
+            self._consumer.commit(offsets=commits, asynchronous=True)
+            self._committed.update(((tp.topic, tp.partition), tp) for tp in commits)
+        phases.labels("commit").inc(time.perf_counter() - t1)
+        return True
 
     def _decode(self, msg: Message, now: int, rules: ValidationRules) -> tuple[str, Event | None] | Rejection:
         value = msg.value()
@@ -521,12 +619,15 @@ class EventStage:
         topic: str,
         key: bytes,
         value: bytes | None,
-        on_delivery: Callable[[KafkaError | None, Message], None],
+        flight: InFlight,
         partition: int = ANY_PARTITION,
     ) -> None:
         while True:
             try:
-                producer.produce(topic, value=value, key=key, partition=partition, on_delivery=on_delivery)
+                producer.produce(
+                    topic, value=value, key=key, partition=partition, on_delivery=flight.on_delivery
+                )
+                flight.sent += 1
                 return
             except BufferError:
                 producer.poll(0.05)  # local queue full: let deliveries drain
@@ -536,7 +637,7 @@ class EventStage:
         producer: Producer,
         msg: Message,
         rejection: Rejection,
-        on_delivery: Callable[[KafkaError | None, Message], None],
+        flight: InFlight,
     ) -> None:
         record = {
             "source_topic": msg.topic(),
@@ -554,7 +655,7 @@ class EventStage:
             self.settings.dead_letter_topic,
             msg.key() or b"",
             self.codec.encode("DeadLetter", record),
-            on_delivery,
+            flight,
         )
         self.metrics.dead_letters.labels(rejection.reason).inc()
 

@@ -90,9 +90,9 @@ CachedState = tuple[UserState, StateBytes]
 
 class StateCache:
     """Decoded states of recently active users (LRU) with their encoded parts, so an active user's state is
-    neither read from RocksDB and decoded nor encoded in full again every micro-batch. It holds only what
-    RocksDB holds: the stage puts states once their batch is delivered, and drops everything when a batch
-    fails (states are updated in place) or partitions move."""
+    neither read from RocksDB and decoded nor encoded in full again every micro-batch. It runs at most one
+    batch ahead of RocksDB: the stage puts a batch's states once it is published, before its delivery is
+    settled, and drops everything when a delivery fails (states are updated in place) or partitions move."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity

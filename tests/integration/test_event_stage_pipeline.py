@@ -1,0 +1,176 @@
+"""Delivery is pipelined one batch deep: batch N+1 is applied on top of batch N before N is delivered, and a
+failed delivery of N rewinds both batches without writing or committing anything of them.
+
+Real RocksDB (restored from a real broker's changelog); the Kafka clients of the stage are stand-ins so the
+test decides when, and whether, each record is delivered."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+from confluent_kafka import KafkaError, TopicPartition
+
+from streamrec.catalog import Catalog
+from streamrec.records import CatalogItem, Event, EventKind, RecommendedItem, UserState
+from streamrec.serde import AvroCodec
+from streamrec.settings import Settings
+from streamrec.state import decode_state
+from streamrec.streams.event_stage import DeliveryFailed, EventStage
+
+pytestmark = pytest.mark.integration
+
+ITEMS = [f"sku-{n}" for n in range(5)]
+
+
+@dataclass
+class Record:
+    """What the stage reads of a consumed message."""
+
+    _topic: str
+    _partition: int
+    _offset: int
+    _value: bytes
+    _key: bytes
+
+    def error(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def value(self) -> bytes:
+        return self._value
+
+    def key(self) -> bytes:
+        return self._key
+
+
+@dataclass
+class HeldProducer:
+    """Holds every produced record's delivery report until the test releases it (the broker answered), then
+    reports it on the next poll, as failed if told so."""
+
+    held: list[tuple[Callable, Record]] = field(default_factory=list)
+    released: list[tuple[Callable, Record]] = field(default_factory=list)
+    failing: bool = False
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    def produce(
+        self, topic: str, value: bytes | None, key: bytes, partition: int, on_delivery: Callable
+    ) -> None:
+        p = max(partition, 0)
+        offset = self.offsets.get((topic, p), 0)
+        self.offsets[(topic, p)] = offset + 1
+        self.held.append((on_delivery, Record(topic, p, offset, value or b"", key)))
+
+    def release(self) -> None:
+        self.released += self.held
+        self.held = []
+
+    def poll(self, timeout: float = 0) -> int:
+        reports, self.released = self.released, []
+        error = KafkaError(KafkaError._MSG_TIMED_OUT) if self.failing else None
+        for callback, record in reports:
+            callback(error, record)
+        return len(reports)
+
+
+@dataclass
+class RecordingConsumer:
+    commits: list[TopicPartition] = field(default_factory=list)
+    seeks: list[TopicPartition] = field(default_factory=list)
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        self.commits.extend(offsets)
+
+    def seek(self, tp: TopicPartition) -> None:
+        self.seeks.append(tp)
+
+
+class Echo:
+    """A recommender that recommends the user's newest item (enough to publish something per user)."""
+
+    model_version = "m1"
+    index_version = "m1.0"
+
+    def upsert_items(self, items: list[CatalogItem]) -> None:
+        pass
+
+    def recommend(self, users: list[UserState], k: int) -> list[list[RecommendedItem]]:
+        newest = [u.history[-1].item_id or ITEMS[0] for u in users]
+        return [[RecommendedItem(item, 1.0, "similar_to_recent", "newest")] for item in newest]
+
+
+def test_the_next_batch_builds_on_the_one_in_flight_and_a_failed_delivery_rewinds_both(
+    settings: Settings,
+) -> None:
+    settings = settings.model_copy(update={"state_cache_users": 0})  # states come from the pending batch
+    catalog = Catalog()
+    for item in ITEMS:
+        catalog.upsert(CatalogItem(item_id=item, title=item))
+    codec = AvroCodec()
+    stage = EventStage(settings, catalog, Echo(), codec)
+    producer, consumer = HeldProducer(), RecordingConsumer()
+    stage._producer, stage._consumer = producer, consumer  # type: ignore[assignment]
+    stage.store.assign([0])
+    offset = 0
+
+    def batch(*items: str) -> list[Record]:
+        nonlocal offset
+        records = []
+        for item in items:
+            event = Event(f"e{offset}", "alice", EventKind.CLICK, int(time.time() * 1000), item_id=item)
+            value = codec.encode(event.schema_name, event.to_avro())
+            records.append(Record(settings.events_topic, 0, offset, value, b"alice"))
+            offset += 1
+        return records
+
+    def stored_items() -> list[str | None]:
+        raw = stage.store.get_many(0, ["alice"])[0]
+        return [] if raw is None else [s.item_id for s in decode_state(raw).history]
+
+    stage.process(batch("sku-1", "sku-2"))
+    assert stored_items() == []  # published, not delivered: nothing written locally, nothing committed
+    assert consumer.commits == []
+
+    # The next batch applies on top of the one in flight, then settles it (its reports are in by then).
+    producer.release()
+    out = stage.process(batch("sku-3"))
+    assert out.events == 1 and out.recommendations == 1
+    assert stored_items() == ["sku-1", "sku-2"]
+    assert [(c.partition, c.offset) for c in consumer.commits] == [(0, 2)]
+    producer.release()
+    stage._settle_inflight(wait=True)
+    assert stored_items() == ["sku-1", "sku-2", "sku-3"]
+    assert consumer.commits[-1].offset == 3
+
+    # Batch C is published, batch D is applied on top of it, then C's delivery fails: neither is written or
+    # committed, and the consumer goes back to C's first offset so both are consumed again.
+    stage.process(batch("sku-4"))
+    producer.failing = True
+    producer.release()
+    with pytest.raises(DeliveryFailed):
+        stage.process(batch("sku-0"))
+    assert stored_items() == ["sku-1", "sku-2", "sku-3"]
+    assert consumer.commits[-1].offset == 3
+    assert [(s.partition, s.offset) for s in consumer.seeks] == [(0, 3)]
+    assert len(stage.cache) == 0 and stage._inflight is None
+
+    # Consumed again once the broker is back: each event applied once, whatever D's late reports say.
+    producer.failing = False
+    offset = 3
+    stage.process(batch("sku-4", "sku-0"))
+    producer.release()
+    stage._settle_inflight(wait=True)
+    assert stored_items() == ["sku-1", "sku-2", "sku-3", "sku-4", "sku-0"]
+    assert consumer.commits[-1].offset == 5
+    stage.store.close()
