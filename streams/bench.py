@@ -135,10 +135,35 @@ def batch_breakdown(before: str, after: str) -> dict[str, Any]:
     }
     gc_before = metric_by_label(before, "streamrec_gc_seconds_total")
     gc_after = metric_by_label(after, "streamrec_gc_seconds_total")
+    # The tail that means hide: how many batches took longer than each histogram bound from 25 ms up.
+    buckets_before = metric_by_label(before, "streamrec_batch_seconds_bucket")
+    buckets_after = metric_by_label(after, "streamrec_batch_seconds_bucket")
+    slower = {
+        f"{float(le) * 1000:g}": int(batches - (n - buckets_before.get(le, 0.0)))
+        for le, n in buckets_after.items()
+        if le != "+Inf" and float(le) >= 0.025
+    }
     return {
         "phase_ms_per_batch": phases,
+        "batches_slower_than_ms": slower,
         "gc_seconds_by_generation": {g: round(v - gc_before.get(g, 0.0), 3) for g, v in gc_after.items()},
     }
+
+
+def worst_latencies(
+    rows: Sequence[tuple[int, int, float]], start_ms: float, n: int = 5
+) -> list[dict[str, float]]:
+    """The n slowest recommendations to publish: when their event came (seconds into the load), and both
+    latencies, so a stall can be placed (start-up, periodic, or spread)."""
+    slowest = sorted(rows, key=lambda r: r[1] - r[0], reverse=True)[:n]
+    return [
+        {
+            "at_s": round((e - start_ms) / 1000, 2),
+            "to_publish_ms": float(p - e),
+            "to_arrival_ms": round(a - e, 1),
+        }
+        for e, p, a in slowest
+    ]
 
 
 def profile_summary(collapsed: str, must_contain: str, top: int = 15) -> dict[str, Any]:
@@ -480,6 +505,7 @@ class BrokerBench:
                     "recommendations": len(rows),
                     "to_publish_ms": summarize(publish),
                     "to_arrival_ms": summarize(arrival),
+                    "slowest": worst_latencies(rows, start_ms),
                     "batches": int(batches),
                     "mean_batch_events": round(batch_events / batches, 1) if batches else None,
                     "mean_batch_ms": round(batch_seconds / batches * 1000, 1) if batches else None,

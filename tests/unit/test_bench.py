@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from streamrec.streams.bench import metric_total, profile_summary, summarize, sustained_rate
+from streamrec.streams.bench import (
+    batch_breakdown,
+    metric_total,
+    profile_summary,
+    summarize,
+    sustained_rate,
+    worst_latencies,
+)
 
 
 def test_summarize_gives_percentiles_and_handles_an_empty_sample() -> None:
@@ -45,3 +52,29 @@ def test_profile_summary_counts_inclusive_and_self_time_of_one_thread() -> None:
     assert s["samples"] == 100
     assert s["inclusive"]["process (event_stage.py)"] == 1.0
     assert s["self"] == {"recommend (serving.py)": 0.7, "decode (serde.py)": 0.3}
+
+
+def test_batch_breakdown_counts_the_slow_batches_between_two_scrapes() -> None:
+    def scrape(counts: dict[str, int], flush_s: float) -> str:
+        lines = [f'streamrec_batch_seconds_bucket{{le="{le}"}} {n}' for le, n in counts.items()]
+        lines += [
+            f"streamrec_batches_total {counts['+Inf']}",
+            f'streamrec_batch_phase_seconds_total{{phase="flush"}} {flush_s}',
+        ]
+        return "\n".join(lines)
+
+    before = scrape({"0.01": 5, "0.025": 8, "0.05": 9, "0.5": 10, "1.0": 10, "+Inf": 10}, 0.1)
+    # 20 more batches: 10 under 10 ms, 6 of 10-25 ms, 2 of 25-50 ms, 1 of 50-500 ms, 1 over 1 s
+    after = scrape({"0.01": 15, "0.025": 24, "0.05": 27, "0.5": 29, "1.0": 29, "+Inf": 30}, 0.3)
+    out = batch_breakdown(before, after)
+    assert out["phase_ms_per_batch"] == {"flush": 10.0}
+    assert out["batches_slower_than_ms"] == {"25": 4, "50": 2, "500": 1, "1000": 1}
+
+
+def test_worst_latencies_place_the_slowest_events_in_the_run() -> None:
+    start = 1_000_000.0
+    rows = [(int(start) + 1000 * i, int(start) + 1000 * i + 10, start + 1000 * i + 20.0) for i in range(10)]
+    rows[7] = (int(start) + 7000, int(start) + 7000 + 520, start + 7000 + 530.0)
+    worst = worst_latencies(rows, start, n=2)
+    assert worst[0] == {"at_s": 7.0, "to_publish_ms": 520.0, "to_arrival_ms": 530.0}
+    assert worst[1]["to_publish_ms"] == 10.0
