@@ -64,6 +64,11 @@ class Settings(BaseSettings):
         description="Fetch wait, and how long an idle event stage waits for a first record. A micro-batch "
         "is what arrived while the previous one was processed, up to the batch size.",
     )
+    delivery_pipeline: bool = Field(
+        True,
+        description="Publish micro-batch N+1 while N's records are being delivered (N is settled after); "
+        "false waits for each batch's delivery before the next one starts.",
+    )
     state_cache_users: int = Field(
         20_000,
         description="Decoded states of the most recently active users kept in memory (LRU, ~10 KB each).",

@@ -25,7 +25,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from streamrec.records import CatalogItem, Event, EventKind, Recommendation
+from streamrec.records import EVENT_SCHEMAS, CatalogItem, Event, EventKind, Recommendation
 from streamrec.serde import Codec, DecodeError, EncodeError, RecordSchema
 from streamrec.settings import Settings
 from streamrec.streams.schema_store import RegistryCodec, make_codec, publish_schema
@@ -278,6 +278,12 @@ class EventProducer:
     ) -> None:
         """Send bytes as they are (tools and tests): no validation, delivery still tracked."""
         self._produce(topic, _key(key), value, partition=partition, headers=headers)
+
+    def prepare(self, schema_names: tuple[str, ...] = (*EVENT_SCHEMAS, "UserDeletion")) -> None:
+        """Publish these writer schemas now (each is otherwise published, and acknowledged, before its first
+        record): a backend calls this at start-up so its first events do not wait for that round trip."""
+        for name in schema_names:
+            self._ensure_published(self.codec.schema(name))
 
     def poll(self, timeout_s: float = 0.0) -> int:
         """Serve delivery reports (a long-running sender calls this now and then); returns how many."""

@@ -545,7 +545,8 @@ class EventStage:
                 self._inflight = None
                 self._rewind(first_offsets | previous.first_offsets)  # both batches, from the older's offsets
                 raise
-        self._settle_inflight(wait=False)  # settled already if its deliveries are in
+        # settled already if its deliveries are in; waited for when delivery is not pipelined
+        self._settle_inflight(wait=not self.settings.delivery_pipeline)
 
         self._record(out, time.perf_counter() - started)
         return out

@@ -53,6 +53,7 @@ def simulate(
     with EventProducer(settings) as producer:
         if with_catalog:
             publish_catalog(producer, catalog)
+        producer.prepare()  # connected, schemas acknowledged: the first event's latency is the pipeline's
         started = time.monotonic()
         while not should_stop():
             elapsed = time.monotonic() - started
