@@ -31,6 +31,9 @@ class EncoderConfig:
     # LiGR-style blocks (eSASRec): each residual branch is scaled by a sigmoid gate computed from the stream
     # it is added to, h + sigmoid(W h) * branch(LN(h)). False = plain GPT-2 blocks.
     gated: bool = False
+    # Feed-forward of each block: "gelu" (GPT-2's) or "swiglu", silu(W1 x) * (W3 x) through GPT-2's own
+    # projections plus one more (W3), as in LiGR/eSASRec.
+    ff: str = "gelu"
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -90,6 +93,8 @@ class SequenceEncoder(nn.Module):
         # Gates live beside the backbone, so a plain model's state_dict is unchanged.
         self.attn_gates = nn.ModuleList(nn.Linear(d, d) for _ in range(config.layers) if config.gated)
         self.mlp_gates = nn.ModuleList(nn.Linear(d, d) for _ in range(config.layers) if config.gated)
+        swiglu = config.ff == "swiglu"
+        self.ff_up = nn.ModuleList(nn.Linear(d, 4 * d, bias=False) for _ in range(config.layers) if swiglu)
 
     def content_vectors(self) -> torch.Tensor:
         """(num_items + 1, dim): what an item looks like from its text and attributes alone."""
@@ -123,7 +128,7 @@ class SequenceEncoder(nn.Module):
         if query_text is not None and self.text_proj is not None:
             is_search = (kinds == int(EventKind.SEARCH)).unsqueeze(-1)
             x = x + self.text_proj(query_text) * is_search
-        if self.config.gated:
+        if self.config.gated or len(self.ff_up):
             return self._blocks(x, kinds, last_only=False)
         length = kinds.shape[1]
         start = self.config.max_len - length
@@ -173,8 +178,14 @@ class SequenceEncoder(nn.Module):
             if final:
                 h = h[:, -1:]
             h = h + self._gated(self.attn_gates, i, h, branch)
-            h = h + self._gated(self.mlp_gates, i, h, block.mlp(block.ln_2(h)))
+            h = h + self._gated(self.mlp_gates, i, h, self._ff(i, block, block.ln_2(h)))
         return backbone.ln_f(h)
+
+    def _ff(self, i: int, block: Any, x: torch.Tensor) -> torch.Tensor:
+        mlp = block.mlp
+        if not len(self.ff_up):
+            return mlp(x)
+        return mlp.dropout(mlp.c_proj(nn.functional.silu(mlp.c_fc(x)) * self.ff_up[i](x)))
 
     @staticmethod
     def _gated(gates: nn.ModuleList, i: int, h: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:

@@ -45,8 +45,10 @@ class TrainConfig:
     use_attributes: bool = True
     id_dropout: float = 0.1
     gated: bool = False  # LiGR-style gated residuals (see EncoderConfig.gated)
+    ff: str = "gelu"  # feed-forward: gelu | swiglu (see EncoderConfig.ff)
     clip_norm: float = 0.0  # clip the gradient's global norm to this (0 = no clipping)
-    # Multiply the learning rate by lr_decay after lr_decay_patience epochs without a validation gain (1 = off)
+    # Multiply the learning rate by lr_decay after lr_decay_patience epochs without a validation gain
+    # (1 = off)
     lr_decay: float = 1.0
     lr_decay_patience: int = 1
     negatives: int = 0  # 0 = full softmax over all items; n = sampled softmax with n shared uniform negatives
@@ -123,6 +125,7 @@ def build_model(data: Interactions, config: TrainConfig, embedder: TextEmbedder 
         max_attributes=max_attrs,
         id_dropout=config.id_dropout,
         gated=config.gated,
+        ff=config.ff,
         text_embedder=embedder.name if embedder is not None else "hashing",
     )
     model = SequenceEncoder(enc)

@@ -19,13 +19,21 @@ from streamrec.records import EventKind
     length=st.integers(1, 12),
     seed=st.integers(0, 10_000),
     gated=st.booleans(),
+    ff=st.sampled_from(["gelu", "swiglu"]),
 )
 def test_encode_last_equals_the_last_position_of_encode(
-    layers: int, heads: int, text: bool, batch: int, length: int, seed: int, gated: bool
+    layers: int, heads: int, text: bool, batch: int, length: int, seed: int, gated: bool, ff: str
 ) -> None:
     torch.manual_seed(seed)
     config = EncoderConfig(
-        num_items=30, dim=16, layers=layers, heads=heads, max_len=12, text_dim=8 if text else 0, gated=gated
+        num_items=30,
+        dim=16,
+        layers=layers,
+        heads=heads,
+        max_len=12,
+        text_dim=8 if text else 0,
+        gated=gated,
+        ff=ff,
     )
     model = SequenceEncoder(config).eval()
     kinds = torch.randint(1, 4, (batch, length))
