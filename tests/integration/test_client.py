@@ -128,6 +128,19 @@ def test_events_decode_into_what_was_sent_and_schemas_are_published_once(setting
     assert all(m.key() == make_schema(json.loads(m.value())).fingerprint for m in published)
 
 
+def test_prepare_publishes_the_event_schemas_before_any_event_and_only_once(settings: Settings) -> None:
+    with EventProducer(settings) as producer:
+        producer.prepare()
+        names = sorted(
+            make_schema(json.loads(m.value())).name for m in read_all(settings, settings.schemas_topic)
+        )
+        assert names == ["ClickEvent", "PurchaseEvent", "SearchEvent", "UserDeletion"]
+        assert read_all(settings, settings.events_topic) == []
+        producer.click("u1", "item-1")
+        producer.prepare()
+    assert len(read_all(settings, settings.schemas_topic)) == 4
+
+
 def test_an_evolved_producer_registers_its_schema_and_another_reader_decodes_it(settings: Settings) -> None:
     bundled = bundled_schemas()
     definition = copy.deepcopy(bundled["ClickEvent"].definition)
