@@ -636,7 +636,7 @@ def _model_part(settings: Settings, model_dir: Path, config: BenchConfig) -> dic
         },
     }
     # The default (`full` preset) encoder size, untrained: what a production model costs per batch.
-    full = EncoderConfig(num_items=12_000, dim=64, layers=2, heads=2, max_len=50)
+    full = EncoderConfig(num_items=12_000, dim=64, layers=2, heads=2, max_len=50, gated=True, ff="swiglu")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
         for last_only in (False, True):
