@@ -33,7 +33,8 @@ TARGETS: dict[str, dict[str, object]] = {
 # Yelp (20k items) was measured with 2048 sampled uniform negatives, which are cheaper on busy cores.
 OVERRIDES: dict[str, dict[str, object]] = {
     "yelp": {"negatives": 2048},
-    "ml-1m": {"max_len": 100, "dropout": 0.2, "batch_size": 64},
+    # Learning rate x0.3 after 2 epochs without validation gain: the loss otherwise rose after epoch 17.
+    "ml-1m": {"max_len": 100, "dropout": 0.2, "batch_size": 64, "lr_decay": 0.3, "lr_decay_patience": 1},
 }
 
 
