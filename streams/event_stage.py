@@ -111,6 +111,11 @@ class InFlight:
     def delivered(self) -> bool:
         return self.acked >= self.sent
 
+    @property
+    def answered(self) -> bool:
+        """Every report is in, or one has failed: nothing more to wait for."""
+        return self.delivered or bool(self.failures)
+
     def on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         self.acked += 1
         if err is not None:
@@ -575,14 +580,14 @@ class EventStage:
         if not flight.delivered:
             self._producer.poll(0)  # serve the delivery reports that are in
         deadline = time.monotonic() + timeout_s
-        while not flight.delivered and not flight.failures:
+        while not flight.answered:
             left = deadline - time.monotonic()
             if not wait or left <= 0:
                 break
             self._producer.poll(min(left, 0.1))
         t1 = time.perf_counter()
         phases.labels("flush").inc(t1 - t0)
-        if not wait and not flight.delivered and not flight.failures:
+        if not wait and not flight.answered:
             return False
         if flight.failures or not flight.delivered:
             self.cache.clear()  # it holds this batch's states, updated in place: RocksDB has the truth
