@@ -51,6 +51,9 @@ class TrainConfig:
     # (1 = off)
     lr_decay: float = 1.0
     lr_decay_patience: int = 1
+    # Train on a long history's older events too, as further max_len + 1 windows (False: only the newest
+    # window, as SASRec does)
+    all_windows: bool = False
     negatives: int = 0  # 0 = full softmax over all items; n = sampled softmax with n shared uniform negatives
     index: IndexKind = "flat"
     device: str = "auto"
@@ -150,6 +153,21 @@ def build_model(data: Interactions, config: TrainConfig, embedder: TextEmbedder 
     return model
 
 
+def training_windows(seqs: list[list[Step]], max_len: int, all_windows: bool) -> list[list[Step]]:
+    """The training sequences: each history's newest max_len + 1 events (SASRec's window). With
+    all_windows, a longer history also gives its older events as further windows, each ending on the event
+    the next one starts from, so every event after a history's first is a target exactly once."""
+    windows = []
+    for seq in seqs:
+        end = len(seq)
+        while end >= 2:
+            windows.append(seq[max(0, end - max_len - 1) : end])
+            if not all_windows:
+                break
+            end -= max_len
+    return windows
+
+
 def _batches(seqs: list[list[Step]], batch_size: int, rng: random.Random) -> list[list[list[Step]]]:
     # Group similar lengths so padding is trimmed per batch (~3x faster epochs than one global length).
     order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), rng.random()))
@@ -235,8 +253,7 @@ def fit(
         qtable = qtable.to(device)
     else:
         qindex, qtable = {}, None
-    # Long histories contribute their newest max_len + 1 events (SASRec's window).
-    train_seqs = [seq[-(config.max_len + 1) :] for seq in split.train.values() if len(seq) >= 2]
+    train_seqs = training_windows(list(split.train.values()), config.max_len, config.all_windows)
     valid = split.valid
     if config.eval_users and len(valid) > config.eval_users:
         keys = random.Random(config.seed).sample(sorted(valid), config.eval_users)
