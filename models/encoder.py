@@ -121,13 +121,10 @@ class SequenceEncoder(nn.Module):
         self,
         item_vecs: torch.Tensor,  # (B, L, dim) item vectors (zeros at searches and padding)
         kinds: torch.Tensor,  # (B, L) 0 = padding, else EventKind; sequences left-padded
-        query_text: torch.Tensor | None = None,  # (B, L, text_dim) at search positions, else zeros
+        query_vecs: torch.Tensor | None = None,  # (B, L, dim) query_vectors() at search positions
     ) -> torch.Tensor:
         """Hidden state at every position, (B, L, dim)."""
-        x = item_vecs + self.kind(kinds)
-        if query_text is not None and self.text_proj is not None:
-            is_search = (kinds == int(EventKind.SEARCH)).unsqueeze(-1)
-            x = x + self.text_proj(query_text) * is_search
+        x = self._inputs(item_vecs, kinds, query_vecs)
         if self.config.gated or len(self.ff_up):
             return self._blocks(x, kinds, last_only=False)
         length = kinds.shape[1]
@@ -143,17 +140,24 @@ class SequenceEncoder(nn.Module):
         self,
         item_vecs: torch.Tensor,  # (B, L, dim), as for encode()
         kinds: torch.Tensor,  # (B, L)
-        query_text: torch.Tensor | None = None,  # (B, L, text_dim)
+        query_vecs: torch.Tensor | None = None,  # (B, L, dim), as for encode()
     ) -> torch.Tensor:
         """encode(...)[:, -1] at inference, computing only what the newest position needs: the last block
         attends from that one position and runs its MLP there alone (a serving user vector is the last
         position's). The same weights through plain torch ops; a test holds it equal to encode()."""
         assert not self.training, "encode_last is for inference; training uses encode()"
+        return self._blocks(self._inputs(item_vecs, kinds, query_vecs), kinds, last_only=True)[:, 0]
+
+    def _inputs(
+        self, item_vecs: torch.Tensor, kinds: torch.Tensor, query_vecs: torch.Tensor | None
+    ) -> torch.Tensor:
+        """What a position feeds the blocks: its item, its event kind and, at a search, its query. Queries
+        come projected already: a batch has few distinct queries, so projecting its query table and then
+        gathering is cheaper than projecting text gathered to every position (the projection has no bias)."""
         x = item_vecs + self.kind(kinds)
-        if query_text is not None and self.text_proj is not None:
-            is_search = (kinds == int(EventKind.SEARCH)).unsqueeze(-1)
-            x = x + self.text_proj(query_text) * is_search
-        return self._blocks(x, kinds, last_only=True)[:, 0]
+        if query_vecs is not None:
+            x = x + query_vecs * (kinds == int(EventKind.SEARCH)).unsqueeze(-1)
+        return x
 
     def _blocks(self, x: torch.Tensor, kinds: torch.Tensor, last_only: bool) -> torch.Tensor:
         """The backbone's blocks run one by one: (B, L, dim), or (B, 1, dim) for the newest position alone

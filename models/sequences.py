@@ -55,11 +55,11 @@ def hidden_states(
     what it needs (serving)."""
     device = item_vecs.device
     items, kinds, qids = items.to(device), kinds.to(device), qids.to(device)
-    qtext = None
+    qvecs = None
     if qtable is not None and model.config.text_dim and qtable.shape[1] == model.config.text_dim:
-        qtext = qtable.to(device)[qids]
+        qvecs = model.query_vectors(qtable.to(device))[qids]  # row 0, padding, is zero text: a zero vector
     encode = model.encode_last if last else model.encode
-    return encode(item_vecs[items], kinds, qtext)
+    return encode(item_vecs[items], kinds, qvecs)
 
 
 @torch.inference_mode()

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamrec.models.encoder import EncoderConfig, SequenceEncoder
+from streamrec.models.sequences import hidden_states
 from streamrec.records import EventKind
 
 
@@ -42,11 +43,11 @@ def test_encode_last_equals_the_last_position_of_encode(
     kinds[torch.arange(length)[None, :] < pad[:, None]] = 0
     items = torch.randint(1, 31, (batch, length))
     items[(kinds == 0) | (kinds == int(EventKind.SEARCH))] = 0
-    query_text = torch.randn(batch, length, 8) if text else None
     with torch.inference_mode():
+        query_vecs = model.query_vectors(torch.randn(batch, length, 8)) if text else None
         vecs = model.item_vectors()[items]
-        full = model.encode(vecs, kinds.clone(), query_text)[:, -1]
-        last = model.encode_last(vecs, kinds.clone(), query_text)
+        full = model.encode(vecs, kinds.clone(), query_vecs)[:, -1]
+        last = model.encode_last(vecs, kinds.clone(), query_vecs)
     assert torch.allclose(full, last, atol=1e-5, rtol=1e-4)
 
 
@@ -71,3 +72,28 @@ def test_gated_blocks_with_open_gates_are_the_gpt2_blocks_in_training_too() -> N
     real = kinds > 0  # padded positions' outputs are never used (no target, never attended to)
     expected = plain.encode(vecs, kinds.clone())[real]
     assert torch.allclose(expected, gated.encode(vecs, kinds.clone())[real], atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 5), length=st.integers(1, 12), queries=st.integers(1, 6), last=st.booleans())
+def test_a_batch_query_table_projected_once_is_each_search_projected(
+    batch: int, length: int, queries: int, last: bool
+) -> None:
+    """hidden_states projects the batch's query table and gathers the rows: the same input as projecting the
+    text at every search position, which is what a search means to the encoder."""
+    torch.manual_seed(batch * 100 + length)
+    model = SequenceEncoder(EncoderConfig(num_items=30, dim=16, layers=1, heads=2, max_len=12, text_dim=8))
+    model.eval()
+    kinds = torch.randint(1, 4, (batch, length))
+    searches = kinds == int(EventKind.SEARCH)
+    items = torch.randint(1, 31, (batch, length)).masked_fill(searches, 0)
+    qids = torch.randint(1, queries + 1, (batch, length)).masked_fill(~searches, 0)
+    qtable = torch.randn(queries + 1, 8)
+    qtable[0] = 0  # padding
+    with torch.inference_mode():
+        vecs = model.item_vectors()
+        got = hidden_states(model, items, kinds, qids, qtable, vecs, last=last)
+        per_search = model.text_proj(qtable[qids]) * searches.unsqueeze(-1)
+        encode = model.encode_last if last else model.encode
+        want = encode(vecs[items], kinds, per_search)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
