@@ -119,17 +119,25 @@ SOME = b"\x02"  # union branch 1
 _FLOAT = struct.Struct("<f").pack
 
 
+# A varint 14 bits at a time: a non-final pair of 7-bit groups, and the final one or two groups.
+_PAIRS = [bytes([(v & 0x7F) | 0x80, ((v >> 7) & 0x7F) | 0x80]) for v in range(1 << 14)]
+_FINAL = [bytes([v]) if v < 0x80 else bytes([(v & 0x7F) | 0x80, v >> 7]) for v in range(1 << 14)]
+
+
 def avro_long(n: int) -> bytes:
-    """Avro long: zig-zag, then base-128 varint, least significant group first."""
+    """Avro long: zig-zag, then base-128 varint, least significant group first (two groups per table
+    lookup: a timestamp takes four lookups instead of seven appends)."""
     n = (n << 1) ^ (n >> 63)
     if n < 0x80:
         return _SMALL[n]
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+    if n < 0x4000:
+        return _FINAL[n]
+    parts = []
+    while n >= 0x4000:
+        parts.append(_PAIRS[n & 0x3FFF])
+        n >>= 14
+    parts.append(_FINAL[n])
+    return b"".join(parts)
 
 
 def avro_string(value: str) -> bytes:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import io
 import uuid
 from typing import Any
 
+import fastavro
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -25,6 +27,7 @@ from streamrec.serde import (
     EncodeError,
     RecommendationWriter,
     RecordSchema,
+    avro_long,
     bundled_schemas,
     make_schema,
     registry_header,
@@ -184,6 +187,19 @@ def test_the_hand_written_recommendation_writer_is_byte_identical_to_fastavro(
 ) -> None:
     codec = CODECS[codec_name]
     assert codec.header("Recommendation") + WRITER.body(rec) == codec.encode("Recommendation", rec.to_avro())
+
+
+@given(
+    n=st.one_of(
+        st.integers(-(2**63), 2**63 - 1),
+        st.integers(-(2**15), 2**15),  # every varint length change near the table edges
+        st.integers(1_500_000_000_000, 2_000_000_000_000),  # timestamps in ms
+    )
+)
+def test_the_hand_written_long_is_fastavros(n: int) -> None:
+    out = io.BytesIO()
+    fastavro.schemaless_writer(out, fastavro.parse_schema("long"), n)
+    assert avro_long(n) == out.getvalue()
 
 
 @codec_names
