@@ -145,14 +145,16 @@ def bench(
         False, "--json", help="Print the result as one JSON line (progress: stderr)."
     ),
     parts: str = typer.Option(
-        "ceiling,throughput,latency,memory,models,index",
-        help="Comma-separated: ceiling, throughput, latency, memory, models, index.",
+        "ceiling,throughput,latency,group,memory,models,index",
+        help="Comma-separated: ceiling, throughput, latency, group (two worker processes in one consumer "
+        "group), memory, models, index.",
     ),
     full: bool = typer.Option(False, "--full", help="1M users and 1M items (long: tens of minutes)."),
     events: int = typer.Option(None, help="Backlog events for the throughput run."),
     users: int = typer.Option(None, help="Simulated shoppers in the broker parts."),
     loads: str = typer.Option(None, help="Comma-separated offered loads, events/s (saturation is added)."),
     load_seconds: float = typer.Option(None, help="Seconds per offered load."),
+    group_workers: int = typer.Option(None, help="Worker processes in the group part (default 2)."),
     profile: bool = typer.Option(True, "--profile/--no-profile", help="py-spy the worker's event stage."),
     out: Path = typer.Option(Path("var/bench"), help="Where bench.json, latency.png and profile.txt go."),
 ) -> None:
@@ -174,6 +176,8 @@ def bench(
         overrides["loads"] = tuple(float(x) for x in loads.split(","))
     if load_seconds is not None:
         overrides["load_seconds"] = load_seconds
+    if group_workers is not None:
+        overrides["group_workers"] = group_workers
     config = BenchConfig.full(**overrides) if full else BenchConfig(**overrides)  # type: ignore[arg-type]
     result = run_bench(settings_from_env(), config, Console(stderr=True))
     print(json.dumps(result) if as_json else json.dumps(result, indent=2))

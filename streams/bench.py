@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -40,8 +41,8 @@ from streamrec.streams.state_store import PartitionStore
 from streamrec.streams.topics import create_topics
 
 SAMPLE_REGISTRY = Path("var/bench/models")  # the trained sample model, shared by every run
-PARTS = ("ceiling", "throughput", "latency", "memory", "models", "index")
-BROKER_PARTS = {"ceiling", "throughput", "latency"}
+PARTS = ("ceiling", "throughput", "latency", "group", "memory", "models", "index")
+BROKER_PARTS = {"ceiling", "throughput", "latency", "group"}
 
 
 @dataclass
@@ -49,6 +50,7 @@ class BenchConfig:
     parts: tuple[str, ...] = PARTS
     events: int = 100_000  # backlog for the throughput run
     users: int = 10_000  # simulated shoppers in the broker parts
+    group_workers: int = 2  # worker processes in one consumer group, for the group part
     loads: tuple[float, ...] = (100.0, 1_000.0, 5_000.0)
     load_seconds: float = 10.0
     state_users: tuple[int, ...] = (10_000, 100_000)
@@ -99,6 +101,11 @@ def sustained_rate(
     if start is None or end is None or end[0] <= start[0]:
         return None
     return (end[1] - start[1]) / (end[0] - start[0])
+
+
+def partitions_spread(held: Sequence[Sequence[int]], partitions: int) -> bool:
+    """Whether every worker holds partitions and together they hold each of ``partitions`` exactly once."""
+    return all(held) and sorted(p for ps in held for p in ps) == list(range(partitions))
 
 
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
@@ -293,7 +300,7 @@ class BrokerBench:
                 publish_catalog(producer, sample_catalog())
             backlog = 0
             if "throughput" in cfg.parts or "ceiling" in cfg.parts:
-                backlog = self._preload(settings)
+                backlog = self._preload(settings, settings.seed)
             # The backlog is on the topic before the worker starts, so the catalogue agent and the event
             # stage race: the catalogue check is off here (the model knows the sample catalogue anyway).
             worker = WorkerProcess(
@@ -325,12 +332,111 @@ class BrokerBench:
                 }
             finally:
                 worker.stop()
+            if "group" in cfg.parts:
+                self.results["group"] = self._group(settings)
+                if self.results.get("ceiling", {}).get("events_per_s"):
+                    group_rate = self.results["group"]["events_per_s"] or 0.0
+                    ratio = group_rate / self.results["ceiling"]["events_per_s"]
+                    self.results["group"]["ratio_to_ceiling"] = round(ratio, 4)
         return self.results
 
-    def _preload(self, settings: Settings) -> int:
+    def _group(self, settings: Settings) -> dict[str, Any]:
+        """Throughput of group_workers worker processes in one consumer group on this machine (Kafka's
+        scale-out: one process runs its event stage on about one core), on topics of their own. Once the
+        partitions are spread over the workers they are paused (SIGSTOP; their session timeout is raised so
+        the pause is no failure), a backlog is produced, and they are resumed: the rate is the group's
+        alone, without the producer's work."""
+        cfg = self.config
+        workdir = cfg.out_dir
+        prefix = "streamrec.bench-group"
+        group = settings.model_copy(
+            update={
+                "events_topic": f"{prefix}.events",
+                "backfill_topic": f"{prefix}.backfill",
+                "state_changelog_topic": f"{prefix}.state-changelog",
+                "events_group": f"{prefix}-events",
+            }
+        )
+        create_topics(group)
+        env = {
+            "STREAMREC_REJECT_UNKNOWN_ITEMS": "false",
+            "STREAMREC_EVENTS_TOPIC": group.events_topic,
+            "STREAMREC_BACKFILL_TOPIC": group.backfill_topic,
+            "STREAMREC_STATE_CHANGELOG_TOPIC": group.state_changelog_topic,
+            "STREAMREC_EVENTS_GROUP": group.events_group,
+            "STREAMREC_SESSION_TIMEOUT_MS": "60000",
+        }
+        workers = [
+            WorkerProcess(
+                group, group.data_dir / f"group-{n}", f"group-{n}", workdir / f"group-{n}.log", env=env
+            )
+            for n in range(cfg.group_workers)
+        ]
+        try:
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.wait_ready(timeout_s=180)
+            held = self._wait_spread(workers, group.partitions)
+            self.console.print(f"group of {len(workers)} workers, partitions {held}; paused for the backlog")
+            for worker in workers:
+                assert worker.process is not None
+                worker.process.send_signal(signal.SIGSTOP)
+            preload_started = time.monotonic()
+            try:
+                self._preload(group, settings.seed + 1)
+            finally:
+                for worker in workers:
+                    assert worker.process is not None
+                    worker.process.send_signal(signal.SIGCONT)
+            preload_s = time.monotonic() - preload_started
+            load_before = load_average()
+            started = time.monotonic()
+            samples: list[tuple[float, float]] = []
+            while time.monotonic() - started < 900:
+                done = sum(self._events_done(w)[0] for w in workers)
+                samples.append((time.monotonic() - started, done))
+                if done >= cfg.events:
+                    break
+                time.sleep(0.25)
+            rate = sustained_rate(samples, cfg.events)
+            after = [list(w.health().get("partitions") or []) for w in workers]
+            out = {
+                "workers": len(workers),
+                "partitions": held,
+                "rebalanced_meanwhile": after != held,  # e.g. a preload longer than the session timeout
+                "paused_seconds": round(preload_s, 1),
+                "events": int(samples[-1][1]) if samples else 0,
+                "events_per_s": round(rate, 1) if rate else None,
+                "seconds": round(samples[-1][0], 2) if samples else None,
+                "rss_mb": [process_memory_mb(w.pid).get("rss_mb") for w in workers if w.pid is not None],
+                "load_before": load_before,
+                "load_after": load_average(),
+            }
+            self.console.print(f"group throughput: {out['events_per_s']} events/s")
+            return out
+        finally:
+            for worker in workers:
+                worker.stop()
+
+    @staticmethod
+    def _wait_spread(
+        workers: list[WorkerProcess], partitions: int, timeout_s: float = 120
+    ) -> list[list[int]]:
+        """Wait until every worker holds partitions and together they hold each one once."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            held = [list(w.health().get("partitions") or []) for w in workers]
+            if partitions_spread(held, partitions):
+                return held
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"partitions not spread over the group in {timeout_s:.0f} s: {held}")
+            time.sleep(0.5)
+
+    def _preload(self, settings: Settings, seed: int) -> int:
         cfg = self.config
         self.console.print(f"preloading {cfg.events:,} events from {cfg.users:,} simulated shoppers ...")
-        simulator = ShopperSimulator(sample_catalog(), users=cfg.users, seed=settings.seed)
+        simulator = ShopperSimulator(sample_catalog(), users=cfg.users, seed=seed)
         now = time.time_ns() // 1_000_000
         with EventProducer(settings, config={"linger.ms": 50, "batch.size": 1_000_000}) as producer:
             for n in range(cfg.events):

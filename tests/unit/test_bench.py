@@ -5,6 +5,7 @@ from __future__ import annotations
 from streamrec.streams.bench import (
     batch_breakdown,
     metric_total,
+    partitions_spread,
     profile_summary,
     summarize,
     sustained_rate,
@@ -78,3 +79,11 @@ def test_worst_latencies_place_the_slowest_events_in_the_run() -> None:
     worst = worst_latencies(rows, start, n=2)
     assert worst[0] == {"at_s": 7.0, "to_publish_ms": 520.0, "to_arrival_ms": 530.0}
     assert worst[1]["to_publish_ms"] == 10.0
+
+
+def test_partitions_are_spread_when_every_worker_holds_some_and_each_is_held_once() -> None:
+    assert partitions_spread([[0, 1], [2, 3]], 4)
+    assert partitions_spread([[3], [0, 2], [1]], 4)
+    assert not partitions_spread([[0, 1, 2, 3], []], 4)  # the second worker has not joined yet
+    assert not partitions_spread([[0, 1], [1, 2, 3]], 4)  # a rebalance half done: 1 held twice
+    assert not partitions_spread([[0], [2, 3]], 4)  # 1 held by nobody
