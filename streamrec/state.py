@@ -186,10 +186,14 @@ def _array(items: list[bytes]) -> list[bytes]:
 
 @dataclass
 class StateBytes:
-    """The encoded history entries and seen event ids of one state, kept beside it in the worker's cache."""
+    """The encoded history entries and seen event ids of one state, kept beside it in the worker's cache, and
+    its encoded purchased list, valid while the state's purchase count is still ``purchases_at`` (only a
+    purchase changes that list, and every purchase adds to the count)."""
 
     history: list[bytes]
     seen_event_ids: list[bytes]
+    purchased: bytes = b""
+    purchases_at: int = -1
 
 
 def _tail(previous: list[bytes], values: list, new: int, encode: Any) -> list[bytes]:
@@ -216,11 +220,18 @@ def encode_state_bytes(
             _tail(previous.history, state.history, new_events, _entry),
             _tail(previous.seen_event_ids, state.seen_event_ids, new_events, _long),
         )
+        if previous.purchases_at == state.purchases:
+            parts.purchased, parts.purchases_at = previous.purchased, state.purchases
+    if (
+        parts.purchases_at != state.purchases
+    ):  # up to max_purchased strings: encoded again only after a purchase
+        parts.purchased = b"".join(_array([_string(p) for p in state.purchased]))
+        parts.purchases_at = state.purchases
     data = b"".join(
         [
             _string(state.user_id),
             *_array(parts.history),
-            *_array([_string(p) for p in state.purchased]),
+            parts.purchased,
             *_array(parts.seen_event_ids),
             _long(state.clicks),
             _long(state.searches),
