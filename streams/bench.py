@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -25,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 from rich.console import Console
 
 from streamrec.records import HistoryEntry, UserState
@@ -211,6 +213,90 @@ def process_memory_mb(pid: int) -> dict[str, float]:
         if key in ("VmRSS", "VmHWM"):
             out["rss_mb" if key == "VmRSS" else "peak_rss_mb"] = round(int(value.split()[0]) / 1024, 1)
     return out
+
+
+# --- the broker's own round trip ----------------------------------------------------------------------------
+
+ROUND_TRIP_TOPIC = "streamrec.bench-round-trip"
+
+
+def broker_round_trip(
+    settings: Settings, rate: float, seconds: float, payload_bytes: int = 140
+) -> dict[str, Any]:
+    """Producer to broker to consumer, nothing else, at ``rate`` records/s: the floor under the worker's
+    event-to-recommendation latency at that load. The clients are configured as a web backend's
+    EventProducer and as the event stage's consumer (group member, same fetch wait and queue); records are
+    the size of an event. Latency: consumer's receive time minus the producer's clock at send."""
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    if ROUND_TRIP_TOPIC not in admin.list_topics(timeout=10).topics:
+        topic = NewTopic(ROUND_TRIP_TOPIC, settings.partitions, settings.replication_factor)
+        admin.create_topics([topic])[ROUND_TRIP_TOPIC].result(timeout=15)
+    producer = Producer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "enable.idempotence": True,
+            "acks": "all",
+            "partitioner": "murmur2_random",
+            "compression.type": "lz4",
+            "linger.ms": 5,
+        }
+    )
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": f"{ROUND_TRIP_TOPIC}-{time.monotonic_ns()}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "latest",
+            "fetch.wait.max.ms": max(1, settings.batch_wait_ms),
+            "queued.max.messages.kbytes": settings.consumer_queue_kbytes,
+            "queued.min.messages": settings.consumer_queue_messages,
+        }
+    )
+    received: list[tuple[float, float]] = []  # (sent, received), epoch ms
+    stop = threading.Event()
+    assigned = threading.Event()
+
+    def consume() -> None:
+        consumer.subscribe([ROUND_TRIP_TOPIC], on_assign=lambda c, ps: assigned.set())
+        while not stop.is_set():
+            for msg in consumer.consume(num_messages=settings.batch_size, timeout=0.05):
+                value = msg.value()
+                if msg.error() is None and value is not None and len(value) == payload_bytes:
+                    received.append((struct.unpack_from("<d", value)[0], time.time() * 1000))
+
+    follower = threading.Thread(target=consume, name="round-trip", daemon=True)
+    follower.start()
+    try:
+        assigned.wait(timeout=30)
+        time.sleep(0.5)  # positions fetched: nothing sent below is missed
+        padding = bytes(payload_bytes - 8)
+        sent, started = 0, time.monotonic()
+        start_ms = time.time() * 1000
+        while (elapsed := time.monotonic() - started) < seconds:
+            for _ in range(max(0, min(int(elapsed * rate) + 1 - sent, 5000))):
+                key = f"user-{sent % 10_000:06d}".encode()
+                producer.produce(ROUND_TRIP_TOPIC, struct.pack("<d", time.time() * 1000) + padding, key=key)
+                sent += 1
+            producer.poll(0)
+            time.sleep(0.002)
+        producer.flush(10)
+        deadline = time.monotonic() + 5
+        while len(received) < sent and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        follower.join(timeout=5)
+        consumer.close()
+    slowest = sorted(received, key=lambda row: row[1] - row[0], reverse=True)[:5]
+    return {
+        "offered_per_s": round(rate, 1),
+        "sent": sent,
+        "received": len(received),
+        "round_trip_ms": summarize([r - s for s, r in received]),
+        "slowest": [
+            {"at_s": round((s - start_ms) / 1000, 2), "round_trip_ms": round(r - s, 1)} for s, r in slowest
+        ],
+    }
 
 
 # --- recommendations as they arrive ---------------------------------------------------------------------
@@ -582,6 +668,10 @@ class BrokerBench:
         out = []
         try:
             for i, (rate, saturation) in enumerate(offered):
+                round_trip = None
+                if not saturation:
+                    self.console.print(f"broker round trip alone at {rate:,.0f} records/s ...")
+                    round_trip = broker_round_trip(settings, rate, cfg.load_seconds)
                 self.console.print(f"offered load {rate:,.0f} events/s for {cfg.load_seconds:.0f} s ...")
                 load_before = load_average()
                 before = self._batch_counters(worker)
@@ -612,6 +702,7 @@ class BrokerBench:
                     "to_publish_ms": summarize(publish),
                     "to_arrival_ms": summarize(arrival),
                     "slowest": worst_latencies(rows, start_ms),
+                    "broker_round_trip": round_trip,
                     "batches": int(batches),
                     "mean_batch_events": round(batch_events / batches, 1) if batches else None,
                     "mean_batch_ms": round(batch_seconds / batches * 1000, 1) if batches else None,
