@@ -259,7 +259,8 @@ def broker_round_trip(
     def consume() -> None:
         consumer.subscribe([ROUND_TRIP_TOPIC], on_assign=lambda c, ps: assigned.set())
         while not stop.is_set():
-            for msg in consumer.consume(num_messages=settings.batch_size, timeout=0.05):
+            # consume() waits out its timeout unless num_messages arrive: short, as the follower's
+            for msg in consumer.consume(num_messages=500, timeout=0.005):
                 value = msg.value()
                 if msg.error() is None and value is not None and len(value) == payload_bytes:
                     received.append((struct.unpack_from("<d", value)[0], time.time() * 1000))
