@@ -17,7 +17,7 @@ from streamrec.models.index import ItemIndex
 from streamrec.models.sequences import hidden_states
 from streamrec.models.text import MiniLMEmbedder
 from streamrec.models.train import resolve_device
-from streamrec.records import CatalogItem, EventKind, RecommendedItem, UserState
+from streamrec.records import CatalogItem, EventKind, RankedBatch, Reason, RecommendedItem, UserState
 
 _SEARCH, _PURCHASE = EventKind.SEARCH, EventKind.PURCHASE
 _CLICK_INT, _SEARCH_INT, _PURCHASE_INT = int(EventKind.CLICK), int(EventKind.SEARCH), int(EventKind.PURCHASE)
@@ -207,10 +207,14 @@ class Recommender:
 
     def recommend(self, users: list[UserState], k: int) -> list[list[RecommendedItem]]:
         """Top-k per user, in input order: one encoder call and one index search for the whole batch."""
+        return self.rank(users, k).all_items()
+
+    def rank(self, users: list[UserState], k: int) -> RankedBatch:
+        """``recommend`` in arrays (what the worker writes its records from): row u is users[u]."""
         if not users:
-            return []
+            return RankedBatch.of([])
         with self._lock:
-            return self._recommend(users, k)
+            return self._rank_batch(users, k)
 
     def _excluded(self, user: UserState) -> set[int]:
         if not user.purchased:
@@ -218,11 +222,15 @@ class Recommender:
         index_of = self._index_of
         return {index_of[p] for p in user.purchased if p in index_of}
 
-    def _recommend(self, users: list[UserState], k: int) -> list[list[RecommendedItem]]:
+    def _rank_batch(self, users: list[UserState], k: int) -> RankedBatch:
         clock = time.perf_counter
         t0 = clock()
         warm, items, kinds, qids, queries = self._inputs(users)
-        results: list[list[RecommendedItem]] = [[] for _ in users]
+        empty: list[int] = []
+        picked_rows: list[list[int]] = [empty] * len(users)
+        score_rows: list[list[float]] = [[]] * len(users)
+        code_rows: list[list[int]] = [empty] * len(users)
+        reasons: dict[int, Reason] = {}
         excluded = [self._excluded(u) for u in users]
         if warm:
             qtable, qspace = self._query_tables(queries)
@@ -246,15 +254,23 @@ class Recommender:
             t3 = clock()
             picked, picked_scores = self._rank(found, scores, [excluded[u] for u in warm], k)
             anchors = self._anchors(picked, items, qids, qspace)
-            results_rows = self._explain(picked, picked_scores, anchors, items, kinds, qids, queries)
-            for row, recs in zip(warm, results_rows, strict=True):
-                results[row] = recs
+            codes = self._reason_codes(picked, anchors, items, kinds, qids)
+            reasons = {c: self._reason(c, queries) for c in np.unique(codes).tolist()}
+            counts = (picked != PAD).sum(axis=1).tolist()  # the valid ones come first in every row
+            for row, n, p, sc, c in zip(
+                warm, counts, picked.tolist(), picked_scores.tolist(), codes.tolist(), strict=True
+            ):
+                picked_rows[row], score_rows[row], code_rows[row] = p[:n], sc[:n], c[:n]
             t4 = clock()
             self.last_timings = {"inputs": t1 - t0, "encoder": t2 - t1, "search": t3 - t2, "rank": t4 - t3}
-        for i in range(len(users)):
-            if len(results[i]) < k:
-                results[i].extend(self._popular(k - len(results[i]), excluded[i], results[i]))
-        return results
+        ids = self._ids
+        fills: list[list[RecommendedItem]] = [
+            self._popular(k - len(picked_rows[i]), excluded[i], [ids[idx - 1] for idx in picked_rows[i]])
+            if len(picked_rows[i]) < k
+            else []
+            for i in range(len(users))
+        ]
+        return RankedBatch(ids, picked_rows, score_rows, code_rows, reasons, fills)
 
     def _query_tables(self, queries: list[str]) -> tuple[torch.Tensor | None, np.ndarray]:
         """Row j + 1 is query j: its text vector (the encoder's input; None without a text model) and its
@@ -293,39 +309,17 @@ class Recommender:
         picked_scores[:, :take] = np.where(kept, np.take_along_axis(scores, order, axis=1), 0.0)
         return picked, picked_scores
 
-    def _explain(
-        self,
-        picked: np.ndarray,
-        picked_scores: np.ndarray,
-        anchors: np.ndarray,
-        items: np.ndarray,
-        kinds: np.ndarray,
-        qids: np.ndarray,
-        queries: list[str],
-    ) -> list[list[RecommendedItem]]:
-        """The recommended items with their reasons, for the whole batch: the anchor of every item is
-        looked up in arrays, every distinct reason is formatted once, and the per-item loop only builds
-        records from Python lists (no numpy scalars)."""
+    def _reason_codes(
+        self, picked: np.ndarray, anchors: np.ndarray, items: np.ndarray, kinds: np.ndarray, qids: np.ndarray
+    ) -> np.ndarray:
+        """One code per distinct reason, for the whole batch (see ``_reason``): 2 * item (+1 when bought)
+        for an item anchor, -query id for a search anchor; 0 where nothing was picked."""
         anchor_items = np.take_along_axis(items, anchors, axis=1)
         anchor_kinds = np.take_along_axis(kinds, anchors, axis=1)
         anchor_qids = np.take_along_axis(qids, anchors, axis=1)
-        # One code per distinct reason: 2 * item (+1 when bought) for an item anchor, -query id for a search.
         codes = np.where(anchor_items > PAD, 2 * anchor_items + (anchor_kinds == _PURCHASE_INT), -anchor_qids)
         codes[picked == PAD] = 0
-        reasons = {int(c): self._reason(int(c), queries) for c in np.unique(codes)}
-        ids = self._ids
-        out = []
-        for row_picked, row_scores, row_codes in zip(
-            picked.tolist(), picked_scores.tolist(), codes.tolist(), strict=True
-        ):
-            out.append(
-                [
-                    RecommendedItem(ids[idx - 1], score, *reasons[code])
-                    for idx, score, code in zip(row_picked, row_scores, row_codes, strict=True)
-                    if idx != PAD
-                ]
-            )
-        return out
+        return codes
 
     def _reason(self, code: int, queries: list[str]) -> tuple[str, str, str | None]:
         """(reason code, explanation, anchor) of a reason code made by _explain."""
@@ -351,8 +345,8 @@ class Recommender:
         # Among equally similar anchors prefer the newest: it is what the user is doing now.
         return sims.shape[2] - 1 - np.argmax(sims[:, :, ::-1], axis=2)
 
-    def _popular(self, n: int, excluded: set[int], already: list[RecommendedItem]) -> list[RecommendedItem]:
-        taken = {r.item_id for r in already}
+    def _popular(self, n: int, excluded: set[int], already: list[str]) -> list[RecommendedItem]:
+        taken = set(already)
         top = float(self._popularity.max()) or 1.0
         out: list[RecommendedItem] = []
         for idx in self._popular_order:

@@ -148,6 +148,48 @@ class RecommendedItem:
     anchor: str | None = None
 
 
+Reason = tuple[str, str, str | None]  # (reason code, explanation, anchor)
+
+
+@dataclass(slots=True)
+class RankedBatch:
+    """The top-k of a micro-batch as the ranker leaves it: per user, item indices, scores and reason codes
+    in lists, best first, and every distinct reason once. The worker writes Recommendation records straight
+    from it (no object per recommended item); ``items(u)`` builds user u's RecommendedItem list for anyone
+    else. ``fills`` follow the ranked items (the popularity fill of short or cold rows)."""
+
+    item_ids: list[str]  # item index i is item_ids[i - 1] (index 0 is padding)
+    picked: list[list[int]]
+    scores: list[list[float]]
+    codes: list[list[int]]
+    reasons: dict[int, Reason]
+    fills: list[list[RecommendedItem]]
+
+    @classmethod
+    def of(cls, lists: list[list[RecommendedItem]]) -> RankedBatch:
+        """A batch from ready-made lists (a recommender that ranks per user)."""
+        empty: list[list[int]] = [[] for _ in lists]
+        return cls([], empty, [[] for _ in lists], empty, {}, lists)
+
+    def __len__(self) -> int:
+        return len(self.fills)
+
+    def items(self, u: int) -> list[RecommendedItem]:
+        ids, reasons = self.item_ids, self.reasons
+        ranked = [
+            RecommendedItem(ids[idx - 1], score, *reasons[code])
+            for idx, score, code in zip(self.picked[u], self.scores[u], self.codes[u], strict=True)
+        ]
+        return ranked + self.fills[u] if self.fills[u] else ranked
+
+    def ids(self, u: int) -> list[str]:
+        ids = self.item_ids
+        return [ids[idx - 1] for idx in self.picked[u]] + [i.item_id for i in self.fills[u]]
+
+    def all_items(self) -> list[list[RecommendedItem]]:
+        return [self.items(u) for u in range(len(self))]
+
+
 @dataclass(slots=True)
 class Recommendation:
     user_id: str

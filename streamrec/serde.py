@@ -161,6 +161,8 @@ class RecommendationWriter:
         self.max_strings = max_strings
         self._strings: dict[str, bytes] = {}
         self._anchors: dict[str | None, bytes] = {None: NULL}
+        self._ids_of: list[str] | None = None
+        self._id_bytes: list[bytes] = [NULL]
 
     def _string(self, value: str) -> bytes:
         found = self._strings.get(value)
@@ -204,6 +206,54 @@ class RecommendationWriter:
             string(rec.mode),
         )
         return b"".join(parts)
+
+    def _item_strings(self, item_ids: list[str]) -> list[bytes]:
+        """Encoded item ids by item index (index 0 is padding), kept while the recommender's list is."""
+        if item_ids is not self._ids_of:
+            self._ids_of, self._id_bytes = item_ids, [NULL]
+        known = self._id_bytes
+        if len(known) <= len(item_ids):  # items upserted since: append-only, indices stay
+            known += [avro_string(i) for i in item_ids[len(known) - 1 :]]
+        return known
+
+    def bodies(
+        self,
+        batch: Any,
+        heads: list[tuple[str, str, int, str]],
+        model_version: str,
+        index_version: str,
+        publish_time: int,
+    ) -> list[bytes]:
+        """The bodies of a whole micro-batch's records, straight from a streamrec.records.RankedBatch: row u
+        of ``batch`` with ``heads[u]`` = (user_id, cause_event_id, event_time, mode). The same bytes as
+        ``body`` of the Recommendation built from ``batch.items(u)``; a ranked item costs two list lookups,
+        a float pack and a concatenation."""
+        id_bytes = self._item_strings(batch.item_ids)
+        string, anchor, pack = self._string, self._anchor, _FLOAT
+        tails = {
+            code: string(reason) + string(explanation) + anchor(anchor_id)
+            for code, (reason, explanation, anchor_id) in batch.reasons.items()
+        }
+        middle = NULL + string(model_version) + string(index_version)
+        published = avro_long(publish_time)
+        out = []
+        for (user_id, cause_event_id, event_time, mode), picked, scores, codes, fills in zip(
+            heads, batch.picked, batch.scores, batch.codes, batch.fills, strict=True
+        ):
+            parts = [avro_string(user_id)]
+            count = len(picked) + len(fills)
+            if count:
+                parts.append(avro_long(count))
+                parts += [
+                    id_bytes[idx] + pack(score) + tails[code]
+                    for idx, score, code in zip(picked, scores, codes, strict=True)
+                ]
+                for i in fills:
+                    parts += (string(i.item_id), pack(i.score), string(i.reason), string(i.explanation))
+                    parts.append(anchor(i.anchor))
+            parts += (middle, avro_string(cause_event_id), avro_long(event_time), published, string(mode))
+            out.append(b"".join(parts))
+        return out
 
 
 WriterSchemaResolver = Callable[[bytes], str | None]

@@ -36,8 +36,7 @@ from streamrec.records import (
     CatalogItem,
     Event,
     EventKind,
-    Recommendation,
-    RecommendedItem,
+    RankedBatch,
     UserState,
 )
 from streamrec.serde import AvroCodec, DecodeError, RecommendationWriter
@@ -72,7 +71,7 @@ class Recommender(Protocol):
 
     def upsert_items(self, items: list[CatalogItem]) -> None: ...
 
-    def recommend(self, users: list[UserState], k: int) -> list[list[RecommendedItem]]: ...
+    def rank(self, users: list[UserState], k: int) -> RankedBatch: ...
 
 
 def now_ms() -> int:
@@ -493,28 +492,25 @@ class EventStage:
 
         # 3. one encoder call and one index search for every user to recommend to
         if changed:
-            ranked = self.recommender.recommend([s for s, _, _ in changed], self.settings.top_k)
+            ranked = self.recommender.rank([s for s, _, _ in changed], self.settings.top_k)
             t_recommended = clock()
             phases.labels("recommend").inc(t_recommended - t_applied)
             t_applied = t_recommended
             publish = now_ms()
-            model, index = self.recommender.model_version, self.recommender.index_version
-            header, body = self.codec.header("Recommendation"), self.rec_writer.body
-            for (state, cause, backfill), items in zip(changed, ranked, strict=True):
-                rec = Recommendation(
-                    user_id=state.user_id,
-                    items=items,
-                    model_version=model,
-                    index_version=index,
-                    cause_event_id=cause.event_id,
-                    event_time=cause.timestamp,
-                    publish_time=publish,
-                    mode="backfill" if backfill else "live",
-                )
-                out_topic = self.settings.shadow_topic if backfill else self.settings.recommendations_topic
-                self._produce(producer, out_topic, state.user_id.encode(), header + body(rec), flight)
+            heads = [
+                (state.user_id, cause.event_id, cause.timestamp, "backfill" if backfill else "live")
+                for state, cause, backfill in changed
+            ]
+            bodies = self.rec_writer.bodies(
+                ranked, heads, self.recommender.model_version, self.recommender.index_version, publish
+            )
+            header = self.codec.header("Recommendation")
+            live, shadow_topic = self.settings.recommendations_topic, self.settings.shadow_topic
+            for u, ((state, cause, backfill), body) in enumerate(zip(changed, bodies, strict=True)):
+                key = state.user_id.encode()
+                self._produce(producer, shadow_topic if backfill else live, key, header + body, flight)
                 if not backfill:
-                    self.accuracy.recommended(state.user_id, [i.item_id for i in items])
+                    self.accuracy.recommended(state.user_id, ranked.ids(u))
                     out.latencies_ms.append(publish - cause.timestamp)
             out.recommendations = len(changed)
 

@@ -14,7 +14,7 @@ import pytest
 from confluent_kafka import KafkaError, TopicPartition
 
 from streamrec.catalog import Catalog
-from streamrec.records import CatalogItem, Event, EventKind, RecommendedItem, UserState
+from streamrec.records import CatalogItem, Event, EventKind, RankedBatch, RecommendedItem, UserState
 from streamrec.serde import AvroCodec
 from streamrec.settings import Settings
 from streamrec.state import decode_state
@@ -105,9 +105,11 @@ class Echo:
     def upsert_items(self, items: list[CatalogItem]) -> None:
         pass
 
-    def recommend(self, users: list[UserState], k: int) -> list[list[RecommendedItem]]:
+    def rank(self, users: list[UserState], k: int) -> RankedBatch:
         newest = [u.history[-1].item_id or ITEMS[0] for u in users]
-        return [[RecommendedItem(item, 1.0, "similar_to_recent", "newest")] for item in newest]
+        return RankedBatch.of(
+            [[RecommendedItem(item, 1.0, "similar_to_recent", "newest")] for item in newest]
+        )
 
 
 def test_the_next_batch_builds_on_the_one_in_flight_and_a_failed_delivery_rewinds_both(

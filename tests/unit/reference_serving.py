@@ -90,5 +90,5 @@ def reference_recommend(rec: Recommender, users: list[UserState], k: int) -> lis
             ]
     for i in range(len(users)):
         if len(results[i]) < k:
-            results[i].extend(rec._popular(k - len(results[i]), excluded[i], results[i]))
+            results[i].extend(rec._popular(k - len(results[i]), excluded[i], [r.item_id for r in results[i]]))
     return results

@@ -17,6 +17,7 @@ from streamrec.records import (
     Event,
     EventKind,
     HistoryEntry,
+    RankedBatch,
     Recommendation,
     RecommendedItem,
     UserState,
@@ -187,6 +188,66 @@ def test_the_hand_written_recommendation_writer_is_byte_identical_to_fastavro(
 ) -> None:
     codec = CODECS[codec_name]
     assert codec.header("Recommendation") + WRITER.body(rec) == codec.encode("Recommendation", rec.to_avro())
+
+
+@st.composite
+def ranked_batches(draw: st.DrawFn) -> tuple[RankedBatch, list[tuple[str, str, int, str]]]:
+    """A batch as the ranker leaves it: ranked rows over a small catalogue, reasons by code, popular fills."""
+    item_ids = draw(st.lists(ids, min_size=1, max_size=8))
+    reasons = draw(
+        st.dictionaries(
+            st.integers(-5, 20),
+            st.tuples(
+                st.sampled_from(["similar_to_recent", "matches_search"]), st.text(max_size=30), maybe_text
+            ),
+            min_size=1,
+            max_size=6,
+        )
+    )
+    rows = draw(st.integers(0, 5))
+    ranked = [
+        draw(
+            st.lists(
+                st.tuples(
+                    st.integers(1, len(item_ids)),
+                    st.floats(width=32, allow_nan=False),
+                    st.sampled_from(sorted(reasons)),
+                ),
+                max_size=10,
+            )
+        )
+        for _ in range(rows)
+    ]
+    fills = [draw(recommendations).items[:3] for _ in range(rows)]
+    batch = RankedBatch(
+        item_ids,
+        [[i for i, _, _ in row] for row in ranked],
+        [[s for _, s, _ in row] for row in ranked],
+        [[c for _, _, c in row] for row in ranked],
+        reasons,
+        fills,
+    )
+    heads = [
+        (draw(ids), draw(ids), draw(longs), draw(st.sampled_from(["live", "backfill"]))) for _ in range(rows)
+    ]
+    return batch, heads
+
+
+@fast
+@given(drawn=ranked_batches(), versions=st.tuples(ids, ids), publish=longs)
+def test_a_batch_written_from_its_arrays_is_byte_identical_to_fastavro(
+    drawn: tuple[RankedBatch, list[tuple[str, str, int, str]]], versions: tuple[str, str], publish: int
+) -> None:
+    """The worker writes a micro-batch's records straight from the ranker's lists; each is what fastavro
+    writes for the Recommendation with that row's items, whatever the writer's table held before."""
+    batch, heads = drawn
+    codec = CODECS["single-object"]
+    bodies = WRITER.bodies(batch, heads, *versions, publish)
+    assert len(bodies) == len(heads)
+    for u, ((user_id, cause, event_time, mode), body) in enumerate(zip(heads, bodies, strict=True)):
+        rec = Recommendation(user_id, batch.items(u), *versions, cause, event_time, publish, mode)
+        assert codec.header("Recommendation") + body == codec.encode("Recommendation", rec.to_avro())
+        assert batch.ids(u) == [i.item_id for i in rec.items]
 
 
 @given(
