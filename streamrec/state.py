@@ -6,7 +6,6 @@ import bisect
 import hashlib
 import io
 import math
-from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -181,45 +180,29 @@ def _entry(entry: HistoryEntry) -> bytes:
     return _long(int(entry.kind)) + _optional(entry.item_id) + _optional(entry.query) + _long(entry.timestamp)
 
 
+def _array(items: list[bytes]) -> list[bytes]:
+    return [_long(len(items)), *items, _NULL] if items else [_NULL]
+
+
 @dataclass
 class StateBytes:
-    """The encoded history entries and seen event ids of one state, each list joined into one blob with the
-    size of every element (so the oldest can be cut off the front), kept beside the state in the worker's
-    cache; and its encoded purchased list, valid while the state's purchase count is still ``purchases_at``
-    (only a purchase changes that list, and every purchase adds to the count). The next encoding updates
-    the sizes in place: a StateBytes is for one state's next encoding only."""
+    """The encoded history entries and seen event ids of one state, kept beside it in the worker's cache, and
+    its encoded purchased list, valid while the state's purchase count is still ``purchases_at`` (only a
+    purchase changes that list, and every purchase adds to the count)."""
 
-    history: bytes
-    history_sizes: deque[int]
-    seen_event_ids: bytes
-    seen_sizes: deque[int]
+    history: list[bytes]
+    seen_event_ids: list[bytes]
     purchased: bytes = b""
     purchases_at: int = -1
 
 
-def _blob(encoded: list[bytes]) -> tuple[bytes, deque[int]]:
-    return b"".join(encoded), deque(map(len, encoded))
-
-
-def _grow(blob: bytes, sizes: deque[int], values: list, new: int, encode: Any) -> bytes | None:
-    """``blob`` (with ``sizes``) of ``values``, given theirs before ``new`` values were appended and the
-    list trimmed from the front; None when the blob is not of this list's earlier values."""
-    if new:
-        added = [encode(v) for v in values[len(values) - new :]]
-        blob += b"".join(added)
-        sizes.extend(map(len, added))
-    drop = len(sizes) - len(values)
-    if drop < 0:
-        return None
-    if drop:
-        popleft = sizes.popleft
-        blob = blob[sum(popleft() for _ in range(drop)) :]
-    return blob
-
-
-def _counted(blob: bytes, count: int) -> bytes:
-    """An Avro array of ``count`` encoded elements: one block, then the end marker."""
-    return _long(count) + blob + _NULL if count else _NULL
+def _tail(previous: list[bytes], values: list, new: int, encode: Any) -> list[bytes]:
+    """The encodings of ``values``, given ``previous``: theirs before ``new`` values were appended."""
+    out = previous + [encode(v) for v in values[len(values) - new :]] if new else list(previous)
+    if len(out) < len(values):  # not this list's previous encodings: encode it all
+        return [encode(v) for v in values]
+    del out[: len(out) - len(values)]
+    return out
 
 
 def encode_state_bytes(
@@ -230,26 +213,26 @@ def encode_state_bytes(
     ``previous``: the StateBytes of this state before its last ``new_events`` applied events (each appends one
     history entry and one seen id, then the lists are trimmed from the front); None encodes everything.
     """
-    history, seen = state.history, state.seen_event_ids
-    parts = None
-    if previous is not None and new_events <= min(len(history), len(seen)):
-        h = _grow(previous.history, previous.history_sizes, history, new_events, _entry)
-        s = _grow(previous.seen_event_ids, previous.seen_sizes, seen, new_events, _long)
-        if h is not None and s is not None:
-            parts = StateBytes(h, previous.history_sizes, s, previous.seen_sizes)
-            if previous.purchases_at == state.purchases:
-                parts.purchased, parts.purchases_at = previous.purchased, state.purchases
-    if parts is None:
-        parts = StateBytes(*_blob([_entry(e) for e in history]), *_blob([_long(x) for x in seen]))
-    if parts.purchases_at != state.purchases:  # up to max_purchased strings: encoded again after a purchase
-        parts.purchased = _counted(b"".join([_string(p) for p in state.purchased]), len(state.purchased))
+    if previous is None or new_events > min(len(state.history), len(state.seen_event_ids)):
+        parts = StateBytes([_entry(h) for h in state.history], [_long(x) for x in state.seen_event_ids])
+    else:
+        parts = StateBytes(
+            _tail(previous.history, state.history, new_events, _entry),
+            _tail(previous.seen_event_ids, state.seen_event_ids, new_events, _long),
+        )
+        if previous.purchases_at == state.purchases:
+            parts.purchased, parts.purchases_at = previous.purchased, state.purchases
+    if (
+        parts.purchases_at != state.purchases
+    ):  # up to max_purchased strings: encoded again only after a purchase
+        parts.purchased = b"".join(_array([_string(p) for p in state.purchased]))
         parts.purchases_at = state.purchases
     data = b"".join(
         [
             _string(state.user_id),
-            _counted(parts.history, len(history)),
+            *_array(parts.history),
             parts.purchased,
-            _counted(parts.seen_event_ids, len(seen)),
+            *_array(parts.seen_event_ids),
             _long(state.clicks),
             _long(state.searches),
             _long(state.purchases),
