@@ -33,8 +33,10 @@ class HashingEmbedder:
 
     name = "hashing"
 
-    def __init__(self, dim: int = 256) -> None:
+    def __init__(self, dim: int = 256, cache_size: int = 100_000) -> None:
         self.dim = dim
+        self._queries: dict[str, np.ndarray] = {}  # queries recur at stream rate: hashed once each
+        self._cache_size = cache_size
 
     def _one(self, text: str) -> np.ndarray:
         vec = np.zeros(self.dim, dtype=np.float32)
@@ -49,7 +51,18 @@ class HashingEmbedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.stack([self._one(t) for t in texts])
 
-    embed_queries = embed_items
+    def embed_queries(self, queries: list[str]) -> np.ndarray:
+        if not queries:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        cache, out = self._queries, []
+        for q in queries:
+            vec = cache.get(q)
+            if vec is None:
+                if len(cache) >= self._cache_size:
+                    cache.clear()  # bounded; the next queries fill it again
+                vec = cache[q] = self._one(q)
+            out.append(vec)
+        return np.stack(out)
 
 
 class MiniLMEmbedder:
