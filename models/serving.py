@@ -159,27 +159,47 @@ class Recommender:
         queries), each array (warm users, L), left-padded, newest event last; query id j is queries[j - 1]
         (sorted, so a batch embeds its queries in one call, in a fixed order)."""
         index_of, limit = self._index_of, self.serve_len
+        index_get = index_of.get
         warm: list[int] = []
-        rows_items: list[list[int]] = []
+        rows_items: list[list[int]] = []  # oldest first
         rows_kinds: list[list[int]] = []
         searches: list[tuple[int, int, str]] = []  # (warm row, steps from the newest, query)
         for u, user in enumerate(users):
-            items: list[int] = []
-            kinds: list[int] = []
-            for entry in reversed(user.history):
-                if len(items) >= limit:
-                    break
-                kind = entry.kind
-                if kind is _SEARCH:
-                    if entry.query:
-                        searches.append((len(warm), len(items), entry.query))
-                        items.append(PAD)
-                        kinds.append(_SEARCH_INT)
-                elif entry.item_id is not None:
-                    idx = index_of.get(entry.item_id)
-                    if idx is not None:
-                        items.append(idx)
-                        kinds.append(_PURCHASE_INT if kind is _PURCHASE else _CLICK_INT)
+            history = user.history
+            tail = history[-limit:] if len(history) > limit else history
+            # The usual case: every one of the newest `limit` events is usable (a known item, or a search
+            # with a query), so the window is just their codes; -1 marks one that is not.
+            items = [
+                (PAD if e.query else -1) if e.kind is _SEARCH else index_get(e.item_id, -1)  # type: ignore[arg-type]
+                for e in tail
+            ]
+            if -1 not in items:
+                kinds = [e.kind.value for e in tail]
+                if _SEARCH_INT in kinds:
+                    last = len(tail) - 1
+                    searches += [
+                        (len(warm), last - j, e.query)  # type: ignore[misc]
+                        for j, e in enumerate(tail)
+                        if e.kind is _SEARCH
+                    ]
+            else:  # walk back past unusable events to fill the window
+                items, kinds = [], []
+                for entry in reversed(history):
+                    if len(items) >= limit:
+                        break
+                    kind = entry.kind
+                    if kind is _SEARCH:
+                        if entry.query:
+                            searches.append((len(warm), len(items), entry.query))
+                            items.append(PAD)
+                            kinds.append(_SEARCH_INT)
+                    elif entry.item_id is not None:
+                        idx = index_get(entry.item_id)
+                        if idx is not None:
+                            items.append(idx)
+                            kinds.append(_PURCHASE_INT if kind is _PURCHASE else _CLICK_INT)
+                items.reverse()
+                kinds.reverse()
             if items:
                 warm.append(u)
                 rows_items.append(items)
@@ -190,9 +210,9 @@ class Recommender:
         for items, kinds in zip(rows_items, rows_kinds, strict=True):
             pad = [PAD] * (length - len(items))
             flat_items += pad
-            flat_items += items[::-1]
+            flat_items += items
             flat_kinds += pad
-            flat_kinds += kinds[::-1]
+            flat_kinds += kinds
         shape = (len(warm), length)
         item_arr = np.array(flat_items, dtype=np.int64).reshape(shape)
         kind_arr = np.array(flat_kinds, dtype=np.int64).reshape(shape)
