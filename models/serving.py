@@ -28,12 +28,26 @@ _NOTHING: set[int] = set()  # shared: never modified
 DEFAULT_SERVE_LEN = 16
 
 
-def set_threads(threads: int) -> None:
-    """CPU threads for serving: torch's intra-op pool and FAISS's OpenMP pool (process-wide)."""
-    import faiss
+_threads = threading.local()  # per calling thread: whether FAISS's OpenMP thread count is set there
+_serving_threads: int | None = None
 
-    torch.set_num_threads(max(1, threads))
-    faiss.omp_set_num_threads(max(1, threads))
+
+def set_threads(threads: int) -> None:
+    """CPU threads for serving: torch's intra-op pool (process-wide) and FAISS's OpenMP pool. OpenMP keeps the
+    count per thread, so every thread that ranks sets it again before its first search."""
+    global _serving_threads
+    _serving_threads = max(1, threads)
+    torch.set_num_threads(_serving_threads)
+    _threads.faiss = None
+    _faiss_threads_here()
+
+
+def _faiss_threads_here() -> None:
+    if _serving_threads is not None and getattr(_threads, "faiss", None) != _serving_threads:
+        import faiss
+
+        faiss.omp_set_num_threads(_serving_threads)
+        _threads.faiss = _serving_threads
 
 
 class Recommender:
@@ -233,6 +247,7 @@ class Recommender:
         """``recommend`` in arrays (what the worker writes its records from): row u is users[u]."""
         if not users:
             return RankedBatch.of([])
+        _faiss_threads_here()
         with self._lock:
             return self._rank_batch(users, k)
 

@@ -25,6 +25,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -200,6 +201,8 @@ class EventStage:
         # (topic, partition) -> the last offset committed, for the events and the backfill topic
         self._committed: dict[tuple[str, int], TopicPartition] = {}
         self._inflight: InFlight | None = None  # the published batch not yet settled
+        # One serving thread: a batch's ranking runs beside its changelog and the previous batch's settling.
+        self._serving = ThreadPoolExecutor(1, thread_name_prefix="streamrec-serving")
 
     # --- control from other threads -------------------------------------------------------------------
 
@@ -362,6 +365,7 @@ class EventStage:
             self._commit_synchronously(consumer)
             consumer.close()  # leaves the group now, so partitions move without waiting for a timeout
             self.store.close()
+            self._serving.shutdown(wait=False)
 
     def _between_batches(self) -> None:
         with self._lock:
@@ -490,12 +494,43 @@ class EventStage:
         t_applied = clock()
         phases.labels("state").inc(t_applied - t_decoded)
 
-        # 3. one encoder call and one index search for every user to recommend to
-        if changed:
-            ranked = self.recommender.rank([s for s, _, _ in changed], self.settings.top_k)
-            t_recommended = clock()
-            phases.labels("recommend").inc(t_recommended - t_applied)
-            t_applied = t_recommended
+        # 3. one encoder call and one index search for every user to recommend to, in the serving thread:
+        # the encoder and the index search release the GIL, so the changelog and the settling of the previous
+        # batch (which need no ranking) run meanwhile. Nothing below changes a state until it is ranked.
+        ranking = (
+            self._serving.submit(self._timed_rank, [s for s, _, _ in changed], self.settings.top_k)
+            if changed
+            else None
+        )
+        try:
+            # 4. the changelog, keyed by user, on the partition of the same number
+            changelog = self.settings.state_changelog_topic
+            for p, user_changes in changes.items():
+                for user_id, value in user_changes.items():
+                    self._produce(producer, changelog, user_id.encode(), value, flight, partition=p)
+            # The next batch reads these states from the cache (a failure anywhere clears it)
+            for p, user_changes in changes.items():
+                for user_id, value in user_changes.items():
+                    if value is None:
+                        self.cache.put(p, user_id, None)
+            for p, state, parts in cache_updates:
+                self.cache.put(p, state.user_id, (state, parts))
+            phases.labels("produce").inc(clock() - t_applied)
+
+            # 5. settle the previous batch (its records had this batch's time to be delivered)
+            self._inflight = flight
+            if previous is not None:
+                try:
+                    self._settle(previous, wait=True)
+                except DeliveryFailed:
+                    self._inflight = None
+                    self._rewind(first_offsets | previous.first_offsets)  # both batches, from the older's
+                    raise
+        finally:
+            ranked, rank_s = ranking.result() if ranking is not None else (None, 0.0)
+        t_ranked = clock()
+        if ranked is not None:
+            phases.labels("recommend").inc(rank_s)  # its own time: it overlapped steps 4 and 5
             publish = now_ms()
             heads = [
                 (state.user_id, cause.event_id, cause.timestamp, "backfill" if backfill else "live")
@@ -513,44 +548,19 @@ class EventStage:
                     self.accuracy.recommended(state.user_id, ranked.ids(u))
                     out.latencies_ms.append(publish - cause.timestamp)
             out.recommendations = len(changed)
+            phases.labels("produce").inc(clock() - t_ranked)
 
-        # 4. the changelog, keyed by user, on the partition of the same number
-        for p, user_changes in changes.items():
-            for user_id, value in user_changes.items():
-                self._produce(
-                    producer,
-                    self.settings.state_changelog_topic,
-                    user_id.encode(),
-                    value,
-                    flight,
-                    partition=p,
-                )
-        # The next batch reads these states from the cache (a failure anywhere clears it)
-        for p, user_changes in changes.items():
-            for user_id, value in user_changes.items():
-                if value is None:
-                    self.cache.put(p, user_id, None)
-        for p, state, parts in cache_updates:
-            self.cache.put(p, state.user_id, (state, parts))
-
-        t_produced = clock()
-        phases.labels("produce").inc(t_produced - t_applied)
-
-        # 5. settle the previous batch (its records had this batch's time to be delivered), then leave this
-        # one in flight
-        self._inflight = flight
-        if previous is not None:
-            try:
-                self._settle(previous, wait=True)
-            except DeliveryFailed:
-                self._inflight = None
-                self._rewind(first_offsets | previous.first_offsets)  # both batches, from the older's offsets
-                raise
-        # settled already if its deliveries are in; waited for when delivery is not pipelined
+        # 6. leave this batch in flight: settled already if its deliveries are in; waited for when delivery
+        # is not pipelined
         self._settle_inflight(wait=not self.settings.delivery_pipeline)
 
         self._record(out, time.perf_counter() - started)
         return out
+
+    def _timed_rank(self, users: list[UserState], k: int) -> tuple[RankedBatch, float]:
+        started = time.perf_counter()
+        ranked = self.recommender.rank(users, k)
+        return ranked, time.perf_counter() - started
 
     def _settle_inflight(self, wait: bool, timeout_s: float = 30.0) -> None:
         """Settle the batch in flight, if any (see _settle); if it cannot be delivered, rewind to its offsets
