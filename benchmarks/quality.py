@@ -31,7 +31,11 @@ TARGETS: dict[str, dict[str, object]] = {
 # Per-dataset settings (from the probes described in models/MODEL_CARD.md).
 # Full softmax on Beauty converged (early stop) in 17 minutes on a quiet machine and beat sampled softmax;
 # Yelp (20k items) was measured with 2048 sampled uniform negatives, which are cheaper on busy cores.
+# bf16 needs native bfloat16 products (a CPU with avx512_bf16 or AMX, or a GPU) to be faster.
 OVERRIDES: dict[str, dict[str, object]] = {
+    # AdamW weight decay 0.1 against the overfitting after epoch 14: valid NDCG@10 .0494 -> .0503, test
+    # .0910/.0526 -> .0926/.0538 seen excluded. bf16: 1.41x faster epochs, the same figures (.0923/.0538).
+    "amazon-beauty": {"weight_decay": 0.1, "bf16": True},
     "yelp": {"negatives": 2048},
     # Learning rate x0.3 after 2 epochs without validation gain: the loss otherwise rose after epoch 17.
     # All windows: a history longer than max_len trains on its older events too (test .2897/.1665 ->
@@ -43,6 +47,8 @@ OVERRIDES: dict[str, dict[str, object]] = {
         "lr_decay": 0.3,
         "lr_decay_patience": 1,
         "all_windows": True,
+        # bfloat16 products: 1.96x faster training steps, same validation NDCG@10 after 3 epochs (.0847).
+        "bf16": True,
     },
 }
 

@@ -1,4 +1,5 @@
-"""Training: determinism with a seed, both losses learn a clear pattern, the model directory's contents."""
+"""Training: determinism with a seed, both losses learn a clear pattern, the fused loss equals the plain
+one, bfloat16 steps stay deterministic and learn, the model directory's contents."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.nn import functional as F
 
 from streamrec.models import synthetic
-from streamrec.models.train import TrainConfig, train, training_windows
+from streamrec.models.train import TrainConfig, softmax_cross_entropy, train, training_windows
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +76,35 @@ def test_training_windows_cover_each_target_once(lengths: list[int], max_len: in
     else:
         newest = [(h, i) for h, n in enumerate(lengths) if n >= 2 for i in range(max(1, n - max_len), n)]
         assert targets == sorted(newest)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 300])  # one row, one chunk of rows, several
+def test_fused_softmax_cross_entropy_equals_the_plain_one(rows: int) -> None:
+    torch.manual_seed(rows)
+    h = torch.randn(rows, 8, requires_grad=True)
+    vecs = torch.randn(50_000, 8, requires_grad=True)  # wide enough for several chunks of rows
+    excluded = torch.zeros(50_000, dtype=torch.bool)
+    excluded[[0, 3, 9]] = True  # padding and two blocked items
+    targets = torch.randint(10, 50_000, (rows,))
+    plain = F.cross_entropy((h @ vecs.T).masked_fill(excluded, -torch.inf), targets)
+    want = torch.autograd.grad(plain * 3, (h, vecs))
+    fused = softmax_cross_entropy(h, vecs, targets, excluded)
+    got = torch.autograd.grad(fused * 3, (h, vecs))
+    torch.testing.assert_close(fused, plain)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)  # sums over 50k items in another order
+    assert torch.all(got[1][excluded] == 0)  # excluded items are no negatives
+    low = softmax_cross_entropy(h, vecs, targets, excluded, low_precision=True)
+    torch.testing.assert_close(low, plain, rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_training_is_deterministic_and_learns(data_dir: Path, tmp_path: Path) -> None:
+    config = quick(bf16=True, epochs=15, patience=15)
+    a = train(data_dir, tmp_path / "a", config, progress=False)
+    b = train(data_dir, tmp_path / "b", config, progress=False)
+    sa = torch.load(a / "model.pt", weights_only=True)
+    sb = torch.load(b / "model.pt", weights_only=True)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert all(v.dtype != torch.bfloat16 for v in sa.values())  # weights stay fp32
+    valid = json.loads((a / "metadata.json").read_text())["metrics"]["valid"]
+    assert valid["hr@10"] > 0.8
