@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 ACCEPTED_SCHEMAS = frozenset([*EVENT_SCHEMAS, "UserDeletion"])
 ANY_PARTITION = -1  # librdkafka's RD_KAFKA_PARTITION_UA: the producer's partitioner picks (murmur2 by key)
+THREAD_MIN_USERS = 200  # users to rank from which a batch's ranking runs in the serving thread
 IDLE_POLL_S = 0.002  # with a batch in flight, how long an idle loop waits for records before settling it
 
 
@@ -497,10 +498,13 @@ class EventStage:
         # 3. one encoder call and one index search for every user to recommend to, in the serving thread:
         # the encoder and the index search release the GIL, so the changelog and the settling of the previous
         # batch (which need no ranking) run meanwhile. Nothing below changes a state until it is ranked.
-        ranking = (
-            self._serving.submit(self._timed_rank, [s for s, _, _ in changed], self.settings.top_k)
-            if changed
-            else None
+        # A small batch is ranked right here: with two threads running Python, each hand-over of the GIL can
+        # wait out the interpreter's switch interval (5 ms), more than the overlap saves at low load.
+        to_rank, k = [s for s, _, _ in changed], self.settings.top_k
+        threaded = len(to_rank) >= THREAD_MIN_USERS
+        ranking = self._serving.submit(self._timed_rank, to_rank, k) if threaded else None
+        ranked_here: tuple[RankedBatch | None, float] = (
+            self._timed_rank(to_rank, k) if to_rank and not threaded else (None, 0.0)
         )
         try:
             # 4. the changelog, keyed by user, on the partition of the same number
@@ -527,7 +531,7 @@ class EventStage:
                     self._rewind(first_offsets | previous.first_offsets)  # both batches, from the older's
                     raise
         finally:
-            ranked, rank_s = ranking.result() if ranking is not None else (None, 0.0)
+            ranked, rank_s = ranking.result() if ranking is not None else ranked_here
         t_ranked = clock()
         if ranked is not None:
             phases.labels("recommend").inc(rank_s)  # its own time: it overlapped steps 4 and 5

@@ -18,6 +18,7 @@ from streamrec.records import CatalogItem, Event, EventKind, RankedBatch, Recomm
 from streamrec.serde import AvroCodec
 from streamrec.settings import Settings
 from streamrec.state import decode_state
+from streamrec.streams import event_stage
 from streamrec.streams.event_stage import DeliveryFailed, EventStage
 
 pytestmark = pytest.mark.integration
@@ -112,9 +113,13 @@ class Echo:
         )
 
 
+@pytest.mark.parametrize("ranked_in", ["serving thread", "stage thread"])
 def test_the_next_batch_builds_on_the_one_in_flight_and_a_failed_delivery_rewinds_both(
-    settings: Settings,
+    settings: Settings, ranked_in: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Large batches are ranked in the serving thread while the changelog goes out and the previous batch is
+    # settled; small ones in the stage's own thread: both orders must keep these guarantees.
+    monkeypatch.setattr(event_stage, "THREAD_MIN_USERS", 1 if ranked_in == "serving thread" else 10**9)
     settings = settings.model_copy(update={"state_cache_users": 0})  # states come from the pending batch
     catalog = Catalog()
     for item in ITEMS:
