@@ -360,7 +360,7 @@ class Recommender:
         return codes
 
     def _reason(self, code: int, queries: list[str]) -> tuple[str, str, str | None]:
-        """(reason code, explanation, anchor) of a reason code made by _explain."""
+        """(reason code, explanation, anchor) of a reason code made by _reason_codes."""
         if code <= 0:
             q = queries[-code - 1] if code < 0 else ""
             return "matches_search", f"Matches your search '{q}'", q
