@@ -49,7 +49,7 @@ from streamrec.state import (
     ValidationRules,
     appends_to_history,
     apply_event,
-    decode_state,
+    decode_state_bytes,
     encode_state_bytes,
     validate_event,
 )
@@ -220,7 +220,7 @@ class EventStage:
             except KeyError:
                 continue  # revoked meanwhile
             if raw is not None:
-                return decode_state(raw)
+                return decode_state_bytes(raw)[0]
         return None
 
     # --- the loop ---------------------------------------------------------------------------------------
@@ -448,7 +448,8 @@ class EventStage:
                     state, parts = hit
                 else:
                     raw = stored[user_id]
-                    state = decode_state(raw) if raw is not None else None
+                    # read back with its bytes: re-encoded after this batch's events, not from scratch
+                    state, parts = decode_state_bytes(raw) if raw is not None else (None, None)
                 live_cause: Event | None = None
                 backfill_cause: Event | None = None
                 erased = False

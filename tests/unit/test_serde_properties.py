@@ -29,12 +29,24 @@ from streamrec.serde import (
     RecommendationWriter,
     RecordSchema,
     avro_long,
+    avro_optional,
+    avro_string,
     bundled_schemas,
     make_schema,
     registry_header,
 )
 from streamrec.settings import Settings
-from streamrec.state import decode_state, encode_state, state_from_avro, state_to_avro
+from streamrec.state import (
+    StateLimits,
+    appends_to_history,
+    apply_event,
+    decode_state,
+    decode_state_bytes,
+    encode_state,
+    encode_state_bytes,
+    state_from_avro,
+    state_to_avro,
+)
 from streamrec.streams.schema_store import RegistryCodec
 
 BUNDLED = bundled_schemas()
@@ -276,6 +288,73 @@ def test_user_state_round_trips(codec_name: str, state: UserState) -> None:
 @given(state=user_states)
 def test_the_changelog_encoding_round_trips_user_state(state: UserState) -> None:
     assert decode_state(encode_state(state)) == state
+
+
+# What the worker does with a user who dropped out of its cache: read the stored state by hand, apply the new
+# events, re-encode from the bytes it read. Held to fastavro's reading and to a full encode.
+
+_new_clicks = st.lists(st.tuples(st.integers(0, 40), st.integers(-5, 1000)), max_size=6)
+
+
+@fast
+@given(state=user_states, clicks=_new_clicks)
+def test_a_stored_state_read_by_hand_is_fastavros_and_re_encodes_from_its_bytes(
+    state: UserState, clicks: list[tuple[int, int]]
+) -> None:
+    data = encode_state(state)
+    read, parts = decode_state_bytes(data)
+    assert read == decode_state(data) == state
+    assert parts == encode_state_bytes(state)[1]
+    # New clicks just after the newest entry (a few a little before it: inserted by time), as the worker
+    # applies them: an insert re-encodes the whole state, an append only its new entries.
+    newest = min(max((h.timestamp for h in read.history), default=0), 2**63 - 2000)
+    new, bytes_ = 0, parts
+    for n, delta in clicks:
+        event = Event(f"e{n}", read.user_id, EventKind.CLICK, newest + delta, item_id=f"i{n}")
+        if not appends_to_history(read, event):
+            bytes_ = None
+        new += apply_event(read, event, StateLimits(history_length=12, dedupe_window=40))[1]
+    assert encode_state_bytes(read, bytes_, new)[0] == encode_state(read)
+
+
+def _blocks(items: list[bytes], cuts: list[int], sized: bool) -> bytes:
+    """An Avro array split into blocks at ``cuts``, each with its byte size when ``sized`` (as the spec allows
+    a writer to do; fastavro and streamrec write one block)."""
+    out, start = [], 0
+    for end in [*sorted({c % (len(items) + 1) for c in cuts}), len(items)]:
+        block = items[start:end]
+        if block:
+            body = b"".join(block)
+            head = avro_long(-len(block)) + avro_long(len(body)) if sized else avro_long(len(block))
+            out.append(head + body)
+        start = max(start, end)
+    return b"".join([*out, b"\x00"])
+
+
+@fast
+@given(state=user_states, cuts=st.lists(st.integers(0, 64), max_size=4), sized=st.booleans())
+def test_a_state_another_writer_split_into_blocks_reads_the_same(
+    state: UserState, cuts: list[int], sized: bool
+) -> None:
+    history = [
+        avro_long(int(h.kind)) + avro_optional(h.item_id) + avro_optional(h.query) + avro_long(h.timestamp)
+        for h in state.history
+    ]
+    data = b"".join(
+        [
+            avro_string(state.user_id),
+            _blocks(history, cuts, sized),
+            _blocks([avro_string(p) for p in state.purchased], cuts, sized),
+            _blocks([avro_long(x) for x in state.seen_event_ids], cuts, sized),
+            *(avro_long(n) for n in (state.clicks, state.searches, state.purchases)),
+            avro_optional(state.last_event_id),
+            avro_long(state.last_event_time),
+        ]
+    )
+    read, parts = decode_state_bytes(data)
+    assert read == decode_state(data) == state
+    # Written back, it is in streamrec's own form (one block per array, no sizes)
+    assert encode_state_bytes(read, parts, 0)[0] == encode_state(state)
 
 
 # --- schema evolution ------------------------------------------------------------------------------------
