@@ -181,21 +181,25 @@ class RecommendationWriter:
             found = self._anchors[value] = SOME + avro_string(value)  # type: ignore[arg-type]
         return found
 
+    def _item(self, i: Any) -> bytes:
+        """One RecommendedItem (``body``'s items, and ``bodies``' popularity fill)."""
+        string = self._string
+        return (
+            string(i.item_id)
+            + _FLOAT(i.score)
+            + string(i.reason)
+            + string(i.explanation)
+            + self._anchor(i.anchor)
+        )
+
     def body(self, rec: Any) -> bytes:
         """``rec``: a streamrec.records.Recommendation (attribute access only: serde imports no records)."""
-        string, anchor, pack = self._string, self._anchor, _FLOAT
+        string = self._string
         parts = [avro_string(rec.user_id)]
         items = rec.items
         if items:
             parts.append(avro_long(len(items)))
-            for i in items:
-                parts += (
-                    string(i.item_id),
-                    pack(i.score),
-                    string(i.reason),
-                    string(i.explanation),
-                    anchor(i.anchor),
-                )
+            parts += map(self._item, items)
         parts += (
             NULL,
             string(rec.model_version),
@@ -248,9 +252,7 @@ class RecommendationWriter:
                     id_bytes[idx] + pack(score) + tails[code]
                     for idx, score, code in zip(picked, scores, codes, strict=True)
                 ]
-                for i in fills:
-                    parts += (string(i.item_id), pack(i.score), string(i.reason), string(i.explanation))
-                    parts.append(anchor(i.anchor))
+                parts += map(self._item, fills)
             parts += (middle, avro_string(cause_event_id), avro_long(event_time), published, string(mode))
             out.append(b"".join(parts))
         return out
