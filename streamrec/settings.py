@@ -71,7 +71,13 @@ class Settings(BaseSettings):
     )
     state_cache_users: int = Field(
         20_000,
-        description="Decoded states of the most recently active users kept in memory (LRU, ~10 KB each).",
+        description="Decoded states of the most recently active users kept in memory (LRU; a state with a "
+        "full 50-event history takes ~20 KB).",
+    )
+    state_cache_mb: int = Field(
+        512,
+        description="Most memory the state cache may take, estimated from each state's encoded size; "
+        "whichever of this and state_cache_users is reached first evicts the least recently active.",
     )
     consumer_queue_kbytes: int = Field(
         16_384,

@@ -190,7 +190,7 @@ class EventStage:
             memtable_mb=settings.state_memtable_mb,
             block_cache_mb=settings.state_block_cache_mb,
         )
-        self.cache = StateCache(settings.state_cache_users)
+        self.cache = StateCache(settings.state_cache_users, settings.state_cache_mb << 20)
         self.rec_writer = RecommendationWriter()  # byte for byte codec.encode("Recommendation", ...), faster
         self._pending_model: Recommender | None = None
         self._lock = threading.Lock()
@@ -425,7 +425,7 @@ class EventStage:
         # as new.
         changed: list[tuple[UserState, Event, bool]] = []  # (state, cause, caused by backfill)
         changes = flight.changes
-        cache_updates: list[tuple[int, UserState, StateBytes]] = []
+        cache_updates: list[tuple[int, UserState, StateBytes, int]] = []
         applied: Counter[EventKind] = Counter()
         shadow = self.settings.backfill_recommendations == "shadow"
         for p, users in by_partition.items():
@@ -485,7 +485,7 @@ class EventStage:
                 if new_events:
                     encoded, parts = encode_state_bytes(state, parts, new_events)
                     changes.setdefault(p, {})[user_id] = encoded
-                    cache_updates.append((p, state, parts))
+                    cache_updates.append((p, state, parts, len(encoded)))
                     if live_cause is not None:
                         changed.append((state, live_cause, False))
                     elif backfill_cause is not None and shadow:
@@ -517,9 +517,9 @@ class EventStage:
             for p, user_changes in changes.items():
                 for user_id, value in user_changes.items():
                     if value is None:
-                        self.cache.put(p, user_id, None)
-            for p, state, parts in cache_updates:
-                self.cache.put(p, state.user_id, (state, parts))
+                        self.cache.drop(p, user_id)
+            for p, state, parts, size in cache_updates:
+                self.cache.put(p, state.user_id, (state, parts), size)
             phases.labels("produce").inc(clock() - t_applied)
 
             # 5. settle the previous batch (its records had this batch's time to be delivered)
