@@ -330,17 +330,17 @@ def decode_state_bytes(data: bytes) -> tuple[UserState, StateBytes]:
             history_parts.append(data[start:pos])
         count, pos = _read_block(data, pos)
     purchased: list[str] = []
-    purchased_at, blocks, sized = pos, 0, False
-    count, pos = _read_long(data, pos)
+    purchased_at, blocks = pos, 0
+    count, pos = _read_block(data, pos)
     while count:
-        if count < 0:  # a block with its byte size: not how encode_state_bytes writes it
-            count, pos, sized = -count, _read_long(data, pos)[1], True
         blocks += 1
         for _ in range(count):
             item_id, pos = _read_string(data, pos)
             purchased.append(item_id)
-        count, pos = _read_long(data, pos)
+        count, pos = _read_block(data, pos)
     purchased_bytes = data[purchased_at:pos]
+    # a zig-zag long's first byte holds its sign: a negative first count is a block written with its size
+    sized = bool(data[purchased_at] & 1)
     seen: list[int] = []
     seen_parts: list[bytes] = []
     count, pos = _read_block(data, pos)

@@ -128,7 +128,7 @@ class StateCache:
         self._states[key] = (cached, cost)
         self.bytes += cost
         while len(self._states) > self.capacity or (
-            self.max_bytes is not None and self.bytes > self.max_bytes and self._states
+            self.max_bytes is not None and self.bytes > self.max_bytes
         ):
             self.bytes -= self._states.popitem(last=False)[1][1]
 

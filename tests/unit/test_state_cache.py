@@ -76,4 +76,6 @@ def test_the_user_bound_holds_whatever_the_memory_bound() -> None:
         state, parts, size = shopper(u, 5)
         cache.put(1, state.user_id, (state, parts), size)
     assert [u for u in range(10) if cache.get(1, f"user-{u:07d}") is not None] == [7, 8, 9]
-    assert StateCache(capacity=0).get(0, "x") is None
+    off = StateCache(capacity=0)  # STREAMREC_STATE_CACHE_USERS=0: every state comes from RocksDB
+    off.put(1, state.user_id, (state, parts), size)
+    assert off.get(1, state.user_id) is None and len(off) == 0 and off.bytes == 0
