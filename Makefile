@@ -3,10 +3,13 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The event stage's modules that `streamrec native build` compiles with mypyc (streamrec/native.py).
+NATIVE_SRC := streamrec/records.py streamrec/serde.py streamrec/state.py streamrec/triggers.py
+NATIVE := streamrec/_native.json
 
-.PHONY: install demo test test-all test-slow lint typecheck bench quality lock clean
+.PHONY: install native native-clean demo test test-all test-slow lint typecheck bench quality lock clean
 
-install: $(STAMP)
+install: $(STAMP) $(NATIVE)
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,14 +18,27 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# Optional: without a C compiler the build says so and the sources run (the leading - keeps make going).
+$(NATIVE): $(STAMP) $(NATIVE_SRC)
+	-$(BIN)/streamrec native build
+
+native: $(STAMP)
+	$(BIN)/streamrec native build
+
+native-clean: $(STAMP)
+	$(BIN)/streamrec native clean
+
 demo: install
 	$(BIN)/streamrec demo
 
 # Lint, import contracts, types, then unit tests, contracts and the integration suite against a real embedded
-# broker; slow suites excluded.
+# broker; slow suites excluded. The compiled modules' own tests run once more on their Python sources.
+NATIVE_TESTS := tests/unit/test_serde_properties.py tests/unit/test_state.py tests/unit/test_state_cache.py \
+	tests/unit/test_triggers.py
 test: install lint typecheck
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -q --pure-python $(NATIVE_TESTS)
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow -q

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from streamrec.records import CatalogItem, EventKind
@@ -133,11 +133,12 @@ def _read_native(directory: Path) -> Interactions:
     catalog: dict[str, CatalogItem] = {}
     catalog_path = directory / "catalog.jsonl"
     if catalog_path.exists():
+        names = {f.name for f in fields(CatalogItem)}
         with catalog_path.open() as f:
             for line in f:
                 if line.strip():
                     rec = json.loads(line)
-                    item = CatalogItem(**{k: v for k, v in rec.items() if k in CatalogItem.__slots__})  # type: ignore[attr-defined]
+                    item = CatalogItem(**{k: v for k, v in rec.items() if k in names})
                     item.item_id = str(item.item_id)
                     catalog[item.item_id] = item
                     vocab(item.item_id)

@@ -183,6 +183,19 @@ def bench(
     print(json.dumps(result) if as_json else json.dumps(result, indent=2))
 
 
+@app.command()
+def native(
+    action: str = typer.Argument("status", help="build, clean or status."),
+) -> None:
+    """Compile the event stage's pure-Python modules with mypyc (`make install` does), remove them, or show
+    which run; prints {"stale": ..., "modules": {name: "compiled" | "source"}}."""
+    from streamrec import native as compiled
+
+    if action not in ("build", "clean", "status"):
+        raise typer.BadParameter("choose build, clean or status")
+    raise typer.Exit(compiled.main([action]))
+
+
 @app.command("train")
 def train_cmd(
     data: Path = typer.Option(..., help="Dataset dir or file (shared/data or events+catalog)."),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import IntEnum
 from typing import Any
 
@@ -99,8 +99,8 @@ class CatalogItem:
 
     @classmethod
     def from_avro(cls, record: dict[str, Any]) -> CatalogItem:
-        fields = cls.__slots__  # type: ignore[attr-defined]
-        return cls(**{k: record[k] for k in fields if k in record})
+        names = [f.name for f in fields(cls)]
+        return cls(**{k: record[k] for k in names if k in record})
 
     @property
     def text(self) -> str:

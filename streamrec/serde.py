@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import fastavro
 from fastavro.read import SchemaResolutionError
 from fastavro.schema import fingerprint, to_parsing_canonical_form
+from mypy_extensions import mypyc_attr
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = len(MAGIC) + 8
@@ -47,6 +48,7 @@ class DecodeError(Exception):
         self.detail = detail
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # streams/client.py: InvalidRecordError
 class EncodeError(ValueError):
     """A record that does not match its schema; raised before anything is sent."""
 
@@ -274,6 +276,7 @@ class Codec(Protocol):
     def decode(self, data: bytes, accept: Iterable[str] | None = None) -> tuple[str, dict[str, Any]]: ...
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # streams/schema_store.py: RegistryCodec
 class AvroCodec:
     """Encodes and decodes single-object Avro records against this process's (reader) schemas."""
 

@@ -30,6 +30,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from rich.console import Console
 
+from streamrec import native
 from streamrec.records import HistoryEntry, UserState
 from streamrec.sample import ShopperSimulator, sample_catalog
 from streamrec.serde import AvroCodec, DecodeError
@@ -863,6 +864,7 @@ def run_bench(settings: Settings, config: BenchConfig, console: Console) -> dict
             for k in ("batch_size", "batch_wait_ms", "partitions", "history_length", "top_k", "device")
         },
         "model": model_dir.name,
+        "hot_path": native.active(),  # "compiled" (mypyc, `make install`) or "source" per module
     }
     if BROKER_PARTS & set(config.parts):
         result |= BrokerBench(settings, config, console).run(registry)

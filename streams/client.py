@@ -329,15 +329,18 @@ class EventProducer:
         historical: bool = False,
         **fields: Any,
     ) -> str:
-        event = Event(
-            event_id=self._event_id(event_id),
-            user_id=_require_id("user_id", user_id),
-            kind=kind,
-            timestamp=self._timestamp(timestamp, historical),
-            session_id=session_id,
-            context=self._context(context),
-            **fields,
-        )
+        try:  # the compiled Event checks its field types itself
+            event = Event(
+                event_id=self._event_id(event_id),
+                user_id=_require_id("user_id", user_id),
+                kind=kind,
+                timestamp=self._timestamp(timestamp, historical),
+                session_id=session_id,
+                context=self._context(context),
+                **fields,
+            )
+        except TypeError as exc:
+            raise InvalidRecordError(f"not a {kind.name.lower()} event: {exc}") from exc
         record = event.to_avro()
         if kind is EventKind.PURCHASE:
             record["currency"] = currency

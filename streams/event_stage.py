@@ -31,6 +31,7 @@ from typing import Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from streamrec import native
 from streamrec.catalog import Catalog
 from streamrec.records import (
     EVENT_SCHEMAS,
@@ -325,6 +326,12 @@ class EventStage:
             raise
 
     def _run(self, stop: threading.Event) -> None:
+        modes = native.active()
+        log.info(
+            "%s hot path: %s",
+            self.worker_id,
+            "compiled (mypyc)" if set(modes.values()) == {"compiled"} else f"Python sources {sorted(modes)}",
+        )
         consumer, producer = self._make_clients()
         self._consumer, self._producer = consumer, producer
         topics = consumer.list_topics(timeout=10).topics

@@ -9,9 +9,23 @@ from typing import TypeVar
 
 import pytest
 
+from streamrec import native
 from streamrec.settings import Settings
 
 T = TypeVar("T")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--pure-python",
+        action="store_true",
+        help="load streamrec's compiled hot-path modules from their sources (`make test` runs both)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--pure-python"):
+        native.use_sources()
 
 
 def wait_for(
