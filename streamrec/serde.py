@@ -54,12 +54,22 @@ class EncodeError(ValueError):
 
 
 @dataclass(frozen=True)
+class ReadPlan:
+    """How a record body is read without fastavro: each field's name, kind and, for a record, its plan."""
+
+    names: list[str]
+    kinds: list[int]
+    nested: list[ReadPlan | None]
+
+
+@dataclass(frozen=True)
 class RecordSchema:
     name: str  # short name, e.g. "ClickEvent"
     full_name: str  # e.g. "streamrec.ClickEvent"
     definition: dict[str, Any]  # expanded JSON definition (named types inlined)
     parsed: Any  # fastavro parsed schema
     fingerprint: bytes  # 8 bytes, in wire order
+    plan: ReadPlan | None = None  # set when the hand-written reader can read it (read_plan)
 
     @property
     def json(self) -> str:
@@ -98,6 +108,7 @@ def make_schema(definition: dict[str, Any]) -> RecordSchema:
         definition=definition,
         parsed=parsed,
         fingerprint=bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO")),
+        plan=read_plan(definition),
     )
 
 
@@ -111,6 +122,122 @@ def bundled_schemas() -> dict[str, RecordSchema]:
     return {
         d["name"]: make_schema(_expand(d, {k: v for k, v in raw.items() if k != n})) for n, d in raw.items()
     }
+
+
+# --- hand-written Avro reader for the worker's hot path (tests hold it to fastavro) ------------------------
+
+# Field kinds of a read plan; OPTIONAL marks the union ["null", kind] (branch 0 is null, 1 the value).
+_STRING, _LONG, _DOUBLE, _RECORD = 1, 2, 3, 4
+_OPTIONAL = 8
+_PRIMITIVES = {"string": _STRING, "long": _LONG, "int": _LONG, "double": _DOUBLE}
+_DOUBLE_AT = struct.Struct("<d").unpack_from
+_LONG_BITS = (1 << 64) - 1
+
+
+def read_plan(definition: Any) -> ReadPlan | None:
+    """The plan of a record made of strings, longs, ints, doubles, nested records and their ["null", X]
+    unions, the events topic's records; None for anything else, which fastavro reads."""
+    if not isinstance(definition, dict) or definition.get("type") != "record":
+        return None
+    names: list[str] = []
+    kinds: list[int] = []
+    nested: list[ReadPlan | None] = []
+    for f in definition["fields"]:
+        kind, optional = f["type"], 0
+        if isinstance(kind, list):
+            if len(kind) != 2 or kind[0] != "null":
+                return None
+            kind, optional = kind[1], _OPTIONAL
+        sub = read_plan(kind) if isinstance(kind, dict) else None
+        if sub is not None:
+            code = _RECORD
+        elif isinstance(kind, str) and kind in _PRIMITIVES:
+            code = _PRIMITIVES[kind]
+        else:
+            return None
+        names.append(f["name"])
+        kinds.append(code | optional)
+        nested.append(sub)
+    return ReadPlan(names, kinds, nested)
+
+
+class _Body:
+    """A record body being read; every read checks the bytes it takes (ValueError when they are not there)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def long(self) -> int:
+        data, pos = self.data, self.pos
+        if pos >= len(data):
+            raise ValueError("truncated")
+        b = data[pos]
+        n, shift = b & 0x7F, 7
+        while b & 0x80:
+            pos += 1
+            if pos >= len(data) or shift > 63:
+                raise ValueError("truncated or over-long varint")
+            b = data[pos]
+            n |= (b & 0x7F) << shift
+            shift += 7
+        self.pos = pos + 1
+        if shift > 63:
+            n &= _LONG_BITS  # a tenth byte's high bits fall off, as in fastavro's 64-bit reader
+        return (n >> 1) ^ -(n & 1)
+
+    def string(self) -> str:
+        size = self.long()
+        start = self.pos
+        end = start + size
+        if size < 0 or end > len(self.data):
+            raise ValueError(f"a string of {size} bytes at {start} of {len(self.data)}")
+        self.pos = end
+        return self.data[start:end].decode()
+
+    def double(self) -> float:
+        start = self.pos
+        if start + 8 > len(self.data):
+            raise ValueError("truncated double")
+        self.pos = start + 8
+        value: float = _DOUBLE_AT(self.data, start)[0]
+        return value
+
+    def record(self, plan: ReadPlan) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, kind, sub in zip(plan.names, plan.kinds, plan.nested, strict=True):
+            if kind & _OPTIONAL:
+                branch = self.long()
+                if branch == 0:
+                    out[name] = None
+                    continue
+                if branch != 1:
+                    raise ValueError(f"union branch {branch} of {name}")
+                kind ^= _OPTIONAL
+            if kind == _STRING:
+                out[name] = self.string()
+            elif kind == _LONG:
+                out[name] = self.long()
+            elif kind == _DOUBLE:
+                out[name] = self.double()
+            else:
+                assert sub is not None
+                out[name] = self.record(sub)
+        return out
+
+
+def read_record(schema: RecordSchema, body: bytes) -> dict[str, Any]:
+    """The record in ``body``, written with ``schema`` (which must have a plan): what fastavro reads, at
+    a fraction of the cost. DecodeError for a truncated or corrupt body, or one with bytes left over."""
+    assert schema.plan is not None
+    reader = _Body(body)
+    try:
+        record = reader.record(schema.plan)
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise DecodeError("undecodable", f"{schema.name} body: {exc}") from exc
+    if reader.pos != len(body):
+        raise DecodeError("undecodable", f"{schema.name} body has {len(body) - reader.pos} trailing bytes")
+    return record
 
 
 # --- hand-written Avro writers for the worker's hot path (tests hold them byte-identical to fastavro) ------
@@ -339,6 +466,9 @@ class AvroCodec:
         reader = self._by_full_name.get(writer.full_name)
         if reader is None or (accept is not None and reader.name not in accept):
             raise DecodeError("unknown_schema", f"{writer.full_name} is not expected here")
+        # The same canonical schema (any framing): the hand-written reader, else fastavro with resolution
+        if reader.plan is not None and reader.fingerprint == writer.fingerprint:
+            return reader.name, read_record(reader, body)
         buf = io.BytesIO(body)
         try:
             record = fastavro.schemaless_reader(

@@ -194,7 +194,7 @@ class StateBytes:
     history: list[bytes]
     seen_event_ids: list[bytes]
     purchased: bytes = b""
-    purchases_at: int = -1
+    purchases_at: int | None = None  # None: ``purchased`` not encoded yet (any count, even -1, differs)
 
 
 def _tail(previous: list[bytes], values: list, new: int, encode: Any) -> list[bytes]:
@@ -223,9 +223,7 @@ def encode_state_bytes(
         )
         if previous.purchases_at == state.purchases:
             parts.purchased, parts.purchases_at = previous.purchased, state.purchases
-    if (
-        parts.purchases_at != state.purchases
-    ):  # up to max_purchased strings: encoded again only after a purchase
+    if parts.purchases_at != state.purchases:  # up to max_purchased strings: encoded again after a purchase
         parts.purchased = b"".join(_array([_string(p) for p in state.purchased]))
         parts.purchases_at = state.purchases
     data = b"".join(

@@ -9,10 +9,11 @@ from typing import Any
 
 import fastavro
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from streamrec.records import (
+    EVENT_SCHEMAS,
     CatalogItem,
     Event,
     EventKind,
@@ -23,6 +24,7 @@ from streamrec.records import (
     UserState,
 )
 from streamrec.serde import (
+    HEADER_LEN,
     AvroCodec,
     DecodeError,
     EncodeError,
@@ -33,6 +35,7 @@ from streamrec.serde import (
     avro_string,
     bundled_schemas,
     make_schema,
+    read_record,
     registry_header,
 )
 from streamrec.settings import Settings
@@ -286,6 +289,7 @@ def test_user_state_round_trips(codec_name: str, state: UserState) -> None:
 
 @fast
 @given(state=user_states)
+@example(state=UserState("u", purchases=-1))  # once taken for "purchased list not encoded yet"
 def test_the_changelog_encoding_round_trips_user_state(state: UserState) -> None:
     assert decode_state(encode_state(state)) == state
 
@@ -529,3 +533,97 @@ def test_encoding_a_mismatched_field_raises_encode_error(field: str, value: Any)
     for codec in CODECS.values():
         with pytest.raises(EncodeError):
             codec.encode("ClickEvent", record)
+
+
+# --- the hand-written reader of the worker's hot path ------------------------------------------------------
+
+
+def test_the_event_schemas_are_read_by_hand() -> None:
+    """The events topic's records take the hand-written path; records with arrays or booleans do not."""
+    for name in (*EVENT_SCHEMAS, "UserDeletion"):
+        assert BUNDLED[name].plan is not None, name
+    for name in ("Recommendation", "UserState", "CatalogItem"):
+        assert BUNDLED[name].plan is None, name
+
+
+def _fastavro_body(name: str, body: bytes) -> dict[str, Any] | None:
+    buf = io.BytesIO(body)
+    try:
+        record = fastavro.schemaless_reader(buf, BUNDLED[name].parsed, None)
+    except Exception:
+        return None
+    return record if buf.tell() == len(body) else None
+
+
+def _hand_body(name: str, body: bytes) -> dict[str, Any] | None:
+    try:
+        return read_record(BUNDLED[name], body)
+    except DecodeError:
+        return None
+
+
+@fast
+@given(event=events())
+def test_the_hand_reader_reads_every_event_as_fastavro_does(event: Event) -> None:
+    body = AvroCodec().encode(event.schema_name, event.to_avro())[HEADER_LEN:]
+    assert _hand_body(event.schema_name, body) == _fastavro_body(event.schema_name, body) is not None
+
+
+@settings(max_examples=400, deadline=None)
+@given(event=events(), data=st.data())
+def test_what_the_hand_reader_accepts_fastavro_reads_the_same(event: Event, data: st.DataObject) -> None:
+    """Corrupt bodies: the hand reader may refuse more than fastavro (varints over 10 bytes), never less,
+    and never reads a different record."""
+    body = bytearray(AvroCodec().encode(event.schema_name, event.to_avro())[HEADER_LEN:])
+    for _ in range(data.draw(st.integers(1, 3))):
+        position = data.draw(st.integers(0, len(body) - 1))
+        body[position] ^= data.draw(st.integers(1, 255))
+    cut = data.draw(st.integers(0, len(body)))
+    hand = _hand_body(event.schema_name, bytes(body[:cut]))
+    if hand is not None:
+        assert hand == _fastavro_body(event.schema_name, bytes(body[:cut]))
+
+
+def _click_body(
+    timestamp: bytes = avro_long(1), session: bytes = b"\x00", event_id: bytes = b"\x02e"
+) -> bytes:
+    return event_id + avro_string("u") + timestamp + session + avro_string("i") + b"\x00"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _click_body(),
+        _click_body(session=b"\x02" + avro_string("s")),
+        _click_body(session=b"\x04" + avro_string("s")),  # a union branch the schema does not have
+        _click_body(timestamp=b"\xff" * 9 + b"\x7f"),  # ten bytes: the high bits fall off, as in fastavro
+        _click_body(timestamp=b"\x80" * 9 + b"\x01"),
+        _click_body(event_id=b"\x03e"),  # a negative length
+        _click_body(event_id=b"\x04\xff\xfe"),  # not UTF-8
+        _click_body(event_id=b"\x40e"),  # longer than the body
+    ],
+    ids=[
+        "plain",
+        "session",
+        "branch-2",
+        "ten-byte-long",
+        "ten-byte-min",
+        "negative-length",
+        "not-utf8",
+        "overrun",
+    ],
+)
+def test_the_hand_reader_accepts_and_refuses_as_fastavro_does(body: bytes) -> None:
+    assert _hand_body("ClickEvent", body) == _fastavro_body("ClickEvent", body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [_click_body(timestamp=b"\xff" * 10 + b"\x01"), _click_body(session=b"\x01" + avro_string("s"))],
+    ids=["eleven-byte-long", "branch-minus-1"],
+)
+def test_the_hand_reader_refuses_what_fastavro_reads_by_accident(body: bytes) -> None:
+    """fastavro wraps an 11-byte varint around and takes union branch -1 as the last branch (a Python
+    index); no writer makes either, so the hand reader dead-letters them."""
+    assert _fastavro_body("ClickEvent", body) is not None
+    assert _hand_body("ClickEvent", body) is None
