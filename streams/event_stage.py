@@ -529,15 +529,12 @@ class EventStage:
                 self.cache.put(p, state.user_id, (state, parts), size)
             phases.labels("produce").inc(clock() - t_applied)
 
-            # 5. settle the previous batch (its records had this batch's time to be delivered)
+            # 5. settle the previous batch (its records had this batch's time to be delivered): here while the
+            # serving thread ranks; a small batch, ranked already, publishes first and settles after (step 6),
+            # so its recommendations do not wait for the previous batch's acknowledgements.
             self._inflight = flight
-            if previous is not None:
-                try:
-                    self._settle(previous, wait=True)
-                except DeliveryFailed:
-                    self._inflight = None
-                    self._rewind(first_offsets | previous.first_offsets)  # both batches, from the older's
-                    raise
+            if threaded:
+                self._settle_previous(previous, first_offsets)
         finally:
             ranked, rank_s = ranking.result() if ranking is not None else ranked_here
         t_ranked = clock()
@@ -562,12 +559,26 @@ class EventStage:
             out.recommendations = len(changed)
             phases.labels("produce").inc(clock() - t_ranked)
 
-        # 6. leave this batch in flight: settled already if its deliveries are in; waited for when delivery
-        # is not pipelined
+        # 6. settle the previous batch if step 5 did not; leave this one in flight: settled already if its
+        # deliveries are in, waited for when delivery is not pipelined
+        if not threaded:
+            self._settle_previous(previous, first_offsets)
         self._settle_inflight(wait=not self.settings.delivery_pipeline)
 
         self._record(out, time.perf_counter() - started)
         return out
+
+    def _settle_previous(self, previous: InFlight | None, first_offsets: dict[tuple[str, int], int]) -> None:
+        """Wait for the batch before this one and settle it; if it cannot be delivered, rewind both batches
+        (this one built on its states) to the older one's offsets."""
+        if previous is None:
+            return
+        try:
+            self._settle(previous, wait=True)
+        except DeliveryFailed:
+            self._inflight = None
+            self._rewind(first_offsets | previous.first_offsets)
+            raise
 
     def _timed_rank(self, users: list[UserState], k: int) -> tuple[RankedBatch, float]:
         started = time.perf_counter()
