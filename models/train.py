@@ -56,6 +56,10 @@ class TrainConfig:
     # window, as SASRec does)
     all_windows: bool = False
     negatives: int = 0  # 0 = full softmax over all items; n = sampled softmax with n shared uniform negatives
+    # Train for new items, as the seen-excluded protocol measures: a target already in its window's prefix
+    # is no training target, the prefix's items are no negatives for its positions, and early stopping
+    # reads validation with seen items excluded.
+    novel_only: bool = False
     # Matrix products of the training step in bfloat16 (autocast over the encoder, bf16 logits products in
     # the loss); weights, optimiser, softmax and loss stay fp32 and validation runs in fp32.
     bf16: bool = False
@@ -188,12 +192,16 @@ def train_step_loss(
     blocked: torch.Tensor | None = None,
     negatives: int = 0,
     low_precision: bool = False,
+    novel_only: bool = False,
 ) -> torch.Tensor:
     """Mean next-item cross-entropy of a batch; with ``low_precision`` the encoder runs under bfloat16
-    autocast and the full-softmax logits products in bfloat16."""
+    autocast and the full-softmax logits products in bfloat16. With ``novel_only`` a position whose target
+    already occurs earlier in its sequence is left out, and each position's earlier items are no negatives
+    for it (training for the seen-excluded protocol)."""
     device = model.item_id.weight.device
     items, kinds, qids = pad_batch(batch, model.config.max_len + 1, qindex)
-    targets = items[:, 1:].to(device)
+    items = items.to(device)
+    targets = items[:, 1:]
     id_mask = None
     if model.config.id_dropout > 0:
         id_mask = (torch.rand(model.config.num_items + 1, device=device) >= model.config.id_dropout).float()
@@ -202,7 +210,17 @@ def train_step_loss(
         h = hidden_states(model, items[:, :-1], kinds[:, :-1], qids[:, :-1], qtable, vecs)
     h, vecs = h.float(), vecs.float()
     valid = targets != PAD
-    h, targets = h[valid], targets[valid]
+    prefix = None
+    if novel_only:
+        # prefix[b, t, s]: input s is a real item at or before position t, so seen when predicting t + 1
+        inputs = items[:, :-1]
+        prefix = torch.ones(inputs.shape[1], inputs.shape[1], dtype=torch.bool, device=device).tril()
+        prefix = prefix.unsqueeze(0) & (inputs != PAD).unsqueeze(1)
+        valid &= ~((targets.unsqueeze(2) == inputs.unsqueeze(1)) & prefix).any(2)
+    rows = valid.nonzero(as_tuple=True)
+    h, targets = h[rows], targets[rows]
+    if len(targets) == 0:
+        return h.sum() * 0.0  # every target a repeat: nothing to learn from this batch
     n_items = model.config.num_items
     if 0 < negatives < n_items:
         # Sampled softmax: the positive against n negatives shared by the batch, drawn uniformly (a constant
@@ -213,13 +231,24 @@ def train_step_loss(
         neg = neg.masked_fill(sampled.unsqueeze(0) == targets.unsqueeze(1), -torch.inf)
         if blocked is not None:
             neg = neg.masked_fill(torch.isin(sampled, blocked).unsqueeze(0), -torch.inf)
+        if novel_only:
+            # seen[b, t, j]: sampled[j] occurs at or before position t (a running OR along the sequence)
+            seen = (items[:, :-1].unsqueeze(2) == sampled).to(torch.uint8).cummax(1).values.bool()
+            neg = neg.masked_fill(seen[rows], -torch.inf)
         logits = torch.cat([pos, neg], dim=1)
         return F.cross_entropy(logits, torch.zeros(len(targets), dtype=torch.long, device=device))
     excluded = torch.zeros(n_items + 1, dtype=torch.bool, device=device)
     excluded[PAD] = True
     if blocked is not None:
         excluded[blocked] = True  # items that do not exist yet are no negatives either
-    return softmax_cross_entropy(h, vecs, targets, excluded, low_precision)
+    seen_pairs = None
+    if prefix is not None:
+        # (row, item) pairs of each kept position's earlier items, rows numbered as h's
+        row_of = torch.full(valid.shape, -1, dtype=torch.long, device=device)
+        row_of[rows] = torch.arange(len(targets), device=device)
+        b, t, s = (prefix & valid.unsqueeze(2)).nonzero(as_tuple=True)
+        seen_pairs = (row_of[b, t], items[b, s])
+    return softmax_cross_entropy(h, vecs, targets, excluded, low_precision, seen_pairs)
 
 
 # Logits the fused loss holds at once (twice as many with bf16 products): ~2 MB of fp32, so a chunk's
@@ -240,6 +269,8 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
         targets: torch.Tensor,  # (N,)
         excluded: torch.Tensor,  # (I,) bool: columns that are no candidates (padding, blocked items)
         low_precision: bool,
+        seen_rows: torch.Tensor | None,  # (P,) with seen_cols: (row, column) logits that are no candidates
+        seen_cols: torch.Tensor | None,
     ) -> torch.Tensor:
         n = h.shape[0]
         dtype = torch.bfloat16 if low_precision else h.dtype
@@ -248,9 +279,18 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
         grad_vecs = torch.zeros_like(vecs)
         total = torch.zeros((), dtype=torch.float64, device=h.device)
         rows = max(16, _LOSS_CHUNK_ELEMENTS * (2 if low_precision else 1) // max(vecs.shape[0], 1))
-        for start in range(0, n, rows):
+        bounds = None
+        if seen_rows is not None and seen_cols is not None:
+            order = seen_rows.argsort()
+            seen_rows, seen_cols = seen_rows[order], seen_cols[order]
+            starts = torch.arange(0, n + rows, rows, device=h.device)
+            bounds = torch.searchsorted(seen_rows, starts).tolist()
+        for chunk, start in enumerate(range(0, n, rows)):
             hc, tc = hl[start : start + rows], targets[start : start + rows]
             logits = (hc @ vl.T).float().masked_fill_(excluded, -torch.inf)
+            if bounds is not None:
+                lo, hi = bounds[chunk], bounds[chunk + 1]
+                logits[seen_rows[lo:hi] - start, seen_cols[lo:hi]] = -torch.inf  # type: ignore[index]
             lse = torch.logsumexp(logits, dim=1)
             total += (lse - logits.gather(1, tc.unsqueeze(1)).squeeze(1)).sum(dtype=torch.float64)
             probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax; its gradient is softmax - one-hot
@@ -264,7 +304,7 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         grad_h, grad_vecs = ctx.saved_tensors
-        return grad_h * grad, grad_vecs * grad, None, None, None
+        return grad_h * grad, grad_vecs * grad, None, None, None, None, None
 
 
 def softmax_cross_entropy(
@@ -273,11 +313,16 @@ def softmax_cross_entropy(
     targets: torch.Tensor,
     excluded: torch.Tensor,
     low_precision: bool = False,
+    seen_pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """F.cross_entropy(h @ vecs.T with excluded columns at -inf, targets) with its gradients, ~1.7x faster
     on CPU at ML-1M's size (the full logits tensor is never allocated); ``low_precision`` runs its products
-    in bfloat16. Call it for training only: it computes the gradients even where none are needed."""
-    loss: torch.Tensor = _SoftmaxCrossEntropy.apply(h, vecs, targets, excluded, low_precision)
+    in bfloat16. ``seen_pairs`` (rows, columns) are further logits at -inf, each in its own row only. Call it
+    for training only: it computes the gradients even where none are needed."""
+    seen_rows, seen_cols = seen_pairs if seen_pairs is not None else (None, None)
+    loss: torch.Tensor = _SoftmaxCrossEntropy.apply(
+        h, vecs, targets, excluded, low_precision, seen_rows, seen_cols
+    )
     return loss
 
 
@@ -286,6 +331,7 @@ def _validate(
     cases: dict[str, tuple[list[Step], int]],
     qindex: dict[str, int],
     qtable: torch.Tensor | None,
+    filter_seen: bool = False,
 ) -> dict[str, float]:
     model.eval()
     with torch.inference_mode():
@@ -295,7 +341,7 @@ def _validate(
         with torch.inference_mode():
             return user_vectors(model, seqs, qindex, qtable, item_vecs=vecs) @ vecs.T
 
-    return evaluate_scorer(score, cases, model.config.num_items)
+    return evaluate_scorer(score, cases, model.config.num_items, filter_seen=filter_seen)
 
 
 def fit(
@@ -348,7 +394,9 @@ def fit(
         total, steps = 0.0, 0
         bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False, unit="batch")
         for batch in bar:
-            loss = train_step_loss(model, batch, qindex, qtable, blocked, config.negatives, config.bf16)
+            loss = train_step_loss(
+                model, batch, qindex, qtable, blocked, config.negatives, config.bf16, config.novel_only
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.clip_norm > 0:
@@ -358,7 +406,7 @@ def fit(
             steps += 1
             if time.perf_counter() > deadline:
                 break
-        metrics = _validate(model, valid, qindex, qtable)
+        metrics = _validate(model, valid, qindex, qtable, config.novel_only)
         entry = {"epoch": epoch, "loss": total / max(steps, 1), **metrics, "lr": opt.param_groups[0]["lr"]}
         if plateau is not None:
             plateau.step(metrics["ndcg@10"])
@@ -386,8 +434,9 @@ def fit(
         "valid": best,
         "history": history,
         "device": str(device),
+        "filter_seen": config.novel_only,  # of the validation and test figures here
     }
-    test = _validate(model, split.test, qindex, qtable)
+    test = _validate(model, split.test, qindex, qtable, config.novel_only)
     report["test"] = test
     return model, embedder, report
 
@@ -429,7 +478,7 @@ def train(
         "data_window": list(dataset.window) if dataset.window else None,
         "num_users": len(dataset.sequences),
         "num_items": dataset.num_items,
-        "metrics": {"valid": report["valid"], "test": report["test"]},
+        "metrics": {"valid": report["valid"], "test": report["test"], "filter_seen": report["filter_seen"]},
         "training_seconds": report["training_seconds"],
         "best_epoch": report["best_epoch"],
         "epochs_run": report["epochs_run"],

@@ -13,7 +13,16 @@ from hypothesis import strategies as st
 from torch.nn import functional as F
 
 from streamrec.models import synthetic
-from streamrec.models.train import TrainConfig, softmax_cross_entropy, train, training_windows
+from streamrec.models.data import PAD, Step, load
+from streamrec.models.sequences import hidden_states, pad_batch
+from streamrec.models.train import (
+    TrainConfig,
+    build_model,
+    softmax_cross_entropy,
+    train,
+    train_step_loss,
+    training_windows,
+)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +105,86 @@ def test_fused_softmax_cross_entropy_equals_the_plain_one(rows: int) -> None:
     assert torch.all(got[1][excluded] == 0)  # excluded items are no negatives
     low = softmax_cross_entropy(h, vecs, targets, excluded, low_precision=True)
     torch.testing.assert_close(low, plain, rtol=2e-2, atol=2e-2)
+
+
+def test_fused_softmax_cross_entropy_masks_seen_pairs_in_their_own_rows() -> None:
+    torch.manual_seed(0)
+    h = torch.randn(40, 8, requires_grad=True)
+    vecs = torch.randn(30_000, 8, requires_grad=True)  # several chunks of rows: pairs cross chunk bounds
+    excluded = torch.zeros(30_000, dtype=torch.bool)
+    excluded[0] = True
+    targets = torch.randint(1, 30_000, (40,))
+    rows = torch.randint(0, 40, (300,))
+    cols = torch.randint(1, 30_000, (300,))
+    keep = cols != targets[rows]  # a row's own target is never among its seen items
+    rows, cols = rows[keep], cols[keep]
+    logits = (h @ vecs.T).masked_fill(excluded, -torch.inf)
+    mask = torch.zeros_like(logits, dtype=torch.bool)
+    mask[rows, cols] = True
+    plain = F.cross_entropy(logits.masked_fill(mask, -torch.inf), targets)
+    want = torch.autograd.grad(plain, (h, vecs))
+    fused = softmax_cross_entropy(h, vecs, targets, excluded, seen_pairs=(rows, cols))
+    got = torch.autograd.grad(fused, (h, vecs))
+    torch.testing.assert_close(fused, plain)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def _novel_only_reference(model, batch, negatives: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The novel-only loss position by position: targets seen earlier skipped, earlier items no negatives."""
+    items, kinds, qids = pad_batch(batch, model.config.max_len + 1)
+    vecs = model.item_vectors()
+    h = hidden_states(model, items[:, :-1], kinds[:, :-1], qids[:, :-1], None, vecs)
+    n = model.config.num_items
+    sampled = torch.randint(1, n + 1, (negatives,)) if negatives else None
+    losses = []
+    for b in range(items.shape[0]):
+        for t in range(items.shape[1] - 1):
+            target = int(items[b, t + 1])
+            earlier = {int(i) for i in items[b, : t + 1] if i != PAD}
+            if target == PAD or target in earlier:
+                continue
+            if sampled is None:
+                candidates = [i for i in range(1, n + 1) if i == target or i not in earlier]
+            else:
+                candidates = [target] + [
+                    int(i) for i in sampled if int(i) != target and int(i) not in earlier
+                ]
+            logits = h[b, t] @ vecs[candidates].T
+            losses.append(torch.logsumexp(logits, 0) - logits[candidates.index(target)])
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("negatives", [0, 25])
+def test_novel_only_loss_skips_repeat_targets_and_seen_negatives(data_dir: Path, negatives: int) -> None:
+    data = load(data_dir)
+    config = quick(dropout=0.0, id_dropout=0.0, text="none", use_attributes=False)
+    model = build_model(data, config, None).eval()
+    c = [Step(0, i) for i in range(1, 12)]
+    batch = [
+        [c[0], c[1], c[0], c[2], c[1], c[3]],  # two repeat targets among five
+        [c[4], c[5], c[6]],
+        [c[7], c[7], c[7]],  # only repeats: no position of its own
+        [c[8], c[9], c[10], c[9], c[8], c[10], c[1]],
+    ]
+    torch.manual_seed(1)
+    got = train_step_loss(model, batch, {}, None, negatives=negatives, novel_only=True)
+    torch.manual_seed(1)
+    want = _novel_only_reference(model, batch, negatives)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    plain = train_step_loss(model, batch, {}, None, negatives=0)
+    assert abs(plain.item() - want.item()) > 1e-3  # the option changes what is learned
+    only_repeats = train_step_loss(
+        model, [[c[7], c[7], c[7]]], {}, None, negatives=negatives, novel_only=True
+    )
+    assert float(only_repeats) == 0.0
+
+
+def test_novel_only_training_stops_on_seen_excluded_validation(data_dir: Path, tmp_path: Path) -> None:
+    out = train(data_dir, tmp_path / "m", quick(novel_only=True, epochs=15, patience=15), progress=False)
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["metrics"]["filter_seen"] is True  # its figures are the seen-excluded ones
+    assert meta["metrics"]["valid"]["hr@10"] > 0.8
 
 
 def test_bf16_training_is_deterministic_and_learns(data_dir: Path, tmp_path: Path) -> None:
