@@ -231,24 +231,35 @@ def train_step_loss(
         neg = neg.masked_fill(sampled.unsqueeze(0) == targets.unsqueeze(1), -torch.inf)
         if blocked is not None:
             neg = neg.masked_fill(torch.isin(sampled, blocked).unsqueeze(0), -torch.inf)
-        if novel_only:
-            # seen[b, t, j]: sampled[j] occurs at or before position t (a running OR along the sequence)
-            seen = (items[:, :-1].unsqueeze(2) == sampled).to(torch.uint8).cummax(1).values.bool()
-            neg = neg.masked_fill(seen[rows], -torch.inf)
+        if prefix is not None:
+            # each (row, earlier item) pair masks every column that drew that item (duplicates are rare)
+            pair_rows, pair_items = _seen_pairs(items, prefix, valid, rows)
+            values, order = sampled.sort()
+            lo = torch.searchsorted(values, pair_items)
+            hi = torch.searchsorted(values, pair_items, right=True)
+            seen = torch.zeros_like(neg, dtype=torch.bool)
+            for extra in range(int((hi - lo).max()) if len(lo) else 0):
+                hit = lo + extra < hi
+                seen[pair_rows[hit], order[lo[hit] + extra]] = True
+            neg = neg.masked_fill(seen, -torch.inf)
         logits = torch.cat([pos, neg], dim=1)
         return F.cross_entropy(logits, torch.zeros(len(targets), dtype=torch.long, device=device))
     excluded = torch.zeros(n_items + 1, dtype=torch.bool, device=device)
     excluded[PAD] = True
     if blocked is not None:
         excluded[blocked] = True  # items that do not exist yet are no negatives either
-    seen_pairs = None
-    if prefix is not None:
-        # (row, item) pairs of each kept position's earlier items, rows numbered as h's
-        row_of = torch.full(valid.shape, -1, dtype=torch.long, device=device)
-        row_of[rows] = torch.arange(len(targets), device=device)
-        b, t, s = (prefix & valid.unsqueeze(2)).nonzero(as_tuple=True)
-        seen_pairs = (row_of[b, t], items[b, s])
+    seen_pairs = _seen_pairs(items, prefix, valid, rows) if prefix is not None else None
     return softmax_cross_entropy(h, vecs, targets, excluded, low_precision, seen_pairs)
+
+
+def _seen_pairs(
+    items: torch.Tensor, prefix: torch.Tensor, valid: torch.Tensor, rows: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, item) pairs of every kept position's earlier items, rows numbered as the loss's rows."""
+    row_of = torch.full(valid.shape, -1, dtype=torch.long, device=items.device)
+    row_of[rows] = torch.arange(len(rows[0]), device=items.device)
+    b, t, s = (prefix & valid.unsqueeze(2)).nonzero(as_tuple=True)
+    return row_of[b, t], items[b, s]
 
 
 # Logits the fused loss holds at once (twice as many with bf16 products): ~2 MB of fp32, so a chunk's

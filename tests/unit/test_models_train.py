@@ -155,7 +155,7 @@ def _novel_only_reference(model, batch, negatives: int) -> torch.Tensor:  # type
     return torch.stack(losses).mean()
 
 
-@pytest.mark.parametrize("negatives", [0, 25])
+@pytest.mark.parametrize("negatives", [0, 90])  # 90 of 100 items: many drawn twice
 def test_novel_only_loss_skips_repeat_targets_and_seen_negatives(data_dir: Path, negatives: int) -> None:
     data = load(data_dir)
     config = quick(dropout=0.0, id_dropout=0.0, text="none", use_attributes=False)
@@ -163,10 +163,14 @@ def test_novel_only_loss_skips_repeat_targets_and_seen_negatives(data_dir: Path,
     c = [Step(0, i) for i in range(1, 12)]
     batch = [
         [c[0], c[1], c[0], c[2], c[1], c[3]],  # two repeat targets among five
-        [c[4], c[5], c[6]],
+        [c[3], c[5], c[6], c[4]],
         [c[7], c[7], c[7]],  # only repeats: no position of its own
         [c[8], c[9], c[10], c[9], c[8], c[10], c[1]],
     ]
+    if negatives:  # the draw below has an earlier item twice: both of its columns must be masked
+        torch.manual_seed(1)
+        drawn = torch.randint(1, data.num_items + 1, (negatives,)).tolist()
+        assert any(drawn.count(s.item) > 1 for seq in batch for s in seq[:-1])
     torch.manual_seed(1)
     got = train_step_loss(model, batch, {}, None, negatives=negatives, novel_only=True)
     torch.manual_seed(1)
