@@ -34,7 +34,7 @@ demo: install
 # Lint, import contracts, types, then unit tests, contracts and the integration suite against a real embedded
 # broker; slow suites excluded. The compiled modules' own tests run once more on their Python sources.
 NATIVE_TESTS := tests/unit/test_serde_properties.py tests/unit/test_state.py tests/unit/test_state_cache.py \
-	tests/unit/test_triggers.py
+	tests/unit/test_triggers.py tests/unit/test_windows.py
 test: install lint typecheck
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -m "not slow" -q

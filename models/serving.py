@@ -18,9 +18,9 @@ from streamrec.models.sequences import hidden_states
 from streamrec.models.text import MiniLMEmbedder
 from streamrec.models.train import resolve_device
 from streamrec.records import CatalogItem, EventKind, RankedBatch, Reason, RecommendedItem, UserState
+from streamrec.windows import windows
 
-_SEARCH, _PURCHASE = EventKind.SEARCH, EventKind.PURCHASE
-_CLICK_INT, _SEARCH_INT, _PURCHASE_INT = int(EventKind.CLICK), int(EventKind.SEARCH), int(EventKind.PURCHASE)
+_PURCHASE_INT = int(EventKind.PURCHASE)
 
 _NOTHING: set[int] = set()  # shared: never modified
 
@@ -172,72 +172,18 @@ class Recommender:
         """The encoder's input for a batch, without per-step objects: (warm rows, items, kinds, query ids,
         queries), each array (warm users, L), left-padded, newest event last; query id j is queries[j - 1]
         (sorted, so a batch embeds its queries in one call, in a fixed order)."""
-        index_of, limit = self._index_of, self.serve_len
-        index_get = index_of.get
-        warm: list[int] = []
-        rows_items: list[list[int]] = []  # oldest first
-        rows_kinds: list[list[int]] = []
-        searches: list[tuple[int, int, str]] = []  # (warm row, steps from the newest, query)
-        for u, user in enumerate(users):
-            history = user.history
-            tail = history[-limit:] if len(history) > limit else history
-            # The usual case: every one of the newest `limit` events is usable (a known item, or a search
-            # with a query), so the window is just their codes; -1 marks one that is not.
-            items = [
-                (PAD if e.query else -1) if e.kind is _SEARCH else index_get(e.item_id, -1)  # type: ignore[arg-type]
-                for e in tail
-            ]
-            if -1 not in items:
-                kinds = [e.kind.value for e in tail]
-                if _SEARCH_INT in kinds:
-                    last = len(tail) - 1
-                    searches += [
-                        (len(warm), last - j, e.query)  # type: ignore[misc]
-                        for j, e in enumerate(tail)
-                        if e.kind is _SEARCH
-                    ]
-            else:  # walk back past unusable events to fill the window
-                items, kinds = [], []
-                for entry in reversed(history):
-                    if len(items) >= limit:
-                        break
-                    kind = entry.kind
-                    if kind is _SEARCH:
-                        if entry.query:
-                            searches.append((len(warm), len(items), entry.query))
-                            items.append(PAD)
-                            kinds.append(_SEARCH_INT)
-                    elif entry.item_id is not None:
-                        idx = index_get(entry.item_id)
-                        if idx is not None:
-                            items.append(idx)
-                            kinds.append(_PURCHASE_INT if kind is _PURCHASE else _CLICK_INT)
-                items.reverse()
-                kinds.reverse()
-            if items:
-                warm.append(u)
-                rows_items.append(items)
-                rows_kinds.append(kinds)
-        length = max(1, min(limit, max((len(r) for r in rows_items), default=1)))
-        flat_items: list[int] = []
-        flat_kinds: list[int] = []
-        for items, kinds in zip(rows_items, rows_kinds, strict=True):
-            pad = [PAD] * (length - len(items))
-            flat_items += pad
-            flat_items += items
-            flat_kinds += pad
-            flat_kinds += kinds
-        shape = (len(warm), length)
-        item_arr = np.array(flat_items, dtype=np.int64).reshape(shape)
-        kind_arr = np.array(flat_kinds, dtype=np.int64).reshape(shape)
+        batch = windows(users, self._index_of, self.serve_len)
+        shape = (len(batch.rows), batch.length)
+        item_arr = np.array(batch.items, dtype=np.int64).reshape(shape)
+        kind_arr = np.array(batch.kinds, dtype=np.int64).reshape(shape)
         qid_arr = np.zeros(shape, dtype=np.int64)
+        searches = batch.searches
         queries = sorted({q for _, _, q in searches})
         if searches:
             qindex = {q: j + 1 for j, q in enumerate(queries)}
-            qid_arr[[row for row, _, _ in searches], [length - 1 - back for _, back, _ in searches]] = [
-                qindex[q] for _, _, q in searches
-            ]
-        return warm, item_arr, kind_arr, qid_arr, queries
+            rows, cols, qids = zip(*searches, strict=True)
+            qid_arr[list(rows), list(cols)] = [qindex[q] for q in qids]
+        return batch.rows, item_arr, kind_arr, qid_arr, queries
 
     def recommend(self, users: list[UserState], k: int) -> list[list[RecommendedItem]]:
         """Top-k per user, in input order: one encoder call and one index search for the whole batch."""
