@@ -5,6 +5,7 @@ serving batch (streamrec.models.serving), plain typed code so that it compiles w
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Final
 
 from streamrec.records import EventKind, UserState
@@ -12,31 +13,23 @@ from streamrec.records import EventKind, UserState
 PAD: Final = 0  # the item index of padding and of a search's position (streamrec.models.data.PAD)
 _SEARCH: Final = EventKind.SEARCH
 _PURCHASE: Final = EventKind.PURCHASE
-_CLICK_CODE: Final = 1  # int(EventKind.CLICK): enum values are slow to read, these are checked in the tests
-_SEARCH_CODE: Final = 2
-_PURCHASE_CODE: Final = 3
+# Read once here: an enum member's value is slow to read per event.
+_CLICK_CODE: Final = int(EventKind.CLICK)
+_SEARCH_CODE: Final = int(EventKind.SEARCH)
+_PURCHASE_CODE: Final = int(EventKind.PURCHASE)
 
 
+@dataclass(slots=True)
 class Windows:
     """A batch's encoder input. ``items`` and ``kinds`` are row-major (len(rows), length) tables; row r is
     users[rows[r]] (users with no usable event have no row). ``searches`` are (row, position, query), the
     position counted in the padded row."""
 
-    __slots__ = ("rows", "length", "items", "kinds", "searches")
-
-    def __init__(
-        self,
-        rows: list[int],
-        length: int,
-        items: list[int],
-        kinds: list[int],
-        searches: list[tuple[int, int, str]],
-    ) -> None:
-        self.rows = rows
-        self.length = length
-        self.items = items
-        self.kinds = kinds
-        self.searches = searches
+    rows: list[int]
+    length: int
+    items: list[int]
+    kinds: list[int]
+    searches: list[tuple[int, int, str]]
 
 
 def windows(users: list[UserState], index_of: dict[str, int], limit: int) -> Windows:
