@@ -64,10 +64,12 @@ class Settings(BaseSettings):
         description="Fetch wait, and how long an idle event stage waits for a first record. A micro-batch "
         "is what arrived while the previous one was processed, up to the batch size.",
     )
-    delivery_pipeline: bool = Field(
-        True,
-        description="Publish micro-batch N+1 while N's records are being delivered (N is settled after); "
-        "false waits for each batch's delivery before the next one starts.",
+    delivery_pipeline_depth: int = Field(
+        4,
+        ge=0,
+        description="Micro-batches published but not yet delivered before the event stage waits for the "
+        "oldest; each is settled (states written, offsets committed) in order once delivered. 0 waits for "
+        "each batch's delivery before the next one starts.",
     )
     state_cache_users: int = Field(
         20_000,

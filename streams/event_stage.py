@@ -6,10 +6,12 @@ the recommendations and the changed states to the changelog; once they are deliv
 and only then commit the input offsets. A crash anywhere before the commit redelivers the batch;
 de-duplication by event id makes that harmless (at-least-once in, idempotent state).
 
-Delivery is pipelined one batch deep: while batch N's records travel to the broker, batch N+1 is consumed,
-applied and published, and N is settled (delivered, written, committed) after that, before N+1 is. Batch N+1
-reads N's states from the cache, or from N's pending changes, never from RocksDB, which N has not written yet.
-If N's delivery fails, both batches are consumed again from N's offsets.
+Delivery is pipelined (``delivery_pipeline_depth`` batches deep): while batch N's records travel to the
+broker, the batches after it are consumed, applied and published. Batches are settled (delivered, written,
+committed) in order, each as soon as its reports are in; the stage waits for the oldest only when more than
+the depth are in flight. A later batch reads the states of the ones in flight from the cache, or from their
+pending changes (newest first), never from RocksDB, which they have not written yet. If a batch's delivery
+fails, it and every batch after it are consumed again from its offsets.
 
 One writer per user's state: the consumer group subscribes to the events topic only. Whichever partitions the
 assignor gives a member, the member also assigns itself the backfill topic's partitions of the same numbers
@@ -23,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -202,8 +204,8 @@ class EventStage:
         self._producer: Producer | None = None
         # (topic, partition) -> the last offset committed, for the events and the backfill topic
         self._committed: dict[tuple[str, int], TopicPartition] = {}
-        self._inflight: InFlight | None = None  # the published batch not yet settled
-        # One serving thread: a batch's ranking runs beside its changelog and the previous batch's settling.
+        self._flights: deque[InFlight] = deque()  # published batches not settled yet, oldest first
+        # One serving thread: a batch's ranking runs beside its changelog and the settling of earlier batches.
         self._serving = ThreadPoolExecutor(1, thread_name_prefix="streamrec-serving")
 
     # --- control from other threads -------------------------------------------------------------------
@@ -353,7 +355,7 @@ class EventStage:
                     msgs = consumer.consume(num_messages=size, timeout=0)
                     if not msgs:
                         # Idle: settle the batch in flight while waiting for the next record.
-                        timeout = wait_s if self._inflight is None else min(wait_s, IDLE_POLL_S)
+                        timeout = min(wait_s, IDLE_POLL_S) if self._flights else wait_s
                         msgs = consumer.consume(num_messages=1, timeout=timeout)
                         if not msgs:
                             self._settle_inflight(wait=False)
@@ -395,7 +397,6 @@ class EventStage:
         started = time.perf_counter()
         out = BatchOutcome()
         producer = self._producer
-        previous = self._inflight
         flight = InFlight(self.settings.state_changelog_topic)
         first_offsets, last_offsets = flight.first_offsets, flight.last_offsets
 
@@ -427,9 +428,9 @@ class EventStage:
         phases.labels("decode").inc(t_decoded - started)
 
         # 2. apply to state: active users' decoded states come from the cache, the others from the changes
-        # of the batch in flight or else RocksDB. A user's recommendation is caused by their last live event,
-        # else by their last backfill event (shadow topic), so consumers of the live topic never see history
-        # as new.
+        # of the batches in flight (newest first) or else RocksDB. A user's recommendation is caused by their
+        # last live event, else by their last backfill event (shadow topic), so consumers of the live topic
+        # never see history as new.
         changed: list[tuple[UserState, Event, bool]] = []  # (state, cause, caused by backfill)
         changes = flight.changes
         cache_updates: list[tuple[int, UserState, StateBytes, int]] = []
@@ -442,7 +443,7 @@ class EventStage:
             for user_id, hit in cached.items():
                 if hit is not None:
                     continue
-                pending, raw = previous.pending_state(p, user_id) if previous else (False, None)
+                pending, raw = self._pending_state(p, user_id)
                 if pending:
                     stored[user_id] = raw
                 else:
@@ -504,8 +505,8 @@ class EventStage:
         phases.labels("state").inc(t_applied - t_decoded)
 
         # 3. one encoder call and one index search for every user to recommend to, in the serving thread:
-        # the encoder and the index search release the GIL, so the changelog and the settling of the previous
-        # batch (which need no ranking) run meanwhile. Nothing below changes a state until it is ranked.
+        # the encoder and the index search release the GIL, so the changelog and the settling of earlier
+        # batches (which need no ranking) run meanwhile. Nothing below changes a state until it is ranked.
         # A small batch is ranked right here: with two threads running Python, each hand-over of the GIL can
         # wait out the interpreter's switch interval (5 ms), more than the overlap saves at low load.
         to_rank, k = [s for s, _, _ in changed], self.settings.top_k
@@ -529,12 +530,13 @@ class EventStage:
                 self.cache.put(p, state.user_id, (state, parts), size)
             phases.labels("produce").inc(clock() - t_applied)
 
-            # 5. settle the previous batch (its records had this batch's time to be delivered): here while the
-            # serving thread ranks; a small batch, ranked already, publishes first and settles after (step 6),
-            # so its recommendations do not wait for the previous batch's acknowledgements.
-            self._inflight = flight
+            # 5. settle the earlier batches whose reports are in, and wait for the oldest while more than the
+            # pipeline's depth are in flight: here while the serving thread ranks; a small batch, ranked
+            # already, publishes first and settles after (step 6), so its recommendations do not wait for
+            # earlier batches' acknowledgements.
+            self._flights.append(flight)
             if threaded:
-                self._settle_previous(previous, first_offsets)
+                self._settle_flights(keep=max(1, self.settings.delivery_pipeline_depth), newest_open=True)
         finally:
             ranked, rank_s = ranking.result() if ranking is not None else ranked_here
         t_ranked = clock()
@@ -559,45 +561,50 @@ class EventStage:
             out.recommendations = len(changed)
             phases.labels("produce").inc(clock() - t_ranked)
 
-        # 6. settle the previous batch if step 5 did not; leave this one in flight: settled already if its
-        # deliveries are in, waited for when delivery is not pipelined
-        if not threaded:
-            self._settle_previous(previous, first_offsets)
-        self._settle_inflight(wait=not self.settings.delivery_pipeline)
+        # 6. the same after publishing, with this batch counted: at most the pipeline's depth stay in flight
+        # (none when it is 0: each batch waits for its own delivery)
+        self._settle_flights(keep=self.settings.delivery_pipeline_depth)
 
         self._record(out, time.perf_counter() - started)
         return out
-
-    def _settle_previous(self, previous: InFlight | None, first_offsets: dict[tuple[str, int], int]) -> None:
-        """Wait for the batch before this one and settle it; if it cannot be delivered, rewind both batches
-        (this one built on its states) to the older one's offsets."""
-        if previous is None:
-            return
-        try:
-            self._settle(previous, wait=True)
-        except DeliveryFailed:
-            self._inflight = None
-            self._rewind(first_offsets | previous.first_offsets)
-            raise
 
     def _timed_rank(self, users: list[UserState], k: int) -> tuple[RankedBatch, float]:
         started = time.perf_counter()
         ranked = self.recommender.rank(users, k)
         return ranked, time.perf_counter() - started
 
+    def _pending_state(self, partition: int, user_id: str) -> tuple[bool, bytes | None]:
+        """The user's state as changed by the newest batch in flight that changed it (see InFlight)."""
+        for flight in reversed(self._flights):
+            pending, raw = flight.pending_state(partition, user_id)
+            if pending:
+                return pending, raw
+        return False, None
+
+    def _settle_flights(self, keep: int, newest_open: bool = False, timeout_s: float = 30.0) -> None:
+        """Settle the batches in flight, oldest first: each one whose reports are in, and, waiting for them,
+        the oldest ones until at most ``keep`` remain. If one cannot be delivered, rewind to its offsets: it
+        and every later batch (built on its states) are consumed again, and nothing of them is settled.
+        ``newest_open``: the newest batch is still being published, so it is never settled here."""
+        flights = self._flights
+        while len(flights) > newest_open:
+            oldest = flights[0]
+            try:
+                settled = self._settle(oldest, wait=len(flights) > keep, timeout_s=timeout_s)
+            except DeliveryFailed:
+                offsets: dict[tuple[str, int], int] = {}
+                for flight in reversed(flights):  # the oldest batch's offset wins for each partition
+                    offsets.update(flight.first_offsets)
+                flights.clear()
+                self._rewind(offsets)
+                raise
+            if not settled:
+                return
+            flights.popleft()
+
     def _settle_inflight(self, wait: bool, timeout_s: float = 30.0) -> None:
-        """Settle the batch in flight, if any (see _settle); if it cannot be delivered, rewind to its offsets
-        so it is consumed again."""
-        flight = self._inflight
-        if flight is None:
-            return
-        try:
-            if self._settle(flight, wait, timeout_s):
-                self._inflight = None
-        except DeliveryFailed:
-            self._inflight = None
-            self._rewind(flight.first_offsets)
-            raise
+        """Settle every batch in flight (``wait``), or those whose reports are in."""
+        self._settle_flights(keep=0 if wait else len(self._flights), timeout_s=timeout_s)
 
     def _settle(self, flight: InFlight, wait: bool, timeout_s: float = 30.0) -> bool:
         """Once ``flight`` is delivered, write its states locally and commit its offsets; whether it is

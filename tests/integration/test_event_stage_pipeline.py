@@ -1,11 +1,13 @@
-"""Delivery is pipelined one batch deep: batch N+1 is applied on top of batch N before N is delivered, and a
-failed delivery of N rewinds both batches without writing or committing anything of them.
+"""Delivery is pipelined: batch N+1 is applied on top of batch N before N is delivered, batches are settled
+in order, the stage waits for the oldest only beyond the pipeline's depth, and a failed delivery of N rewinds
+N and every batch after it without writing or committing anything of them.
 
 Real RocksDB (restored from a real broker's changelog); the Kafka clients of the stage are stand-ins so the
 test decides when, and whether, each record is delivered."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,6 +65,7 @@ class HeldProducer:
     held: list[tuple[Callable, Record]] = field(default_factory=list)
     released: list[tuple[Callable, Record]] = field(default_factory=list)
     failing: bool = False
+    instant: bool = False  # the broker answers every record at once
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
 
     def produce(
@@ -71,11 +74,15 @@ class HeldProducer:
         p = max(partition, 0)
         offset = self.offsets.get((topic, p), 0)
         self.offsets[(topic, p)] = offset + 1
-        self.held.append((on_delivery, Record(topic, p, offset, value or b"", key)))
+        (self.released if self.instant else self.held).append(
+            (on_delivery, Record(topic, p, offset, value or b"", key))
+        )
 
-    def release(self) -> None:
-        self.released += self.held
-        self.held = []
+    def release(self, count: int | None = None) -> None:
+        """The broker answers the oldest ``count`` held records (all by default)."""
+        count = len(self.held) if count is None else count
+        self.released += self.held[:count]
+        self.held = self.held[count:]
 
     def poll(self, timeout: float = 0) -> int:
         reports, self.released = self.released, []
@@ -89,8 +96,11 @@ class HeldProducer:
 class RecordingConsumer:
     commits: list[TopicPartition] = field(default_factory=list)
     seeks: list[TopicPartition] = field(default_factory=list)
+    on_commit: Callable[[list[TopicPartition]], None] | None = None
 
     def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        if self.on_commit is not None:
+            self.on_commit(offsets)
         self.commits.extend(offsets)
 
     def seek(self, tp: TopicPartition) -> None:
@@ -174,7 +184,7 @@ def test_the_next_batch_builds_on_the_one_in_flight_and_a_failed_delivery_rewind
     assert stored_items() == ["sku-1", "sku-2", "sku-3"]
     assert consumer.commits[-1].offset == 3
     assert [(s.partition, s.offset) for s in consumer.seeks] == [(0, 3)]
-    assert len(stage.cache) == 0 and stage._inflight is None
+    assert len(stage.cache) == 0 and not stage._flights
 
     # Consumed again once the broker is back: each event applied once, whatever D's late reports say.
     producer.failing = False
@@ -184,4 +194,106 @@ def test_the_next_batch_builds_on_the_one_in_flight_and_a_failed_delivery_rewind
     stage._settle_inflight(wait=True)
     assert stored_items() == ["sku-1", "sku-2", "sku-3", "sku-4", "sku-0"]
     assert consumer.commits[-1].offset == 5
+    stage.store.close()
+
+
+@pytest.mark.parametrize("ranked_in", ["serving thread", "stage thread"])
+def test_batches_settle_in_order_up_to_the_depth_and_a_failure_rewinds_it_and_the_later_ones(
+    settings: Settings, ranked_in: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(event_stage, "THREAD_MIN_USERS", 1 if ranked_in == "serving thread" else 10**9)
+    settings = settings.model_copy(update={"state_cache_users": 0, "delivery_pipeline_depth": 2})
+    catalog = Catalog()
+    for item in ITEMS:
+        catalog.upsert(CatalogItem(item_id=item, title=item))
+    codec = AvroCodec()
+    stage = EventStage(settings, catalog, Echo(), codec)
+    producer, consumer = HeldProducer(), RecordingConsumer()
+    stage._producer, stage._consumer = producer, consumer  # type: ignore[assignment]
+    stage.store.assign([0])
+    offset = 0
+
+    def batch(item: str) -> list[Record]:  # one event: one changelog record and one recommendation
+        nonlocal offset
+        event = Event(f"e{offset}", "alice", EventKind.CLICK, int(time.time() * 1000), item_id=item)
+        record = Record(
+            settings.events_topic, 0, offset, codec.encode(event.schema_name, event.to_avro()), b"a"
+        )
+        offset += 1
+        return [record]
+
+    def stored_items() -> list[str | None]:
+        raw = stage.store.get_many(0, ["alice"])[0]
+        return [] if raw is None else [s.item_id for s in decode_state(raw).history]
+
+    def committed() -> int | None:
+        return consumer.commits[-1].offset if consumer.commits else None
+
+    # Two batches in flight at depth 2: neither waited for, nothing written or committed.
+    stage.process(batch("sku-1"))
+    stage.process(batch("sku-2"))
+    assert len(stage._flights) == 2 and stored_items() == [] and committed() is None
+
+    # The first one's reports come in: the next batch settles it without waiting for the second.
+    producer.release(2)
+    stage.process(batch("sku-3"))
+    assert stored_items() == ["sku-1"] and committed() == 1 and len(stage._flights) == 2
+
+    # A fourth would make three in flight: the stage waits for the oldest (answered a moment later).
+    threading.Timer(0.2, producer.release, args=(2,)).start()
+    stage.process(batch("sku-4"))
+    assert stored_items() == ["sku-1", "sku-2"] and committed() == 2 and len(stage._flights) == 2
+
+    # The third batch's delivery fails: the ones before it stay settled, it and the fourth (built on its
+    # states) are consumed again from its offset, and nothing of them is written or committed.
+    producer.failing = True
+    producer.release(2)
+    with pytest.raises(DeliveryFailed):
+        stage.process(batch("sku-0"))
+    assert stored_items() == ["sku-1", "sku-2"] and committed() == 2
+    assert [(s.partition, s.offset) for s in consumer.seeks] == [(0, 2)]
+    assert len(stage.cache) == 0 and not stage._flights
+
+    # Consumed again: every event applied once, in order.
+    producer.failing = False
+    producer.held.clear()
+    offset = 2
+    for item in ["sku-3", "sku-4", "sku-0"]:
+        stage.process(batch(item))
+        producer.release()
+    stage._settle_inflight(wait=True)
+    assert stored_items() == ["sku-1", "sku-2", "sku-3", "sku-4", "sku-0"] and committed() == 5
+    stage.store.close()
+
+
+@pytest.mark.parametrize("ranked_in", ["serving thread", "stage thread"])
+def test_with_a_broker_that_answers_at_once_a_batch_is_committed_only_after_its_recommendations(
+    settings: Settings, ranked_in: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The changelog goes out before the ranking is done: its reports may all be in while the recommendations
+    # are not published yet, and the batch must not be settled then.
+    monkeypatch.setattr(event_stage, "THREAD_MIN_USERS", 1 if ranked_in == "serving thread" else 10**9)
+    catalog = Catalog()
+    for item in ITEMS:
+        catalog.upsert(CatalogItem(item_id=item, title=item))
+    codec = AvroCodec()
+    stage = EventStage(settings, catalog, Echo(), codec)
+    producer = HeldProducer(instant=True)
+    published: list[int] = []  # recommendations produced when each commit was made
+    consumer = RecordingConsumer(
+        on_commit=lambda offsets: published.append(
+            producer.offsets.get((settings.recommendations_topic, 0), 0)
+        )
+    )
+    stage._producer, stage._consumer = producer, consumer  # type: ignore[assignment]
+    stage.store.assign([0])
+    for n, item in enumerate(ITEMS):
+        event = Event(f"e{n}", "alice", EventKind.CLICK, int(time.time() * 1000), item_id=item)
+        value = codec.encode(event.schema_name, event.to_avro())
+        stage.process([Record(settings.events_topic, 0, n, value, b"alice")])
+    stage._settle_inflight(wait=True)
+    commits = [c.offset for c in consumer.commits]
+    assert commits == sorted(commits) and commits[-1] == len(ITEMS)
+    # the batch committed up to offset o published its recommendation (the o-th) before the commit
+    assert all(n >= offset for n, offset in zip(published, commits, strict=True))
     stage.store.close()
