@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from streamrec.models import index as index_module
 from streamrec.models.index import ItemIndex
 
 
@@ -33,3 +34,27 @@ def test_index_finds_the_best_inner_product(kind: str, vectors: np.ndarray, tmp_
     index.save(tmp_path, "v1.0")
     loaded, version = ItemIndex.load(tmp_path)
     assert version == "v1.0" and loaded.size == 501 and loaded.kind == index.kind
+
+
+def test_a_small_flat_index_answers_as_faiss_does_in_chunks_and_after_adds(
+    vectors: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small flat indexes are searched with a matrix product and torch.topk: the same answer as FAISS's own
+    # exact search, query chunk by chunk, and items added later are found.
+    monkeypatch.setattr(index_module, "DENSE_CHUNK_SCORES", 7 * 500)  # chunks of 7 queries
+    index = ItemIndex.build(vectors, np.arange(1, 501) * 3, "flat")
+    queries = np.random.default_rng(1).normal(size=(50, 16)).astype(np.float32)
+
+    def faiss_answer(k: int) -> tuple[np.ndarray, np.ndarray]:
+        return index._index.search(queries, min(k, index.size))
+
+    for k in (1, 10, 600):
+        scores, found = index.search(queries, k)
+        want_scores, want_found = faiss_answer(k)
+        np.testing.assert_array_equal(found, want_found)
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+
+    index.add(queries[:5] * 10, np.array([7001, 7002, 7003, 7004, 7005]))  # each the best for its query
+    scores, found = index.search(queries, 10)
+    assert found[:5, 0].tolist() == [7001, 7002, 7003, 7004, 7005]
+    np.testing.assert_array_equal(found, faiss_answer(10)[1])
