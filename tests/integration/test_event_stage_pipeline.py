@@ -123,22 +123,34 @@ class Echo:
         )
 
 
-@pytest.mark.parametrize("ranked_in", ["serving thread", "stage thread"])
-def test_the_next_batch_builds_on_the_one_in_flight_and_a_failed_delivery_rewinds_both(
-    settings: Settings, ranked_in: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Large batches are ranked in the serving thread while the changelog goes out and the previous batch is
-    # settled; small ones in the stage's own thread: both orders must keep these guarantees.
-    monkeypatch.setattr(event_stage, "THREAD_MIN_USERS", 1 if ranked_in == "serving thread" else 10**9)
-    settings = settings.model_copy(update={"state_cache_users": 0})  # states come from the pending batch
+@pytest.fixture(params=["serving thread", "stage thread"])
+def ranked_in(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Large batches are ranked in the serving thread while the changelog goes out and earlier batches are
+    settled; small ones in the stage's own thread: every test runs both ways."""
+    monkeypatch.setattr(event_stage, "THREAD_MIN_USERS", 1 if request.param == "serving thread" else 10**9)
+    return str(request.param)
+
+
+def make_stage(
+    settings: Settings, producer: HeldProducer, consumer: RecordingConsumer
+) -> tuple[EventStage, AvroCodec]:
+    """A stage on real RocksDB (partition 0 assigned) with the test's stand-in clients."""
     catalog = Catalog()
     for item in ITEMS:
         catalog.upsert(CatalogItem(item_id=item, title=item))
     codec = AvroCodec()
     stage = EventStage(settings, catalog, Echo(), codec)
-    producer, consumer = HeldProducer(), RecordingConsumer()
     stage._producer, stage._consumer = producer, consumer  # type: ignore[assignment]
     stage.store.assign([0])
+    return stage, codec
+
+
+def test_the_next_batch_builds_on_the_one_in_flight_and_a_failed_delivery_rewinds_both(
+    settings: Settings, ranked_in: str
+) -> None:
+    settings = settings.model_copy(update={"state_cache_users": 0})  # states come from the pending batch
+    producer, consumer = HeldProducer(), RecordingConsumer()
+    stage, codec = make_stage(settings, producer, consumer)
     offset = 0
 
     def batch(*items: str) -> list[Record]:
@@ -197,20 +209,12 @@ def test_the_next_batch_builds_on_the_one_in_flight_and_a_failed_delivery_rewind
     stage.store.close()
 
 
-@pytest.mark.parametrize("ranked_in", ["serving thread", "stage thread"])
 def test_batches_settle_in_order_up_to_the_depth_and_a_failure_rewinds_it_and_the_later_ones(
-    settings: Settings, ranked_in: str, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, ranked_in: str
 ) -> None:
-    monkeypatch.setattr(event_stage, "THREAD_MIN_USERS", 1 if ranked_in == "serving thread" else 10**9)
     settings = settings.model_copy(update={"state_cache_users": 0, "delivery_pipeline_depth": 2})
-    catalog = Catalog()
-    for item in ITEMS:
-        catalog.upsert(CatalogItem(item_id=item, title=item))
-    codec = AvroCodec()
-    stage = EventStage(settings, catalog, Echo(), codec)
     producer, consumer = HeldProducer(), RecordingConsumer()
-    stage._producer, stage._consumer = producer, consumer  # type: ignore[assignment]
-    stage.store.assign([0])
+    stage, codec = make_stage(settings, producer, consumer)
     offset = 0
 
     def batch(item: str) -> list[Record]:  # one event: one changelog record and one recommendation
@@ -266,18 +270,11 @@ def test_batches_settle_in_order_up_to_the_depth_and_a_failure_rewinds_it_and_th
     stage.store.close()
 
 
-@pytest.mark.parametrize("ranked_in", ["serving thread", "stage thread"])
 def test_with_a_broker_that_answers_at_once_a_batch_is_committed_only_after_its_recommendations(
-    settings: Settings, ranked_in: str, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, ranked_in: str
 ) -> None:
     # The changelog goes out before the ranking is done: its reports may all be in while the recommendations
     # are not published yet, and the batch must not be settled then.
-    monkeypatch.setattr(event_stage, "THREAD_MIN_USERS", 1 if ranked_in == "serving thread" else 10**9)
-    catalog = Catalog()
-    for item in ITEMS:
-        catalog.upsert(CatalogItem(item_id=item, title=item))
-    codec = AvroCodec()
-    stage = EventStage(settings, catalog, Echo(), codec)
     producer = HeldProducer(instant=True)
     published: list[int] = []  # recommendations produced when each commit was made
     consumer = RecordingConsumer(
@@ -285,8 +282,7 @@ def test_with_a_broker_that_answers_at_once_a_batch_is_committed_only_after_its_
             producer.offsets.get((settings.recommendations_topic, 0), 0)
         )
     )
-    stage._producer, stage._consumer = producer, consumer  # type: ignore[assignment]
-    stage.store.assign([0])
+    stage, codec = make_stage(settings, producer, consumer)
     for n, item in enumerate(ITEMS):
         event = Event(f"e{n}", "alice", EventKind.CLICK, int(time.time() * 1000), item_id=item)
         value = codec.encode(event.schema_name, event.to_avro())
