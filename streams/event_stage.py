@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 ACCEPTED_SCHEMAS = frozenset([*EVENT_SCHEMAS, "UserDeletion"])
 ANY_PARTITION = -1  # librdkafka's RD_KAFKA_PARTITION_UA: the producer's partitioner picks (murmur2 by key)
 THREAD_MIN_USERS = 200  # users to rank from which a batch's ranking runs in the serving thread
-IDLE_POLL_S = 0.002  # with a batch in flight, how long an idle loop waits for records before settling it
+IDLE_POLL_S = 0.002  # with batches in flight, how long an idle loop waits for records before settling them
 
 
 class Recommender(Protocol):
@@ -281,7 +281,7 @@ class EventStage:
         try:
             self._settle_inflight(wait=True)
         except DeliveryFailed as exc:  # not committed: the next owner consumes it again
-            log.error("batch in flight not delivered before a revoke: %s", exc)
+            log.error("batches in flight not delivered before a revoke: %s", exc)
         self._commit_synchronously(consumer, revoked)
         for key in [key for key in self._committed if key[1] in revoked]:
             del self._committed[key]  # both topics: backfill partitions follow the events partitions
@@ -354,7 +354,7 @@ class EventStage:
                 try:
                     msgs = consumer.consume(num_messages=size, timeout=0)
                     if not msgs:
-                        # Idle: settle the batch in flight while waiting for the next record.
+                        # Idle: settle what is in of the batches in flight while waiting for the next record.
                         timeout = min(wait_s, IDLE_POLL_S) if self._flights else wait_s
                         msgs = consumer.consume(num_messages=1, timeout=timeout)
                         if not msgs:

@@ -96,9 +96,10 @@ CACHE_BYTES_PER_ENCODED_BYTE = 12
 
 class StateCache:
     """Decoded states of recently active users (LRU) with their encoded parts, so an active user's state is
-    neither read from RocksDB and decoded nor encoded in full again every micro-batch. It runs at most one
-    batch ahead of RocksDB: the stage puts a batch's states once it is published, before its delivery is
-    settled, and drops everything when a delivery fails (states are updated in place) or partitions move.
+    neither read from RocksDB and decoded nor encoded in full again every micro-batch. It runs at most the
+    delivery pipeline's depth of batches ahead of RocksDB: the stage puts a batch's states once it is
+    published, before its delivery is settled, and drops everything when a delivery fails (states are
+    updated in place) or partitions move.
 
     Bounded by users and by estimated memory (``CACHE_BYTES_PER_ENCODED_BYTE`` times the encoded size that
     ``put`` is given), whichever is reached first: long histories cannot take more than ``max_bytes``."""
