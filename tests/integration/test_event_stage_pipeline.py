@@ -60,32 +60,36 @@ class Record:
 @dataclass
 class HeldProducer:
     """Holds every produced record's delivery report until the test releases it (the broker answered), then
-    reports it on the next poll, as failed if told so."""
+    reports it on the next poll, as failed if told so. Thread-safe: a test may release from a timer."""
 
     held: list[tuple[Callable, Record]] = field(default_factory=list)
     released: list[tuple[Callable, Record]] = field(default_factory=list)
     failing: bool = False
     instant: bool = False  # the broker answers every record at once
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def produce(
         self, topic: str, value: bytes | None, key: bytes, partition: int, on_delivery: Callable
     ) -> None:
         p = max(partition, 0)
-        offset = self.offsets.get((topic, p), 0)
-        self.offsets[(topic, p)] = offset + 1
-        (self.released if self.instant else self.held).append(
-            (on_delivery, Record(topic, p, offset, value or b"", key))
-        )
+        with self.lock:
+            offset = self.offsets.get((topic, p), 0)
+            self.offsets[(topic, p)] = offset + 1
+            (self.released if self.instant else self.held).append(
+                (on_delivery, Record(topic, p, offset, value or b"", key))
+            )
 
     def release(self, count: int | None = None) -> None:
         """The broker answers the oldest ``count`` held records (all by default)."""
-        count = len(self.held) if count is None else count
-        self.released += self.held[:count]
-        self.held = self.held[count:]
+        with self.lock:
+            count = len(self.held) if count is None else count
+            self.released += self.held[:count]
+            self.held = self.held[count:]
 
     def poll(self, timeout: float = 0) -> int:
-        reports, self.released = self.released, []
+        with self.lock:
+            reports, self.released = self.released, []
         error = KafkaError(KafkaError._MSG_TIMED_OUT) if self.failing else None
         for callback, record in reports:
             callback(error, record)
@@ -292,4 +296,27 @@ def test_with_a_broker_that_answers_at_once_a_batch_is_committed_only_after_its_
     assert commits == sorted(commits) and commits[-1] == len(ITEMS)
     # the batch committed up to offset o published its recommendation (the o-th) before the commit
     assert all(n >= offset for n, offset in zip(published, commits, strict=True))
+    stage.store.close()
+
+
+def test_depth_zero_waits_for_each_batchs_own_delivery(settings: Settings, ranked_in: str) -> None:
+    settings = settings.model_copy(update={"delivery_pipeline_depth": 0})
+    producer, consumer = HeldProducer(), RecordingConsumer()
+    stage, codec = make_stage(settings, producer, consumer)
+    answering = threading.Event()
+
+    def broker() -> None:  # answers whatever is held, every 50 ms
+        while not answering.wait(0.05):
+            producer.release()
+
+    threading.Thread(target=broker, daemon=True).start()
+    for n, item in enumerate(ITEMS[:2]):
+        event = Event(f"e{n}", "alice", EventKind.CLICK, int(time.time() * 1000), item_id=item)
+        value = codec.encode(event.schema_name, event.to_avro())
+        stage.process([Record(settings.events_topic, 0, n, value, b"alice")])
+        # settled before process() returned: written locally and committed, nothing left in flight
+        assert not stage._flights and consumer.commits[-1].offset == n + 1
+        raw = stage.store.get_many(0, ["alice"])[0]
+        assert raw is not None and [s.item_id for s in decode_state(raw).history] == ITEMS[: n + 1]
+    answering.set()
     stage.store.close()
