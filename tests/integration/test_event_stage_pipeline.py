@@ -149,6 +149,20 @@ def make_stage(
     return stage, codec
 
 
+def click(settings: Settings, codec: AvroCodec, offset: int, item: str) -> Record:
+    """alice's click on ``item``, as consumed from partition 0 of the events topic at ``offset``."""
+    event = Event(f"e{offset}", "alice", EventKind.CLICK, int(time.time() * 1000), item_id=item)
+    return Record(
+        settings.events_topic, 0, offset, codec.encode(event.schema_name, event.to_avro()), b"alice"
+    )
+
+
+def stored_items(stage: EventStage) -> list[str | None]:
+    """The items of alice's history as written locally (RocksDB): what has been settled."""
+    raw = stage.store.get_many(0, ["alice"])[0]
+    return [] if raw is None else [s.item_id for s in decode_state(raw).history]
+
+
 def test_the_next_batch_builds_on_the_one_in_flight_and_a_failed_delivery_rewinds_both(
     settings: Settings, ranked_in: str
 ) -> None:
@@ -159,31 +173,23 @@ def test_the_next_batch_builds_on_the_one_in_flight_and_a_failed_delivery_rewind
 
     def batch(*items: str) -> list[Record]:
         nonlocal offset
-        records = []
-        for item in items:
-            event = Event(f"e{offset}", "alice", EventKind.CLICK, int(time.time() * 1000), item_id=item)
-            value = codec.encode(event.schema_name, event.to_avro())
-            records.append(Record(settings.events_topic, 0, offset, value, b"alice"))
-            offset += 1
+        records = [click(settings, codec, offset + n, item) for n, item in enumerate(items)]
+        offset += len(items)
         return records
 
-    def stored_items() -> list[str | None]:
-        raw = stage.store.get_many(0, ["alice"])[0]
-        return [] if raw is None else [s.item_id for s in decode_state(raw).history]
-
     stage.process(batch("sku-1", "sku-2"))
-    assert stored_items() == []  # published, not delivered: nothing written locally, nothing committed
+    assert stored_items(stage) == []  # published, not delivered: nothing written locally, nothing committed
     assert consumer.commits == []
 
     # The next batch applies on top of the one in flight, then settles it (its reports are in by then).
     producer.release()
     out = stage.process(batch("sku-3"))
     assert out.events == 1 and out.recommendations == 1
-    assert stored_items() == ["sku-1", "sku-2"]
+    assert stored_items(stage) == ["sku-1", "sku-2"]
     assert [(c.partition, c.offset) for c in consumer.commits] == [(0, 2)]
     producer.release()
     stage._settle_inflight(wait=True)
-    assert stored_items() == ["sku-1", "sku-2", "sku-3"]
+    assert stored_items(stage) == ["sku-1", "sku-2", "sku-3"]
     assert consumer.commits[-1].offset == 3
 
     # Batch C is published, batch D is applied on top of it, then C's delivery fails: neither is written or
@@ -197,7 +203,7 @@ def test_the_next_batch_builds_on_the_one_in_flight_and_a_failed_delivery_rewind
     # is published again when consumed again); a large one waits while the serving thread ranks.
     published = [r for _, r in producer.held if r.topic() == settings.recommendations_topic]
     assert len(published) == (1 if ranked_in == "stage thread" else 0)
-    assert stored_items() == ["sku-1", "sku-2", "sku-3"]
+    assert stored_items(stage) == ["sku-1", "sku-2", "sku-3"]
     assert consumer.commits[-1].offset == 3
     assert [(s.partition, s.offset) for s in consumer.seeks] == [(0, 3)]
     assert len(stage.cache) == 0 and not stage._flights
@@ -208,7 +214,7 @@ def test_the_next_batch_builds_on_the_one_in_flight_and_a_failed_delivery_rewind
     stage.process(batch("sku-4", "sku-0"))
     producer.release()
     stage._settle_inflight(wait=True)
-    assert stored_items() == ["sku-1", "sku-2", "sku-3", "sku-4", "sku-0"]
+    assert stored_items(stage) == ["sku-1", "sku-2", "sku-3", "sku-4", "sku-0"]
     assert consumer.commits[-1].offset == 5
     stage.store.close()
 
@@ -223,16 +229,8 @@ def test_batches_settle_in_order_up_to_the_depth_and_a_failure_rewinds_it_and_th
 
     def batch(item: str) -> list[Record]:  # one event: one changelog record and one recommendation
         nonlocal offset
-        event = Event(f"e{offset}", "alice", EventKind.CLICK, int(time.time() * 1000), item_id=item)
-        record = Record(
-            settings.events_topic, 0, offset, codec.encode(event.schema_name, event.to_avro()), b"a"
-        )
         offset += 1
-        return [record]
-
-    def stored_items() -> list[str | None]:
-        raw = stage.store.get_many(0, ["alice"])[0]
-        return [] if raw is None else [s.item_id for s in decode_state(raw).history]
+        return [click(settings, codec, offset - 1, item)]
 
     def committed() -> int | None:
         return consumer.commits[-1].offset if consumer.commits else None
@@ -240,17 +238,17 @@ def test_batches_settle_in_order_up_to_the_depth_and_a_failure_rewinds_it_and_th
     # Two batches in flight at depth 2: neither waited for, nothing written or committed.
     stage.process(batch("sku-1"))
     stage.process(batch("sku-2"))
-    assert len(stage._flights) == 2 and stored_items() == [] and committed() is None
+    assert len(stage._flights) == 2 and stored_items(stage) == [] and committed() is None
 
     # The first one's reports come in: the next batch settles it without waiting for the second.
     producer.release(2)
     stage.process(batch("sku-3"))
-    assert stored_items() == ["sku-1"] and committed() == 1 and len(stage._flights) == 2
+    assert stored_items(stage) == ["sku-1"] and committed() == 1 and len(stage._flights) == 2
 
     # A fourth would make three in flight: the stage waits for the oldest (answered a moment later).
     threading.Timer(0.2, producer.release, args=(2,)).start()
     stage.process(batch("sku-4"))
-    assert stored_items() == ["sku-1", "sku-2"] and committed() == 2 and len(stage._flights) == 2
+    assert stored_items(stage) == ["sku-1", "sku-2"] and committed() == 2 and len(stage._flights) == 2
 
     # The third batch's delivery fails: the ones before it stay settled, it and the fourth (built on its
     # states) are consumed again from its offset, and nothing of them is written or committed.
@@ -258,7 +256,7 @@ def test_batches_settle_in_order_up_to_the_depth_and_a_failure_rewinds_it_and_th
     producer.release(2)
     with pytest.raises(DeliveryFailed):
         stage.process(batch("sku-0"))
-    assert stored_items() == ["sku-1", "sku-2"] and committed() == 2
+    assert stored_items(stage) == ["sku-1", "sku-2"] and committed() == 2
     assert [(s.partition, s.offset) for s in consumer.seeks] == [(0, 2)]
     assert len(stage.cache) == 0 and not stage._flights
 
@@ -270,7 +268,7 @@ def test_batches_settle_in_order_up_to_the_depth_and_a_failure_rewinds_it_and_th
         stage.process(batch(item))
         producer.release()
     stage._settle_inflight(wait=True)
-    assert stored_items() == ["sku-1", "sku-2", "sku-3", "sku-4", "sku-0"] and committed() == 5
+    assert stored_items(stage) == ["sku-1", "sku-2", "sku-3", "sku-4", "sku-0"] and committed() == 5
     stage.store.close()
 
 
@@ -288,9 +286,7 @@ def test_with_a_broker_that_answers_at_once_a_batch_is_committed_only_after_its_
     )
     stage, codec = make_stage(settings, producer, consumer)
     for n, item in enumerate(ITEMS):
-        event = Event(f"e{n}", "alice", EventKind.CLICK, int(time.time() * 1000), item_id=item)
-        value = codec.encode(event.schema_name, event.to_avro())
-        stage.process([Record(settings.events_topic, 0, n, value, b"alice")])
+        stage.process([click(settings, codec, n, item)])
     stage._settle_inflight(wait=True)
     commits = [c.offset for c in consumer.commits]
     assert commits == sorted(commits) and commits[-1] == len(ITEMS)
@@ -311,12 +307,9 @@ def test_depth_zero_waits_for_each_batchs_own_delivery(settings: Settings, ranke
 
     threading.Thread(target=broker, daemon=True).start()
     for n, item in enumerate(ITEMS[:2]):
-        event = Event(f"e{n}", "alice", EventKind.CLICK, int(time.time() * 1000), item_id=item)
-        value = codec.encode(event.schema_name, event.to_avro())
-        stage.process([Record(settings.events_topic, 0, n, value, b"alice")])
+        stage.process([click(settings, codec, n, item)])
         # settled before process() returned: written locally and committed, nothing left in flight
         assert not stage._flights and consumer.commits[-1].offset == n + 1
-        raw = stage.store.get_many(0, ["alice"])[0]
-        assert raw is not None and [s.item_id for s in decode_state(raw).history] == ITEMS[: n + 1]
+        assert stored_items(stage) == ITEMS[: n + 1]
     answering.set()
     stage.store.close()
