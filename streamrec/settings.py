@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     events_group: str = Field("streamrec-events", description="Consumer group of the batched event stage.")
     worker_id: str | None = Field(None, description="Name of this worker in logs and dead letters.")
     data_dir: Path = Field(Path("var/worker"), description="RocksDB state and faust tables of this worker.")
-    batch_size: int = Field(2000, description="Most events taken in one micro-batch.")
+    batch_size: int = Field(4000, description="Most events taken in one micro-batch.")
     batch_wait_ms: int = Field(
         20,
         description="Fetch wait, and how long an idle event stage waits for a first record. A micro-batch "
