@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,6 +25,20 @@ from streamrec.windows import windows
 _PURCHASE_INT = int(EventKind.PURCHASE)
 
 _NOTHING: set[int] = set()  # shared: never modified
+
+
+class RankInputs(NamedTuple):
+    """What ranking reads of a batch's user states, taken at once (``Recommender.inputs``): ranking them
+    needs the states no more, so they may change meanwhile or live in another process."""
+
+    warm: list[int]  # rows of the users with a history the model knows
+    items: np.ndarray  # (warm users, L) item indices, left-padded, newest last
+    kinds: np.ndarray
+    qids: np.ndarray  # query id j is queries[j - 1]
+    queries: list[str]
+    excluded: list[set[int]]  # per user: item indices not to recommend (bought)
+    seconds: float = 0.0  # how long taking them took
+
 
 # Newest events fed to the encoder at serve time: cost grows with the window, quality saturates.
 DEFAULT_SERVE_LEN = 16
@@ -191,11 +207,34 @@ class Recommender:
 
     def rank(self, users: list[UserState], k: int) -> RankedBatch:
         """``recommend`` in arrays (what the worker writes its records from): row u is users[u]."""
+        return self.prepare(users, k)()
+
+    def prepare(self, users: list[UserState], k: int) -> Callable[[], RankedBatch]:
+        """``rank`` in two steps: this call reads the users' states (their serving windows and purchases);
+        the call it returns ranks them without reading the states again, so they may change meanwhile."""
         if not users:
-            return RankedBatch.of([])
+            return lambda: RankedBatch.of([])
+        inputs = self.inputs(users)
+        return lambda: self.rank_inputs(inputs, k)
+
+    def inputs(self, users: list[UserState]) -> RankInputs:
+        """Everything ranking reads of the users' states (row u is users[u])."""
+        started = time.perf_counter()
+        with self._lock:
+            warm, items, kinds, qids, queries = self._inputs(users)
+            excluded = [self._excluded(u) for u in users]
+        return RankInputs(warm, items, kinds, qids, queries, excluded, time.perf_counter() - started)
+
+    def rank_inputs(self, inputs: RankInputs, k: int) -> RankedBatch:
+        """The top-k of every user whose inputs these are (see ``rank``)."""
         _faiss_threads_here()
         with self._lock:
-            return self._rank_batch(users, k)
+            return self._rank_batch(inputs, k)
+
+    @property
+    def item_ids(self) -> list[str]:
+        """Item index i is item_ids[i - 1] (0 is padding); it grows with upserts."""
+        return self._ids
 
     def _excluded(self, user: UserState) -> set[int]:
         if not user.purchased:
@@ -203,16 +242,16 @@ class Recommender:
         index_of = self._index_of
         return {index_of[p] for p in user.purchased if p in index_of}
 
-    def _rank_batch(self, users: list[UserState], k: int) -> RankedBatch:
+    def _rank_batch(self, inputs: RankInputs, k: int) -> RankedBatch:
         clock = time.perf_counter
         t0 = clock()
-        warm, items, kinds, qids, queries = self._inputs(users)
+        warm, items, kinds, qids, queries, excluded, inputs_s = inputs
+        n_users = len(excluded)
         empty: list[int] = []
-        picked_rows: list[list[int]] = [empty] * len(users)
-        score_rows: list[list[float]] = [[]] * len(users)
-        code_rows: list[list[int]] = [empty] * len(users)
+        picked_rows: list[list[int]] = [empty] * n_users
+        score_rows: list[list[float]] = [[]] * n_users
+        code_rows: list[list[int]] = [empty] * n_users
         reasons: dict[int, Reason] = {}
-        excluded = [self._excluded(u) for u in users]
         if warm:
             qtable, qspace = self._query_tables(queries)
             t1 = clock()
@@ -243,13 +282,18 @@ class Recommender:
             ):
                 picked_rows[row], score_rows[row], code_rows[row] = p[:n], sc[:n], c[:n]
             t4 = clock()
-            self.last_timings = {"inputs": t1 - t0, "encoder": t2 - t1, "search": t3 - t2, "rank": t4 - t3}
+            self.last_timings = {
+                "inputs": inputs_s + t1 - t0,
+                "encoder": t2 - t1,
+                "search": t3 - t2,
+                "rank": t4 - t3,
+            }
         ids = self._ids
         fills: list[list[RecommendedItem]] = [
             self._popular(k - len(picked_rows[i]), excluded[i], [ids[idx - 1] for idx in picked_rows[i]])
             if len(picked_rows[i]) < k
             else []
-            for i in range(len(users))
+            for i in range(n_users)
         ]
         return RankedBatch(ids, picked_rows, score_rows, code_rows, reasons, fills)
 

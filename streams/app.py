@@ -52,6 +52,10 @@ def load_recommender(settings: Settings, model_dir: Path | None = None) -> Recom
             f"no model to serve: nothing promoted in {settings.model_registry}; run `streamrec train` first"
         )
     set_threads(settings.serving_threads)
+    if settings.ranking_process:
+        from streamrec.models.ranking_process import ProcessRecommender
+
+        return ProcessRecommender(Path(path), device=settings.device, threads=settings.serving_threads)
     return ModelRecommender.load(Path(path), device=settings.device)
 
 

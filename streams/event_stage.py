@@ -13,6 +13,12 @@ the depth are in flight. A later batch reads the states of the ones in flight fr
 pending changes (newest first), never from RocksDB, which they have not written yet. If a batch's delivery
 fails, it and every batch after it are consumed again from its offsets.
 
+A backlog batch is ranked in the serving thread while its changelog goes out and earlier batches settle. With
+``ranking_process`` the ranking runs in a child process holding the model, and it is pipelined too: it runs
+on while the next batch is decoded and applied. That batch changes no state before the ranking has read it
+(states change in place), and publishes the ranked recommendations before its own, so each user's
+recommendations keep the order of their events. A batch whose recommendations are not out yet is not settled.
+
 One writer per user's state: the consumer group subscribes to the events topic only. Whichever partitions the
 assignor gives a member, the member also assigns itself the backfill topic's partitions of the same numbers
 (the topics are co-partitioned: same count, same key, same partitioner). So the owner of a user's state is
@@ -27,7 +33,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -78,6 +84,10 @@ class Recommender(Protocol):
 
     def rank(self, users: list[UserState], k: int) -> RankedBatch: ...
 
+    def prepare(self, users: list[UserState], k: int) -> Callable[[], RankedBatch]:
+        """``rank`` in two steps: read the states now, rank them in the call returned (they may change)."""
+        ...
+
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -98,6 +108,17 @@ class DeliveryFailed(RuntimeError):
 
 
 @dataclass
+class Ranking:
+    """A batch's ranking running in the serving thread; its recommendations go out with its flight."""
+
+    changed: list[tuple[UserState, Event, bool]]  # (state, cause, caused by backfill), row by row
+    flight: InFlight
+    recommender: Recommender
+    result: Future[tuple[RankedBatch, float]]
+    taken: threading.Event = field(default_factory=threading.Event)  # the states are read: they may change
+
+
+@dataclass
 class InFlight:
     """A published batch whose records are not all delivered yet: settled (states written locally, offsets
     committed) once they are."""
@@ -110,6 +131,7 @@ class InFlight:
     failures: list[str] = field(default_factory=list)
     sent: int = 0
     acked: int = 0
+    open: bool = False  # its recommendations are still being ranked: not settled before they are published
 
     @property
     def delivered(self) -> bool:
@@ -205,6 +227,10 @@ class EventStage:
         # (topic, partition) -> the last offset committed, for the events and the backfill topic
         self._committed: dict[tuple[str, int], TopicPartition] = {}
         self._flights: deque[InFlight] = deque()  # published batches not settled yet, oldest first
+        self._ranking: Ranking | None = None  # the newest batch's, while the serving thread ranks it
+        # A batch's ranking runs on while the next batch is decoded and applied only when it runs in a child
+        # process: in this one, both threads run Python under one GIL and it was no faster (README, round 10).
+        self.defer_ranking = settings.ranking_process and settings.delivery_pipeline_depth > 0
         # One serving thread: a batch's ranking runs beside its changelog and the settling of earlier batches.
         self._serving = ThreadPoolExecutor(1, thread_name_prefix="streamrec-serving")
 
@@ -354,7 +380,9 @@ class EventStage:
                 try:
                     msgs = consumer.consume(num_messages=size, timeout=0)
                     if not msgs:
-                        # Idle: settle what is in of the batches in flight while waiting for the next record.
+                        # Idle: publish the recommendations being ranked, and settle what is in of the batches
+                        # in flight while waiting for the next record.
+                        self._publish_pending()
                         timeout = min(wait_s, IDLE_POLL_S) if self._flights else wait_s
                         msgs = consumer.consume(num_messages=1, timeout=timeout)
                         if not msgs:
@@ -427,10 +455,13 @@ class EventStage:
         t_decoded = clock()
         phases.labels("decode").inc(t_decoded - started)
 
-        # 2. apply to state: active users' decoded states come from the cache, the others from the changes
+        # 2. apply to state (once the batch being ranked has read its states: they change in place): active
+        # users' decoded states come from the cache, the others from the changes
         # of the batches in flight (newest first) or else RocksDB. A user's recommendation is caused by their
         # last live event, else by their last backfill event (shadow topic), so consumers of the live topic
         # never see history as new.
+        if self._ranking is not None:
+            self._ranking.taken.wait()
         changed: list[tuple[UserState, Event, bool]] = []  # (state, cause, caused by backfill)
         changes = flight.changes
         cache_updates: list[tuple[int, UserState, StateBytes, int]] = []
@@ -505,16 +536,23 @@ class EventStage:
         phases.labels("state").inc(t_applied - t_decoded)
 
         # 3. one encoder call and one index search for every user to recommend to, in the serving thread:
-        # the encoder and the index search release the GIL, so the changelog and the settling of earlier
-        # batches (which need no ranking) run meanwhile. Nothing below changes a state until it is ranked.
-        # A small batch is ranked right here: with two threads running Python, each hand-over of the GIL can
-        # wait out the interpreter's switch interval (5 ms), more than the overlap saves at low load.
+        # the encoder and the index search release the GIL, so this batch's changelog, the settling of
+        # earlier batches and the next batch's decoding and state run meanwhile. The next batch changes no
+        # state before this ranking has read them, and publishes these recommendations before its own (per
+        # user, in order). A small batch is ranked right here: with two threads running Python, each
+        # hand-over of the GIL can wait out the interpreter's switch interval (5 ms), more than the overlap
+        # saves at low load.
+        if self._ranking is not None:
+            self._publish_ranking(self._ranking, out)
         to_rank, k = [s for s, _, _ in changed], self.settings.top_k
         threaded = len(to_rank) >= THREAD_MIN_USERS
-        ranking = self._serving.submit(self._timed_rank, to_rank, k) if threaded else None
-        ranked_here: tuple[RankedBatch | None, float] = (
-            self._timed_rank(to_rank, k) if to_rank and not threaded else (None, 0.0)
-        )
+        ranking: Ranking | None = None
+        ranked_here: tuple[RankedBatch | None, float] = (None, 0.0)
+        flight.open = bool(changed)
+        if threaded:
+            ranking = self._rank_in_thread(changed, flight)
+        elif to_rank:
+            ranked_here = self._timed_rank(self.recommender, to_rank, k)
         try:
             # 4. the changelog, keyed by user, on the partition of the same number
             changelog = self.settings.state_changelog_topic
@@ -536,30 +574,17 @@ class EventStage:
             # earlier batches' acknowledgements.
             self._flights.append(flight)
             if threaded:
-                self._settle_flights(keep=max(1, self.settings.delivery_pipeline_depth), newest_open=True)
-        finally:
-            ranked, rank_s = ranking.result() if ranking is not None else ranked_here
-        t_ranked = clock()
-        if ranked is not None:
-            phases.labels("recommend").inc(rank_s)  # its own time: it overlapped steps 4 and 5
-            publish = now_ms()
-            heads = [
-                (state.user_id, cause.event_id, cause.timestamp, "backfill" if backfill else "live")
-                for state, cause, backfill in changed
-            ]
-            bodies = self.rec_writer.bodies(
-                ranked, heads, self.recommender.model_version, self.recommender.index_version, publish
-            )
-            header = self.codec.header("Recommendation")
-            live, shadow_topic = self.settings.recommendations_topic, self.settings.shadow_topic
-            for u, ((state, cause, backfill), body) in enumerate(zip(changed, bodies, strict=True)):
-                key = state.user_id.encode()
-                self._produce(producer, shadow_topic if backfill else live, key, header + body, flight)
-                if not backfill:
-                    self.accuracy.recommended(state.user_id, ranked.ids(u))
-                    out.latencies_ms.append(publish - cause.timestamp)
-            out.recommendations = len(changed)
-            phases.labels("produce").inc(clock() - t_ranked)
+                self._settle_flights(keep=max(1, self.settings.delivery_pipeline_depth))
+        except BaseException:
+            if ranking is not None:
+                ranking.result.exception()  # waited for; nothing of it is published: consumed again
+            raise
+        if ranking is not None and self.defer_ranking:
+            self._ranking = ranking  # published by the next batch, or as soon as the stage is idle
+        elif ranking is not None:
+            self._publish_ranking(ranking, out)
+        elif to_rank:
+            self._publish(changed, *ranked_here, self.recommender, flight, out)
 
         # 6. the same after publishing, with this batch counted: at most the pipeline's depth stay in flight
         # (none when it is 0: each batch waits for its own delivery)
@@ -568,10 +593,77 @@ class EventStage:
         self._record(out, time.perf_counter() - started)
         return out
 
-    def _timed_rank(self, users: list[UserState], k: int) -> tuple[RankedBatch, float]:
+    def _timed_rank(
+        self,
+        recommender: Recommender,
+        users: list[UserState],
+        k: int,
+        taken: threading.Event | None = None,
+    ) -> tuple[RankedBatch, float]:
         started = time.perf_counter()
-        ranked = self.recommender.rank(users, k)
-        return ranked, time.perf_counter() - started
+        try:
+            finish = recommender.prepare(users, k)
+        finally:
+            if taken is not None:
+                taken.set()
+        return finish(), time.perf_counter() - started
+
+    def _rank_in_thread(self, changed: list[tuple[UserState, Event, bool]], flight: InFlight) -> Ranking:
+        taken = threading.Event()
+        users = [state for state, _, _ in changed]
+        result = self._serving.submit(self._timed_rank, self.recommender, users, self.settings.top_k, taken)
+        return Ranking(changed, flight, self.recommender, result, taken)
+
+    def _publish_pending(self, out: BatchOutcome | None = None) -> None:
+        """Publish the recommendations the serving thread is ranking (the newest batch's), once it is done."""
+        if self._ranking is not None:
+            self._publish_ranking(self._ranking, out if out is not None else BatchOutcome())
+
+    def _publish_ranking(self, ranking: Ranking, out: BatchOutcome) -> None:
+        """Publish a ranking from the serving thread, once it is done."""
+        self._ranking = None
+        ranked, rank_s = ranking.result.result()
+        self._publish(ranking.changed, ranked, rank_s, ranking.recommender, ranking.flight, out)
+
+    def _publish(
+        self,
+        changed: list[tuple[UserState, Event, bool]],
+        ranked: RankedBatch | None,
+        rank_s: float,
+        recommender: Recommender,
+        flight: InFlight,
+        out: BatchOutcome,
+    ) -> None:
+        """Produce a batch's recommendations, caused by their events, with the flight of that batch, which
+        may then be settled."""
+        started = time.perf_counter()
+        phases = self.metrics.batch_phase_seconds
+        phases.labels("recommend").inc(rank_s)  # its own time: it overlapped other work
+        if ranked is not None:
+            producer = self._producer
+            assert producer is not None
+            publish = now_ms()
+            heads = [
+                (state.user_id, cause.event_id, cause.timestamp, "backfill" if backfill else "live")
+                for state, cause, backfill in changed
+            ]
+            bodies = self.rec_writer.bodies(
+                ranked, heads, recommender.model_version, recommender.index_version, publish
+            )
+            header = self.codec.header("Recommendation")
+            live, shadow_topic = self.settings.recommendations_topic, self.settings.shadow_topic
+            latency = self.metrics.latency
+            for u, ((state, cause, backfill), body) in enumerate(zip(changed, bodies, strict=True)):
+                key = state.user_id.encode()
+                self._produce(producer, shadow_topic if backfill else live, key, header + body, flight)
+                if not backfill:
+                    self.accuracy.recommended(state.user_id, ranked.ids(u))
+                    out.latencies_ms.append(publish - cause.timestamp)
+                    latency.observe((publish - cause.timestamp) / 1000)
+            out.recommendations += len(changed)
+            self.metrics.recommendations.inc(len(changed))
+        flight.open = False
+        phases.labels("produce").inc(time.perf_counter() - started)
 
     def _pending_state(self, partition: int, user_id: str) -> tuple[bool, bytes | None]:
         """The user's state as changed by the newest batch in flight that changed it (see InFlight)."""
@@ -581,13 +673,13 @@ class EventStage:
                 return pending, raw
         return False, None
 
-    def _settle_flights(self, keep: int, newest_open: bool = False, timeout_s: float = 30.0) -> None:
+    def _settle_flights(self, keep: int, timeout_s: float = 30.0) -> None:
         """Settle the batches in flight, oldest first: each one whose reports are in, and, waiting for them,
         the oldest ones until at most ``keep`` remain. If one cannot be delivered, rewind to its offsets: it
         and every later batch (built on its states) are consumed again, and nothing of them is settled.
-        ``newest_open``: the newest batch is still being published, so it is never settled here."""
+        A batch whose recommendations are not published yet (open) is not settled, nor any after it."""
         flights = self._flights
-        while len(flights) > newest_open:
+        while flights and not flights[0].open:
             oldest = flights[0]
             try:
                 settled = self._settle(oldest, wait=len(flights) > keep, timeout_s=timeout_s)
@@ -596,6 +688,9 @@ class EventStage:
                 for flight in reversed(flights):  # the oldest batch's offset wins for each partition
                     offsets.update(flight.first_offsets)
                 flights.clear()
+                if self._ranking is not None:  # its batch is consumed again: nothing of it is published
+                    self._ranking.result.exception()
+                    self._ranking = None
                 self._rewind(offsets)
                 raise
             if not settled:
@@ -603,7 +698,9 @@ class EventStage:
             flights.popleft()
 
     def _settle_inflight(self, wait: bool, timeout_s: float = 30.0) -> None:
-        """Settle every batch in flight (``wait``), or those whose reports are in."""
+        """Publish the recommendations being ranked, then settle every batch in flight (``wait``), or those
+        whose reports are in."""
+        self._publish_pending()
         self._settle_flights(keep=0 if wait else len(self._flights), timeout_s=timeout_s)
 
     def _settle(self, flight: InFlight, wait: bool, timeout_s: float = 30.0) -> bool:
@@ -711,9 +808,6 @@ class EventStage:
         m.batches.inc()
         m.batch_seconds.observe(seconds)
         m.duplicates.inc(out.duplicates)
-        m.recommendations.inc(out.recommendations)
-        for latency in out.latencies_ms:
-            m.latency.observe(latency / 1000)
         rate = self.accuracy.rate
         if rate is not None:
             m.online_hit_rate.set(rate)

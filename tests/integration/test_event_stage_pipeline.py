@@ -21,7 +21,7 @@ from streamrec.serde import AvroCodec
 from streamrec.settings import Settings
 from streamrec.state import decode_state
 from streamrec.streams import event_stage
-from streamrec.streams.event_stage import DeliveryFailed, EventStage
+from streamrec.streams.event_stage import BatchOutcome, DeliveryFailed, EventStage
 
 pytestmark = pytest.mark.integration
 
@@ -63,6 +63,7 @@ class HeldProducer:
     reports it on the next poll, as failed if told so. Thread-safe: a test may release from a timer."""
 
     held: list[tuple[Callable, Record]] = field(default_factory=list)
+    produced: list[Record] = field(default_factory=list)  # everything, in order
     released: list[tuple[Callable, Record]] = field(default_factory=list)
     failing: bool = False
     instant: bool = False  # the broker answers every record at once
@@ -76,9 +77,9 @@ class HeldProducer:
         with self.lock:
             offset = self.offsets.get((topic, p), 0)
             self.offsets[(topic, p)] = offset + 1
-            (self.released if self.instant else self.held).append(
-                (on_delivery, Record(topic, p, offset, value or b"", key))
-            )
+            record = Record(topic, p, offset, value or b"", key)
+            self.produced.append(record)
+            (self.released if self.instant else self.held).append((on_delivery, record))
 
     def release(self, count: int | None = None) -> None:
         """The broker answers the oldest ``count`` held records (all by default)."""
@@ -121,18 +122,27 @@ class Echo:
         pass
 
     def rank(self, users: list[UserState], k: int) -> RankedBatch:
+        return self.prepare(users, k)()
+
+    def prepare(self, users: list[UserState], k: int) -> Callable[[], RankedBatch]:
         newest = [u.history[-1].item_id or ITEMS[0] for u in users]
-        return RankedBatch.of(
+        return lambda: RankedBatch.of(
             [[RecommendedItem(item, 1.0, "similar_to_recent", "newest")] for item in newest]
         )
 
 
-@pytest.fixture(params=["serving thread", "stage thread"])
+@pytest.fixture(params=["serving thread", "stage thread", "ranking process"])
 def ranked_in(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Large batches are ranked in the serving thread while the changelog goes out and earlier batches are
-    settled; small ones in the stage's own thread: every test runs both ways."""
-    monkeypatch.setattr(event_stage, "THREAD_MIN_USERS", 1 if request.param == "serving thread" else 10**9)
+    settled; small ones in the stage's own thread; with a ranking process (``ranking_process``), a large
+    batch's ranking also runs on while the next batch is applied. Every test runs all three ways."""
+    monkeypatch.setattr(event_stage, "THREAD_MIN_USERS", 10**9 if request.param == "stage thread" else 1)
     return str(request.param)
+
+
+def in_mode(settings: Settings, ranked_in: str, **update: object) -> Settings:
+    """The test's settings for the way it ranks (see ``ranked_in``)."""
+    return settings.model_copy(update={**update, "ranking_process": ranked_in == "ranking process"})
 
 
 def make_stage(
@@ -147,6 +157,23 @@ def make_stage(
     stage._producer, stage._consumer = producer, consumer  # type: ignore[assignment]
     stage.store.assign([0])
     return stage, codec
+
+
+def process(stage: EventStage, records: list[Record]) -> BatchOutcome:
+    """One batch, then what the stage's loop does when no record is waiting: a ranking still running in the
+    serving thread is published (under a backlog it goes out with the next batch, before that one's own)."""
+    out = stage.process(records)
+    stage._publish_pending(out)
+    return out
+
+
+def recommended(settings: Settings, codec: AvroCodec, producer: HeldProducer) -> list[str]:
+    """The item of every recommendation produced, in order."""
+    return [
+        codec.decode(r.value())[1]["items"][0]["item_id"]
+        for r in producer.produced
+        if r.topic() == settings.recommendations_topic
+    ]
 
 
 def click(settings: Settings, codec: AvroCodec, offset: int, item: str) -> Record:
@@ -166,7 +193,7 @@ def stored_items(stage: EventStage) -> list[str | None]:
 def test_the_next_batch_builds_on_the_one_in_flight_and_a_failed_delivery_rewinds_both(
     settings: Settings, ranked_in: str
 ) -> None:
-    settings = settings.model_copy(update={"state_cache_users": 0})  # states come from the pending batch
+    settings = in_mode(settings, ranked_in, state_cache_users=0)  # states come from the pending batch
     producer, consumer = HeldProducer(), RecordingConsumer()
     stage, codec = make_stage(settings, producer, consumer)
     offset = 0
@@ -177,13 +204,13 @@ def test_the_next_batch_builds_on_the_one_in_flight_and_a_failed_delivery_rewind
         offset += len(items)
         return records
 
-    stage.process(batch("sku-1", "sku-2"))
+    process(stage, batch("sku-1", "sku-2"))
     assert stored_items(stage) == []  # published, not delivered: nothing written locally, nothing committed
     assert consumer.commits == []
 
     # The next batch applies on top of the one in flight, then settles it (its reports are in by then).
     producer.release()
-    out = stage.process(batch("sku-3"))
+    out = process(stage, batch("sku-3"))
     assert out.events == 1 and out.recommendations == 1
     assert stored_items(stage) == ["sku-1", "sku-2"]
     assert [(c.partition, c.offset) for c in consumer.commits] == [(0, 2)]
@@ -194,15 +221,16 @@ def test_the_next_batch_builds_on_the_one_in_flight_and_a_failed_delivery_rewind
 
     # Batch C is published, batch D is applied on top of it, then C's delivery fails: neither is written or
     # committed, and the consumer goes back to C's first offset so both are consumed again.
-    stage.process(batch("sku-4"))
+    process(stage, batch("sku-4"))
     producer.failing = True
     producer.release()
     with pytest.raises(DeliveryFailed):
-        stage.process(batch("sku-0"))
+        process(stage, batch("sku-0"))
     # A small batch publishes its recommendation before waiting for the batch before it (at-least-once: it
     # is published again when consumed again); a large one waits while the serving thread ranks.
     published = [r for _, r in producer.held if r.topic() == settings.recommendations_topic]
     assert len(published) == (1 if ranked_in == "stage thread" else 0)
+    assert stage._ranking is None  # a ranking in the serving thread is dropped with its batch
     assert stored_items(stage) == ["sku-1", "sku-2", "sku-3"]
     assert consumer.commits[-1].offset == 3
     assert [(s.partition, s.offset) for s in consumer.seeks] == [(0, 3)]
@@ -211,7 +239,7 @@ def test_the_next_batch_builds_on_the_one_in_flight_and_a_failed_delivery_rewind
     # Consumed again once the broker is back: each event applied once, whatever D's late reports say.
     producer.failing = False
     offset = 3
-    stage.process(batch("sku-4", "sku-0"))
+    process(stage, batch("sku-4", "sku-0"))
     producer.release()
     stage._settle_inflight(wait=True)
     assert stored_items(stage) == ["sku-1", "sku-2", "sku-3", "sku-4", "sku-0"]
@@ -222,7 +250,7 @@ def test_the_next_batch_builds_on_the_one_in_flight_and_a_failed_delivery_rewind
 def test_batches_settle_in_order_up_to_the_depth_and_a_failure_rewinds_it_and_the_later_ones(
     settings: Settings, ranked_in: str
 ) -> None:
-    settings = settings.model_copy(update={"state_cache_users": 0, "delivery_pipeline_depth": 2})
+    settings = in_mode(settings, ranked_in, state_cache_users=0, delivery_pipeline_depth=2)
     producer, consumer = HeldProducer(), RecordingConsumer()
     stage, codec = make_stage(settings, producer, consumer)
     offset = 0
@@ -236,18 +264,18 @@ def test_batches_settle_in_order_up_to_the_depth_and_a_failure_rewinds_it_and_th
         return consumer.commits[-1].offset if consumer.commits else None
 
     # Two batches in flight at depth 2: neither waited for, nothing written or committed.
-    stage.process(batch("sku-1"))
-    stage.process(batch("sku-2"))
+    process(stage, batch("sku-1"))
+    process(stage, batch("sku-2"))
     assert len(stage._flights) == 2 and stored_items(stage) == [] and committed() is None
 
     # The first one's reports come in: the next batch settles it without waiting for the second.
     producer.release(2)
-    stage.process(batch("sku-3"))
+    process(stage, batch("sku-3"))
     assert stored_items(stage) == ["sku-1"] and committed() == 1 and len(stage._flights) == 2
 
     # A fourth would make three in flight: the stage waits for the oldest (answered a moment later).
     threading.Timer(0.2, producer.release, args=(2,)).start()
-    stage.process(batch("sku-4"))
+    process(stage, batch("sku-4"))
     assert stored_items(stage) == ["sku-1", "sku-2"] and committed() == 2 and len(stage._flights) == 2
 
     # The third batch's delivery fails: the ones before it stay settled, it and the fourth (built on its
@@ -255,7 +283,7 @@ def test_batches_settle_in_order_up_to_the_depth_and_a_failure_rewinds_it_and_th
     producer.failing = True
     producer.release(2)
     with pytest.raises(DeliveryFailed):
-        stage.process(batch("sku-0"))
+        process(stage, batch("sku-0"))
     assert stored_items(stage) == ["sku-1", "sku-2"] and committed() == 2
     assert [(s.partition, s.offset) for s in consumer.seeks] == [(0, 2)]
     assert len(stage.cache) == 0 and not stage._flights
@@ -265,7 +293,7 @@ def test_batches_settle_in_order_up_to_the_depth_and_a_failure_rewinds_it_and_th
     producer.held.clear()
     offset = 2
     for item in ["sku-3", "sku-4", "sku-0"]:
-        stage.process(batch(item))
+        process(stage, batch(item))
         producer.release()
     stage._settle_inflight(wait=True)
     assert stored_items(stage) == ["sku-1", "sku-2", "sku-3", "sku-4", "sku-0"] and committed() == 5
@@ -277,6 +305,7 @@ def test_with_a_broker_that_answers_at_once_a_batch_is_committed_only_after_its_
 ) -> None:
     # The changelog goes out before the ranking is done: its reports may all be in while the recommendations
     # are not published yet, and the batch must not be settled then.
+    settings = in_mode(settings, ranked_in)
     producer = HeldProducer(instant=True)
     published: list[int] = []  # recommendations produced when each commit was made
     consumer = RecordingConsumer(
@@ -296,7 +325,7 @@ def test_with_a_broker_that_answers_at_once_a_batch_is_committed_only_after_its_
 
 
 def test_depth_zero_waits_for_each_batchs_own_delivery(settings: Settings, ranked_in: str) -> None:
-    settings = settings.model_copy(update={"delivery_pipeline_depth": 0})
+    settings = in_mode(settings, ranked_in, delivery_pipeline_depth=0)
     producer, consumer = HeldProducer(), RecordingConsumer()
     stage, codec = make_stage(settings, producer, consumer)
     answering = threading.Event()
@@ -312,4 +341,34 @@ def test_depth_zero_waits_for_each_batchs_own_delivery(settings: Settings, ranke
         assert not stage._flights and consumer.commits[-1].offset == n + 1
         assert stored_items(stage) == ITEMS[: n + 1]
     answering.set()
+    stage.store.close()
+
+
+class SlowToRead(Echo):
+    """Echo, taking a while to read the states it is asked to rank."""
+
+    def prepare(self, users: list[UserState], k: int) -> Callable[[], RankedBatch]:
+        time.sleep(0.2)
+        return super().prepare(users, k)
+
+
+def test_a_batch_is_ranked_while_the_next_is_applied_and_its_recommendations_go_out_first(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With a ranking process, a backlog batch's ranking runs on while the next batch is decoded and applied.
+    # That batch changes alice's state (in place) only once the ranking has read it, and publishes the ranked
+    # recommendation before its own; neither batch is committed before its recommendation is out.
+    monkeypatch.setattr(event_stage, "THREAD_MIN_USERS", 1)
+    settings = in_mode(settings, "ranking process")
+    producer, consumer = HeldProducer(instant=True), RecordingConsumer()
+    stage, codec = make_stage(settings, producer, consumer)
+    stage.recommender = SlowToRead()
+    stage.process([click(settings, codec, 0, "sku-1")])
+    assert recommended(settings, codec, producer) == [] and consumer.commits == []  # changelog delivered
+    stage.process([click(settings, codec, 1, "sku-2")])
+    assert recommended(settings, codec, producer) == ["sku-1"]  # alice as the first batch left her
+    assert [c.offset for c in consumer.commits] == [1]  # the first batch, once its recommendation is out
+    stage._settle_inflight(wait=True)
+    assert recommended(settings, codec, producer) == ["sku-1", "sku-2"]
+    assert [c.offset for c in consumer.commits] == [1, 2] and stored_items(stage) == ["sku-1", "sku-2"]
     stage.store.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from hypothesis import strategies as st
 from streamrec.models import registry, synthetic
 from streamrec.models.serving import Recommender
 from streamrec.models.train import TrainConfig, train
-from streamrec.records import CatalogItem, EventKind, HistoryEntry, UserState
+from streamrec.records import CatalogItem, Event, EventKind, HistoryEntry, UserState
+from streamrec.state import StateLimits, apply_event
 from tests.unit.reference_serving import reference_recommend
 
 H = HistoryEntry
@@ -122,6 +124,23 @@ def test_batch_results_match_single_user_calls(rec: Recommender) -> None:
     for user, recs in zip(users, batch, strict=True):
         [single] = rec.recommend([user], 5)
         assert [r.item_id for r in recs] == [r.item_id for r in single]
+
+
+def test_a_prepared_ranking_reads_the_states_once(rec: Recommender) -> None:
+    # The worker ranks a batch in its serving thread while the next batch changes the same states in place.
+    users = [UserState("a", clicks("laptop-1", "laptop-2")), UserState("b", clicks("garden-5"))]
+    expected = rec.recommend(copy.deepcopy(users), 5)
+    finish = rec.prepare(users, 5)
+    limits = StateLimits()
+    for user, recs in zip(users, expected, strict=True):  # each buys their top item and searches
+        apply_event(
+            user, Event(f"{user.user_id}-1", user.user_id, EventKind.PURCHASE, 10, recs[0].item_id), limits
+        )
+        apply_event(
+            user, Event(f"{user.user_id}-2", user.user_id, EventKind.SEARCH, 11, query="camera"), limits
+        )
+    assert finish().all_items() == expected
+    assert rec.recommend(users, 5) != expected
 
 
 def test_upserts_from_another_thread_while_recommending(rec: Recommender) -> None:

@@ -1,0 +1,131 @@
+"""Ranking in a child process (``STREAMREC_RANKING_PROCESS``) gives what the model gives in the worker's own
+process, catalogue upserts reach the child, a child that died is an error and not a hang, and closing stops
+it. Real child processes, the tiny model trained on sample shoppers."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from streamrec.models.ranking_process import ProcessRecommender, RankingProcessError
+from streamrec.models.registry import current
+from streamrec.models.serving import Recommender
+from streamrec.records import CatalogItem, EventKind, HistoryEntry, UserState
+from streamrec.sample import sample_catalog
+from streamrec.settings import Settings
+from streamrec.streams.broker import EmbeddedBroker
+from streamrec.streams.client import EventProducer
+from streamrec.streams.process import WorkerProcess
+from streamrec.streams.topics import create_topics
+from tests.integration.conftest import OutputReader
+
+pytestmark = pytest.mark.integration
+
+H = HistoryEntry
+
+
+@pytest.fixture(scope="module")
+def model_dir(model_registry: Path) -> Path:
+    path = current(model_registry)
+    assert path is not None
+    return Path(path)
+
+
+@pytest.fixture(scope="module")
+def ranker(model_dir: Path) -> Iterator[ProcessRecommender]:
+    ranker = ProcessRecommender(model_dir)
+    yield ranker
+    ranker.close()
+
+
+def shoppers(items: list[str]) -> list[UserState]:
+    """Clicks, a purchase (never recommended back), a search, an unknown item, and nobody at all."""
+    return [
+        UserState("clicker", [H(EventKind.CLICK, t, item_id=i) for t, i in enumerate(items[:5])]),
+        UserState(
+            "buyer",
+            [H(EventKind.CLICK, 1, item_id=items[7]), H(EventKind.PURCHASE, 2, item_id=items[8])],
+            purchased=[items[8]],
+        ),
+        UserState("searcher", [H(EventKind.SEARCH, 1, query="running shoes")]),
+        UserState("stranger", [H(EventKind.CLICK, 1, item_id="not-in-the-catalogue")]),
+        UserState("newcomer"),
+    ]
+
+
+def test_the_child_ranks_as_the_model_does_in_the_worker(ranker: ProcessRecommender, model_dir: Path) -> None:
+    local = Recommender.load(model_dir)
+    users = shoppers(local.item_ids)
+    assert ranker.rank(users, 10).all_items() == local.rank(users, 10).all_items()
+    assert (ranker.model_version, ranker.index_version) == (local.model_version, local.index_version)
+
+
+def test_a_new_item_reaches_the_child(ranker: ProcessRecommender, model_dir: Path) -> None:
+    local = Recommender.load(model_dir)
+    new = CatalogItem("brand-new-1", "Trail running shoe", "shoes", 89.0, True, "trail running shoe")
+    for recommender in (ranker, local):
+        recommender.upsert_items([new])
+    users = [UserState("fan", [H(EventKind.CLICK, 1, item_id="brand-new-1")]), *shoppers(local.item_ids)]
+    assert ranker.rank(users, 10).all_items() == local.rank(users, 10).all_items()
+    assert ranker.index_version == local.index_version
+
+
+def test_a_child_that_died_is_an_error_not_a_hang(model_dir: Path) -> None:
+    ranker = ProcessRecommender(model_dir)
+    assert ranker.pid is not None
+    os.kill(ranker.pid, signal.SIGKILL)
+    with pytest.raises(RankingProcessError, match="exited"):
+        ranker.rank(shoppers(["a", "b", "c", "d", "e", "f", "g", "h", "i"]), 10)
+    ranker.close()
+
+
+def test_closing_stops_the_child(model_dir: Path) -> None:
+    ranker = ProcessRecommender(model_dir)
+    pid = ranker.pid
+    assert pid is not None
+    ranker.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_a_worker_ranking_in_a_child_process_answers_every_shopper_of_a_backlog(
+    model_registry: Path, tmp_path: Path
+) -> None:
+    # The backlog is on the topic before the worker starts, and a batch holds at most 400 events: six
+    # batches of 200-400 shoppers, each ranked in the child while the next one is applied, and published
+    # before it. Every shopper's recommendations follow the order of their clicks (two clicks in one batch
+    # make one recommendation, caused by the later), and the last click has one.
+    with EmbeddedBroker(log_path=tmp_path / "broker.log") as broker:
+        settings = Settings(
+            bootstrap_servers=broker.bootstrap, model_registry=model_registry, data_dir=tmp_path
+        )
+        create_topics(settings)
+        producer = EventProducer(settings)
+        items = [item.item_id for item in sample_catalog()]
+        clicks: dict[str, list[str]] = {}
+        for n in range(2400):
+            shopper = f"shopper-{n % 1200}"
+            clicks.setdefault(shopper, []).append(producer.click(shopper, items[(7 * n) % len(items)]))
+        producer.flush()
+        output = OutputReader(settings)
+        env = {
+            "STREAMREC_RANKING_PROCESS": "true",
+            "STREAMREC_BATCH_SIZE": "400",
+            "STREAMREC_REJECT_UNKNOWN_ITEMS": "false",
+        }
+        worker = WorkerProcess(settings, tmp_path / "worker", "worker", env=env).start()
+        try:
+            for shopper, event_ids in clicks.items():
+                rec = output.wait_for_cause(shopper, event_ids[-1], timeout_s=180)
+                assert len(rec.items) == settings.top_k and rec.model_version
+            for shopper, event_ids in clicks.items():
+                causes = [r.cause_event_id for r in output.for_user(shopper)]
+                assert causes == [e for e in event_ids if e in causes] and causes[-1] == event_ids[-1]
+        finally:
+            worker.stop()
+            output.close()
+            producer.close()
