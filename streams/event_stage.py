@@ -109,7 +109,8 @@ class DeliveryFailed(RuntimeError):
 
 @dataclass
 class Ranking:
-    """A batch's ranking running in the serving thread; its recommendations go out with its flight."""
+    """A batch's ranking running in the serving thread (in a child process with ``ranking_process``); its
+    recommendations go out with its flight."""
 
     changed: list[tuple[UserState, Event, bool]]  # (state, cause, caused by backfill), row by row
     flight: InFlight
@@ -536,12 +537,12 @@ class EventStage:
         phases.labels("state").inc(t_applied - t_decoded)
 
         # 3. one encoder call and one index search for every user to recommend to, in the serving thread:
-        # the encoder and the index search release the GIL, so this batch's changelog, the settling of
-        # earlier batches and the next batch's decoding and state run meanwhile. The next batch changes no
-        # state before this ranking has read them, and publishes these recommendations before its own (per
-        # user, in order). A small batch is ranked right here: with two threads running Python, each
-        # hand-over of the GIL can wait out the interpreter's switch interval (5 ms), more than the overlap
-        # saves at low load.
+        # the encoder and the index search release the GIL, so this batch's changelog and the settling of
+        # earlier batches run meanwhile. With a ranking process (``defer_ranking``) the ranking also runs on
+        # while the next batch is decoded and applied: that batch changes no state before this ranking has
+        # read them (above), and publishes these recommendations here, before its own (per user, in order).
+        # A small batch is ranked right here: with two threads running Python, each hand-over of the GIL can
+        # wait out the interpreter's switch interval (5 ms), more than the overlap saves at low load.
         if self._ranking is not None:
             self._publish_ranking(self._ranking, out)
         to_rank, k = [s for s, _, _ in changed], self.settings.top_k
