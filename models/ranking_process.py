@@ -1,15 +1,18 @@
 """Ranking in a child process (``STREAMREC_RANKING_PROCESS``): the worker's event stage and the model each
 get a core. In one process they share one GIL, and the worker used about one of two cores (README, round 10).
 
-The worker keeps its own copy of the model's item map (``Recommender``): it takes each batch's serving windows
-and purchased items from the user states there (``Recommender.inputs``), sends them through a pipe, and the
-child, which holds the encoder and the item index, answers with the top-k as flat arrays. Catalogue upserts go
-to both, in order. The child exits when the worker closes its end of the pipe: at shutdown, or once a
-promoted model has replaced this one and nothing references it any more.
+The worker keeps only the model's item map (``ItemMap``: no torch, no model): it takes each batch's serving
+windows and purchased items from the user states there (``ItemMap.inputs``), sends them through a pipe, and
+the child, which holds the encoder and the item index, answers with the top-k in arrays (``RankedArrays``).
+Catalogue upserts go to both, in order, so an item has the same index on both sides. A child that dies is
+started again, with every upsert it had, and the ranking it was doing is asked of the new one. The child
+exits when the worker closes its end of the pipe: at shutdown, or once a promoted model has replaced this
+one and nothing references it any more.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import threading
 import weakref
@@ -19,10 +22,10 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from streamrec.models.serving import Recommender, set_threads
+from streamrec.models.item_map import ItemMap, RankedArrays, ServesItemMap
 from streamrec.records import CatalogItem, RankedBatch, UserState
+
+log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 300.0  # loading torch, the model and the index in a fresh interpreter
 
@@ -33,6 +36,8 @@ class RankingProcessError(RuntimeError):
 
 def _serve(conn: Connection, model_dir: str, device: str, threads: int) -> None:
     """The child: load the model, then answer rank requests and apply upserts until the pipe closes."""
+    from streamrec.models.serving import Recommender, set_threads  # torch is the child's alone
+
     set_threads(threads)
     recommender = Recommender.load(Path(model_dir), device=device)
     conn.send("ready")
@@ -43,18 +48,7 @@ def _serve(conn: Connection, model_dir: str, device: str, threads: int) -> None:
             return  # the worker closed its end
         if request[0] == "rank":
             _, inputs, k = request
-            ranked = recommender.rank_inputs(inputs, k)
-            counts = np.array([len(row) for row in ranked.picked], dtype=np.int64)
-            conn.send(
-                (
-                    counts,
-                    np.array([i for row in ranked.picked for i in row], dtype=np.int64),
-                    np.array([s for row in ranked.scores for s in row], dtype=np.float32),
-                    np.array([c for row in ranked.codes for c in row], dtype=np.int64),
-                    ranked.reasons,
-                    ranked.fills,
-                )
-            )
+            conn.send(recommender.rank_arrays(inputs, k))
         elif request[0] == "upsert":
             recommender.upsert_items(request[1])
 
@@ -67,43 +61,57 @@ def _close(conn: Connection, process: BaseProcess) -> None:
         process.join(5)
 
 
-class ProcessRecommender:
+class ProcessRecommender(ServesItemMap):
     """A ``Recommender`` whose ranking runs in a child process (see the module docstring). Thread-safe: one
     request at a time goes through the pipe; a ranking holds it from ``prepare`` until its answer is in."""
 
     def __init__(self, model_dir: Path, device: str = "cpu", threads: int = 1) -> None:
-        self._local = Recommender.load(model_dir, device=device)
+        self._model_dir, self._device, self._threads = Path(model_dir), device, threads
+        self._items = ItemMap.load(self._model_dir)
+        self._upserts: list[list[CatalogItem]] = []  # every one, in order: a restarted child gets them again
+        self._lock = threading.Lock()
+        self.restarts = 0
+        self._start()
+
+    def _start(self) -> None:
         context = mp.get_context("spawn")  # the worker runs threads: never fork it
-        self._conn, child_end = context.Pipe()
-        self._process = context.Process(
+        conn, child_end = context.Pipe()
+        process = context.Process(
             target=_serve,
-            args=(child_end, str(model_dir), device, threads),
+            args=(child_end, str(self._model_dir), self._device, self._threads),
             name="streamrec-ranking",
             daemon=True,
         )
-        self._process.start()
+        process.start()
         child_end.close()
-        self._lock = threading.Lock()
-        self._finalizer = weakref.finalize(self, _close, self._conn, self._process)
+        self._conn, self._process = conn, process
+        self._finalizer = weakref.finalize(self, _close, conn, process)
         try:
-            ready = self._conn.poll(START_TIMEOUT_S) and self._conn.recv() == "ready"
+            ready = conn.poll(START_TIMEOUT_S) and conn.recv() == "ready"
         except (EOFError, OSError):
             ready = False
         if not ready:
             self.close()
-            raise RankingProcessError(f"the ranking process for {model_dir} did not start")
+            raise RankingProcessError(
+                f"the ranking process for {self._model_dir} did not start (exit code {process.exitcode})"
+            )
+        for items in self._upserts:
+            self._send(("upsert", items))
 
-    @property
-    def model_version(self) -> str:
-        return self._local.model_version
-
-    @property
-    def index_version(self) -> str:
-        return self._local.index_version
+    def _restart(self) -> None:
+        code = self._process.exitcode
+        self.close()
+        self.restarts += 1
+        log.warning("the ranking process exited (exit code %s): starting it again", code)
+        self._start()
 
     @property
     def pid(self) -> int | None:
         return self._process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._process.is_alive()
 
     def close(self) -> None:
         self._finalizer()
@@ -112,8 +120,12 @@ class ProcessRecommender:
         # Under the lock: a ranking's item indices are taken after every upsert the child has had, or before
         # the ones it has not.
         with self._lock:
-            self._local.upsert_items(items)
-            self._send(("upsert", items))
+            self._items.upsert(items)
+            self._upserts.append(items)
+            try:
+                self._send(("upsert", items))
+            except RankingProcessError:
+                self._restart()  # which sends it, with the others
 
     def rank(self, users: list[UserState], k: int) -> RankedBatch:
         return self.prepare(users, k)()
@@ -125,29 +137,28 @@ class ProcessRecommender:
             return lambda: RankedBatch.of([])
         self._lock.acquire()
         try:
-            self._send(("rank", self._local.inputs(users), k))
+            request = ("rank", self._items.inputs(users), k)
+            try:
+                self._send(request)
+            except RankingProcessError:
+                self._restart()
+                self._send(request)
         except BaseException:
             self._lock.release()
             raise
-        return self._answer
+        return lambda: self._answer(request)
 
-    def _answer(self) -> RankedBatch:
+    def _answer(self, request: tuple[Any, ...]) -> RankedBatch:
         try:
-            counts, picked, scores, codes, reasons, fills = self._receive()
+            try:
+                arrays: RankedArrays = self._receive()
+            except RankingProcessError:
+                self._restart()  # and ask the new one; if it dies too, that is the error
+                self._send(request)
+                arrays = self._receive()
         finally:
             self._lock.release()
-        ends = np.cumsum(counts).tolist()
-        starts = [0, *ends[:-1]]
-        p, s, c = picked.tolist(), scores.tolist(), codes.tolist()
-        spans = list(zip(starts, ends, strict=True))
-        return RankedBatch(
-            self._local.item_ids,
-            [p[a:b] for a, b in spans],
-            [s[a:b] for a, b in spans],
-            [c[a:b] for a, b in spans],
-            reasons,
-            fills,
-        )
+        return arrays.batch(self._items.ids)
 
     def _send(self, message: tuple[Any, ...]) -> None:
         try:

@@ -8,7 +8,6 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -16,33 +15,13 @@ import torch
 from streamrec.models import artifacts
 from streamrec.models.data import PAD
 from streamrec.models.index import ItemIndex
+from streamrec.models.item_map import DEFAULT_SERVE_LEN, ItemMap, RankedArrays, RankInputs, ServesItemMap
 from streamrec.models.sequences import hidden_states
 from streamrec.models.text import MiniLMEmbedder
 from streamrec.models.train import resolve_device
 from streamrec.records import CatalogItem, EventKind, RankedBatch, Reason, RecommendedItem, UserState
-from streamrec.windows import windows
 
 _PURCHASE_INT = int(EventKind.PURCHASE)
-
-_NOTHING: set[int] = set()  # shared: never modified
-
-
-class RankInputs(NamedTuple):
-    """What ranking reads of a batch's user states, taken at once (``Recommender.inputs``): ranking them
-    needs the states no more, so they may change meanwhile or live in another process."""
-
-    warm: list[int]  # rows of the users with a history the model knows
-    items: np.ndarray  # (warm users, L) item indices, left-padded, newest last
-    kinds: np.ndarray
-    qids: np.ndarray  # query id j is queries[j - 1]
-    queries: list[str]
-    excluded: list[set[int]]  # per user: item indices not to recommend (bought)
-    seconds: float = 0.0  # how long taking them took
-
-
-# Newest events fed to the encoder at serve time: cost grows with the window, quality saturates.
-DEFAULT_SERVE_LEN = 16
-
 
 _threads = threading.local()  # per calling thread: whether FAISS's OpenMP thread count is set there
 _serving_threads: int | None = None
@@ -66,12 +45,9 @@ def _faiss_threads_here() -> None:
         _threads.faiss = _serving_threads
 
 
-class Recommender:
+class Recommender(ServesItemMap):
     """Thread-safe: ``recommend`` and ``upsert_items`` may run in different threads (one lock; upserts do
     their slow text embedding before taking it)."""
-
-    model_version: str
-    index_version: str
 
     def __init__(
         self,
@@ -84,13 +60,14 @@ class Recommender:
         self._model = art.model.to(device).eval()
         self._device = device
         self._embedder = art.embedder
-        self.model_version = str(art.metadata.get("version", "unversioned"))
-        self._base_index_version = index_version
-        self.index_version = index_version
-        self._upserts = 0
-        self.serve_len = min(serve_len, art.config.max_len)
-        self._ids: list[str] = list(art.items.ids)
-        self._index_of = {item_id: i + 1 for i, item_id in enumerate(self._ids)}
+        self._items = ItemMap(
+            art.items.ids,
+            min(serve_len, art.config.max_len),
+            str(art.metadata.get("version", "unversioned")),
+            index_version,
+        )
+        self._ids = self._items.ids  # the map's own list and dict: they grow with it
+        self._index_of = self._items.index_of
         self._titles: list[str] = [""] + list(art.items.titles)
         self._in_stock = np.array([False] + list(art.items.in_stock), dtype=bool)
         with torch.inference_mode():
@@ -150,26 +127,20 @@ class Recommender:
 
     def upsert_items(self, items: list[CatalogItem]) -> None:
         known = [i for i in items if i.item_id in self._index_of]
-        fresh: dict[str, CatalogItem] = {}
-        for item in items:
-            if item.item_id not in self._index_of:
-                fresh[item.item_id] = item  # last write of a batch wins
-        new_items = list(fresh.values())
-        vectors = self._content_vectors(new_items)  # slow part, outside the lock
+        fresh = self._items.unknown(items)
+        vectors = self._content_vectors(fresh)  # slow part, outside the lock
         with self._lock:
             for item in known:
                 idx = self._index_of[item.item_id]
                 self._titles[idx] = item.title
                 self._in_stock[idx] = bool(item.in_stock)
-            new_items = [i for i in new_items if i.item_id not in self._index_of]
+            added = self._items.add(fresh)
+            new_items = [item for item, new in zip(fresh, added, strict=True) if new]
             if new_items:
-                vectors = vectors[-len(new_items) :] if len(vectors) != len(new_items) else vectors
+                vectors = vectors[np.array(added, dtype=bool)]
                 first = len(self._vectors)
                 ids = np.arange(first, first + len(new_items), dtype=np.int64)
-                for item in new_items:
-                    self._ids.append(item.item_id)
-                    self._titles.append(item.title)
-                    self._index_of[item.item_id] = len(self._ids)
+                self._titles.extend(item.title for item in new_items)
                 # Swap-on-write for the arrays recommend() reads.
                 self._in_stock = np.concatenate([self._in_stock, [bool(i.in_stock) for i in new_items]])
                 self._vectors = np.concatenate([self._vectors, vectors])
@@ -178,29 +149,8 @@ class Recommender:
                 self._popularity = np.concatenate([self._popularity, np.zeros(len(new_items), np.float32)])
                 self._popular_order = self._rank_popular()
                 self._index.add(vectors, ids)
-            self._upserts += 1
-            self.index_version = f"{self._base_index_version}+{self._upserts}"
 
     # --- recommending ---------------------------------------------------------------------------------
-    def _inputs(
-        self, users: list[UserState]
-    ) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray, list[str]]:
-        """The encoder's input for a batch, without per-step objects: (warm rows, items, kinds, query ids,
-        queries), each array (warm users, L), left-padded, newest event last; query id j is queries[j - 1]
-        (sorted, so a batch embeds its queries in one call, in a fixed order)."""
-        batch = windows(users, self._index_of, self.serve_len)
-        shape = (len(batch.rows), batch.length)
-        item_arr = np.array(batch.items, dtype=np.int64).reshape(shape)
-        kind_arr = np.array(batch.kinds, dtype=np.int64).reshape(shape)
-        qid_arr = np.zeros(shape, dtype=np.int64)
-        searches = batch.searches
-        queries = sorted({q for _, _, q in searches})
-        if searches:
-            qindex = {q: j + 1 for j, q in enumerate(queries)}
-            rows, cols, qids = zip(*searches, strict=True)
-            qid_arr[list(rows), list(cols)] = [qindex[q] for q in qids]
-        return batch.rows, item_arr, kind_arr, qid_arr, queries
-
     def recommend(self, users: list[UserState], k: int) -> list[list[RecommendedItem]]:
         """Top-k per user, in input order: one encoder call and one index search for the whole batch."""
         return self.rank(users, k).all_items()
@@ -218,39 +168,29 @@ class Recommender:
         return lambda: self.rank_inputs(inputs, k)
 
     def inputs(self, users: list[UserState]) -> RankInputs:
-        """Everything ranking reads of the users' states (row u is users[u])."""
-        started = time.perf_counter()
+        """Everything ranking reads of the users' states (row u is users[u]; see ``ItemMap.inputs``)."""
         with self._lock:
-            warm, items, kinds, qids, queries = self._inputs(users)
-            excluded = [self._excluded(u) for u in users]
-        return RankInputs(warm, items, kinds, qids, queries, excluded, time.perf_counter() - started)
+            return self._items.inputs(users)
 
     def rank_inputs(self, inputs: RankInputs, k: int) -> RankedBatch:
         """The top-k of every user whose inputs these are (see ``rank``)."""
+        return self.rank_arrays(inputs, k).batch(self._ids)
+
+    def rank_arrays(self, inputs: RankInputs, k: int) -> RankedArrays:
+        """``rank_inputs`` as the ranking leaves it, in arrays (what a ranking process sends back)."""
         _faiss_threads_here()
         with self._lock:
-            return self._rank_batch(inputs, k)
+            return self._rank_arrays(inputs, k)
 
-    @property
-    def item_ids(self) -> list[str]:
-        """Item index i is item_ids[i - 1] (0 is padding); it grows with upserts."""
-        return self._ids
-
-    def _excluded(self, user: UserState) -> set[int]:
-        if not user.purchased:
-            return _NOTHING
-        index_of = self._index_of
-        return {index_of[p] for p in user.purchased if p in index_of}
-
-    def _rank_batch(self, inputs: RankInputs, k: int) -> RankedBatch:
+    def _rank_arrays(self, inputs: RankInputs, k: int) -> RankedArrays:
         clock = time.perf_counter
         t0 = clock()
         warm, items, kinds, qids, queries, excluded, inputs_s = inputs
         n_users = len(excluded)
-        empty: list[int] = []
-        picked_rows: list[list[int]] = [empty] * n_users
-        score_rows: list[list[float]] = [[]] * n_users
-        code_rows: list[list[int]] = [empty] * n_users
+        picked = np.zeros((0, k), dtype=np.int64)
+        picked_scores = np.zeros((0, k), dtype=np.float32)
+        codes = np.zeros((0, k), dtype=np.int64)
+        counts: list[int] = []
         reasons: dict[int, Reason] = {}
         if warm:
             qtable, qspace = self._query_tables(queries)
@@ -277,10 +217,6 @@ class Recommender:
             codes = self._reason_codes(picked, anchors, items, kinds, qids)
             reasons = {c: self._reason(c, queries) for c in np.unique(codes).tolist()}
             counts = (picked != PAD).sum(axis=1).tolist()  # the valid ones come first in every row
-            for row, n, p, sc, c in zip(
-                warm, counts, picked.tolist(), picked_scores.tolist(), codes.tolist(), strict=True
-            ):
-                picked_rows[row], score_rows[row], code_rows[row] = p[:n], sc[:n], c[:n]
             t4 = clock()
             self.last_timings = {
                 "inputs": inputs_s + t1 - t0,
@@ -288,14 +224,16 @@ class Recommender:
                 "search": t3 - t2,
                 "rank": t4 - t3,
             }
+        # The popularity fill of every user with fewer than k items ranked (all of a cold user's k).
+        fills: list[list[RecommendedItem]] = [[] for _ in range(n_users)]
+        ranked = {u: (j, n) for j, (u, n) in enumerate(zip(warm, counts, strict=True))}  # row: (warm row, n)
         ids = self._ids
-        fills: list[list[RecommendedItem]] = [
-            self._popular(k - len(picked_rows[i]), excluded[i], [ids[idx - 1] for idx in picked_rows[i]])
-            if len(picked_rows[i]) < k
-            else []
-            for i in range(n_users)
-        ]
-        return RankedBatch(ids, picked_rows, score_rows, code_rows, reasons, fills)
+        for u in range(n_users):
+            j, n = ranked.get(u, (-1, 0))
+            if n < k:
+                already = [ids[i - 1] for i in picked[j, :n].tolist()] if n else []
+                fills[u] = self._popular(k - n, excluded[u], already)
+        return RankedArrays(n_users, warm, counts, picked, picked_scores, codes, reasons, fills)
 
     def _query_tables(self, queries: list[str]) -> tuple[torch.Tensor | None, np.ndarray]:
         """Row j + 1 is query j: its text vector (the encoder's input; None without a text model) and its

@@ -41,22 +41,34 @@ CURRENT_MODEL_KEY = b"current"
 
 
 def load_recommender(settings: Settings, model_dir: Path | None = None) -> Recommender:
-    """The model to serve: the given directory, the configured one, or the registry's current version."""
+    """The model to serve: the given directory, the configured one, or the registry's current version. With
+    ``ranking_process`` the model is loaded in a child process, and this one loads only its item map."""
     from streamrec.models.registry import current
-    from streamrec.models.serving import Recommender as ModelRecommender
-    from streamrec.models.serving import set_threads
 
     path = model_dir or settings.model_dir or current(settings.model_registry)
     if path is None:
         raise SystemExit(
             f"no model to serve: nothing promoted in {settings.model_registry}; run `streamrec train` first"
         )
-    set_threads(settings.serving_threads)
     if settings.ranking_process:
         from streamrec.models.ranking_process import ProcessRecommender
 
         return ProcessRecommender(Path(path), device=settings.device, threads=settings.serving_threads)
+    from streamrec.models.serving import Recommender as ModelRecommender
+    from streamrec.models.serving import set_threads
+
+    set_threads(settings.serving_threads)
     return ModelRecommender.load(Path(path), device=settings.device)
+
+
+def ranking_process_health(recommender: Recommender) -> dict[str, Any] | None:
+    """The served model's ranking process (``ranking_process``): its pid, whether it runs, how often it was
+    started again; None when the model ranks in this process."""
+    from streamrec.models.ranking_process import ProcessRecommender
+
+    if not isinstance(recommender, ProcessRecommender):
+        return None
+    return {"pid": recommender.pid, "alive": recommender.alive, "restarts": recommender.restarts}
 
 
 class Worker:
@@ -183,6 +195,7 @@ class Worker:
                     "partitions": sorted(worker.stage.store.partitions),
                     "assignment": worker.stage.assignment(),
                     "model_version": worker.stage.recommender.model_version,
+                    "ranking_process": ranking_process_health(worker.stage.recommender),
                     "catalog_items": len(worker.catalog),
                 }
                 return self.json(body, status=200 if alive else 503)

@@ -8,6 +8,7 @@ Timings are reported, never asserted: the machine is shared, so the JSON carries
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -207,13 +208,36 @@ def load_average() -> list[float]:
 
 
 def process_memory_mb(pid: int) -> dict[str, float]:
-    """Current (VmRSS) and peak (VmHWM) resident memory of a process, in MB."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    """Current (VmRSS) and peak (VmHWM) resident memory of a process, in MB, and the same summed over its
+    child processes (the ranking process with ``STREAMREC_RANKING_PROCESS``), each counted at its own peak."""
+    out = _memory_mb(pid)
+    children = [_memory_mb(child) for child in child_pids(pid)]
+    if children:
+        for key in ("rss_mb", "peak_rss_mb"):
+            out[f"children_{key}"] = round(sum(c.get(key, 0.0) for c in children), 1)
+    return out
+
+
+def _memory_mb(pid: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # exited meanwhile
+        return out
+    for line in status.splitlines():
         key, _, value = line.partition(":")
         if key in ("VmRSS", "VmHWM"):
             out["rss_mb" if key == "VmRSS" else "peak_rss_mb"] = round(int(value.split()[0]) / 1024, 1)
     return out
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes a process started that still run (Linux /proc, every thread's children)."""
+    found: list[int] = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in children.read_text().split()]
+    return sorted(set(found))
 
 
 # --- the broker's own round trip ----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ it. Real child processes, the tiny model trained on sample shoppers."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,13 +75,36 @@ def test_a_new_item_reaches_the_child(ranker: ProcessRecommender, model_dir: Pat
     assert ranker.index_version == local.index_version
 
 
-def test_a_child_that_died_is_an_error_not_a_hang(model_dir: Path) -> None:
-    ranker = ProcessRecommender(model_dir)
-    assert ranker.pid is not None
-    os.kill(ranker.pid, signal.SIGKILL)
-    with pytest.raises(RankingProcessError, match="exited"):
-        ranker.rank(shoppers(["a", "b", "c", "d", "e", "f", "g", "h", "i"]), 10)
-    ranker.close()
+def test_a_child_that_died_is_started_again_with_the_catalogue_it_had(model_dir: Path) -> None:
+    ranker, local = ProcessRecommender(model_dir), Recommender.load(model_dir)
+    new = CatalogItem("brand-new-2", "Road running shoe", "shoes", 99.0, True, "road running shoe")
+    for recommender in (ranker, local):
+        recommender.upsert_items([new])
+    users = [UserState("fan", [H(EventKind.CLICK, 1, item_id="brand-new-2")]), *shoppers(local.item_ids)]
+    expected = local.rank(users, 10).all_items()
+    try:
+        killed = ranker.pid
+        assert killed is not None
+        os.kill(killed, signal.SIGKILL)  # between rankings
+        assert ranker.rank(users, 10).all_items() == expected
+        assert ranker.pid not in (killed, None)
+        stopped = ranker.pid
+        assert stopped is not None
+        os.kill(stopped, signal.SIGSTOP)  # so that it dies with the request unanswered
+        finish = ranker.prepare(users, 10)
+        os.kill(stopped, signal.SIGKILL)
+        assert finish().all_items() == expected
+        assert ranker.pid not in (killed, stopped, None) and ranker.restarts == 2
+    finally:
+        ranker.close()
+
+
+def test_a_child_that_cannot_start_is_an_error_not_a_hang(model_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "model.pt").write_bytes(b"not a model")
+    with pytest.raises(RankingProcessError, match="did not start"):
+        ProcessRecommender(broken)
 
 
 def test_closing_stops_the_child(model_dir: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import uuid
@@ -222,6 +223,14 @@ def test_state_survives_kill_9_and_a_lost_disk_and_events_sent_meanwhile_are_pro
         assert after["clicks"] == before[u]["clicks"] + 1
 
 
+def running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def test_a_promoted_model_is_swapped_in_live_with_its_index(cluster: Cluster, tmp_path: Path) -> None:
     from streamrec.models.registry import current, read_metadata
 
@@ -240,10 +249,16 @@ def test_a_promoted_model_is_swapped_in_live_with_its_index(cluster: Cluster, tm
         "metrics": {},
         "promoted_at": int(time.time() * 1000),
     }
+    worker = cluster.workers[-1]
+    ranking = (worker.get("/health") or {})["ranking_process"]  # the default: the model is in a child
+    assert ranking is not None and ranking["alive"]
     cluster.producer.send("ModelUpdate", update, key="current", topic=cluster.settings.model_updates_topic)
     cluster.producer.flush()
-    worker = cluster.workers[-1]
     wait_for(lambda: (worker.get("/health") or {}).get("model_version") == "candidate-v2", 60, what="swap")
+    # The new model's ranking process serves now; the old one exits once its last ranking is out.
+    now_ranking = (worker.get("/health") or {})["ranking_process"]
+    assert now_ranking["alive"] and now_ranking["pid"] != ranking["pid"]
+    wait_for(lambda: not running(ranking["pid"]), 30, what="the old ranking process to exit")
 
     u = user()
     event_id = cluster.producer.click(u, items_in(cluster, "sports/running", 1)[0])

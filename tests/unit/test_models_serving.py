@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamrec.models import registry, synthetic
+from streamrec.models.item_map import ItemMap
 from streamrec.models.serving import Recommender
 from streamrec.models.train import TrainConfig, train
 from streamrec.records import CatalogItem, Event, EventKind, HistoryEntry, UserState
@@ -163,6 +164,46 @@ def test_upserts_from_another_thread_while_recommending(rec: Recommender) -> Non
     assert not errors
     assert rec.knows_item("new-29")
     assert rec.index_version.endswith("+30")
+
+
+upsert_batches = st.lists(
+    st.lists(
+        st.builds(
+            CatalogItem,
+            st.sampled_from(["coffee-1", "shoes-7", "new-1", "new-2", "new-3", "new-4"]),
+            st.sampled_from(["A", "B"]),
+            st.none(),
+            st.just(1.0),
+            st.booleans(),
+            st.sampled_from(["", "espresso coffee"]),
+        ),
+        max_size=5,
+    ),
+    max_size=4,
+)
+
+
+@settings(max_examples=15, deadline=None)
+@given(upserts=upsert_batches)
+def test_an_item_map_alone_gives_every_item_the_index_the_model_gives_it(
+    model_dir: Path, upserts: list[list[CatalogItem]]
+) -> None:
+    # A worker with a ranking process keeps only the item map; the child holds the model. Both see the
+    # same upserts (known items, repeats within a batch, items new in an earlier batch) and must agree on
+    # every index, or the worker would name the wrong items.
+    rec, items = Recommender.load(model_dir, device="cpu"), ItemMap.load(model_dir)
+    for batch in upserts:
+        rec.upsert_items(batch)
+        items.upsert(batch)
+    assert (items.ids, items.index_version, items.model_version) == (
+        rec.item_ids,
+        rec.index_version,
+        rec.model_version,
+    )
+    users = [UserState("u", clicks("new-2", "coffee-1", "new-4"), purchased=["new-1", "shoes-7"])]
+    mine, theirs = items.inputs(users), rec.inputs(users)
+    assert (mine.warm, mine.queries, mine.excluded) == (theirs.warm, theirs.queries, theirs.excluded)
+    assert all(np.array_equal(a, b) for a, b in zip(mine[1:4], theirs[1:4], strict=True))
 
 
 CATEGORY_ITEMS = [f"{c}-{j}" for c in ("coffee", "shoes", "laptop", "garden", "camera") for j in range(20)]
