@@ -68,7 +68,9 @@ class ProcessRecommender(ServesItemMap):
     def __init__(self, model_dir: Path, device: str = "cpu", threads: int = 1) -> None:
         self._model_dir, self._device, self._threads = Path(model_dir), device, threads
         self._items = ItemMap.load(self._model_dir)
-        self._upserts: list[list[CatalogItem]] = []  # every one, in order: a restarted child gets them again
+        # Every item upserted, its last write, in order of first appearance: a restarted child gets them again
+        # in one upsert and appends the new ones in the order the item map did (bounded by the catalogue).
+        self._upserted: dict[str, CatalogItem] = {}
         self._lock = threading.Lock()
         self.restarts = 0
         self._start()
@@ -95,8 +97,8 @@ class ProcessRecommender(ServesItemMap):
             raise RankingProcessError(
                 f"the ranking process for {self._model_dir} did not start (exit code {process.exitcode})"
             )
-        for items in self._upserts:
-            self._send(("upsert", items))
+        if self._upserted:
+            self._send(("upsert", list(self._upserted.values())))
 
     def _restart(self) -> None:
         code = self._process.exitcode
@@ -121,7 +123,8 @@ class ProcessRecommender(ServesItemMap):
         # the ones it has not.
         with self._lock:
             self._items.upsert(items)
-            self._upserts.append(items)
+            for item in items:
+                self._upserted[item.item_id] = item
             try:
                 self._send(("upsert", items))
             except RankingProcessError:

@@ -75,7 +75,8 @@ IDLE_POLL_S = 0.002  # with batches in flight, how long an idle loop waits for r
 
 
 class Recommender(Protocol):
-    """What the stage needs from a model (implemented by streamrec.models.serving.Recommender)."""
+    """What the stage needs from a model (implemented by streamrec.models.serving.Recommender, and by
+    streamrec.models.ranking_process.ProcessRecommender, which ranks in a child process)."""
 
     model_version: str
     index_version: str
