@@ -432,6 +432,19 @@ class EventProducer:
             self._failures.append(failure)
 
 
+def consume_arrived(consumer: Consumer, max_messages: int, timeout_s: float) -> list[Message]:
+    """The records that have arrived, up to ``max_messages``, waiting up to ``timeout_s`` only while none has.
+    ``Consumer.consume(n, timeout)`` returns once it has n records or the timeout (in 200 ms steps since
+    confluent-kafka 2.13) has passed: on a topic slower than n per step, each record would wait for it."""
+    arrived: list[Message] = consumer.consume(num_messages=max_messages, timeout=0)
+    if arrived:
+        return arrived
+    first: list[Message] = consumer.consume(num_messages=1, timeout=timeout_s)
+    if not first:
+        return first
+    return first + consumer.consume(num_messages=max_messages - 1, timeout=0) if max_messages > 1 else first
+
+
 class RecommendationConsumer:
     """Reads typed ``Recommendation``s from the output topic, skipping (and logging) undecodable records.
 
@@ -495,7 +508,7 @@ class RecommendationConsumer:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            self._buffer.extend(self._consumer.consume(num_messages=500, timeout=min(left, 1.0)))
+            self._buffer.extend(consume_arrived(self._consumer, 500, min(left, 1.0)))
 
     def iterate(self, idle_timeout_s: float | None = None) -> Iterator[Recommendation]:
         """Yield recommendations; stop after ``idle_timeout_s`` without one (None: never)."""

@@ -27,7 +27,7 @@ from streamrec.sample import sample_catalog
 from streamrec.serde import AvroCodec, DecodeError
 from streamrec.settings import Settings
 from streamrec.streams.broker import EmbeddedBroker
-from streamrec.streams.client import EventProducer
+from streamrec.streams.client import EventProducer, consume_arrived
 from streamrec.streams.process import WorkerProcess
 from streamrec.streams.simulate import TrafficStats, publish_catalog, simulate
 from streamrec.streams.topics import create_topics
@@ -91,7 +91,7 @@ def follow(settings: Settings, figures: DemoFigures, stop: threading.Event) -> N
     consumer.assign([TopicPartition(t, p, 0) for t, n in topics for p in range(n)])
     try:
         while not stop.is_set():
-            for msg in consumer.consume(num_messages=1000, timeout=0.2):
+            for msg in consume_arrived(consumer, 1000, 0.2):
                 value = msg.value()
                 if msg.error() or value is None:
                     continue
