@@ -95,9 +95,6 @@ class ItemMap:
             str(index["index_version"]),
         )
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
     def unknown(self, items: list[CatalogItem]) -> list[CatalogItem]:
         """The items of an upsert batch not in the map, each once (its last write), in order of first
         appearance."""

@@ -440,9 +440,9 @@ def consume_arrived(consumer: Consumer, max_messages: int, timeout_s: float) -> 
     if arrived:
         return arrived
     first: list[Message] = consumer.consume(num_messages=1, timeout=timeout_s)
-    if not first:
-        return first
-    return first + consumer.consume(num_messages=max_messages - 1, timeout=0) if max_messages > 1 else first
+    if first and max_messages > 1:
+        first += consumer.consume(num_messages=max_messages - 1, timeout=0)
+    return first
 
 
 class RecommendationConsumer:

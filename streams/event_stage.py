@@ -62,6 +62,7 @@ from streamrec.state import (
     encode_state_bytes,
     validate_event,
 )
+from streamrec.streams.client import consume_arrived
 from streamrec.streams.metrics import WorkerMetrics
 from streamrec.streams.state_store import StateCache, StateStore
 from streamrec.triggers import OnlineAccuracy
@@ -386,11 +387,10 @@ class EventStage:
                         # in flight while waiting for the next record.
                         self._publish_pending()
                         timeout = min(wait_s, IDLE_POLL_S) if self._flights else wait_s
-                        msgs = consumer.consume(num_messages=1, timeout=timeout)
+                        msgs = consume_arrived(consumer, size, timeout)
                         if not msgs:
                             self._settle_inflight(wait=False)
                             continue
-                        msgs += consumer.consume(num_messages=size - 1, timeout=0)
                     self.process(msgs)
                 except DeliveryFailed as exc:
                     # Nothing of the failed batches was committed or written locally; they are consumed again.
