@@ -21,8 +21,9 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from streamrec.serde import AvroCodec, DecodeError
 from streamrec.settings import Settings
 from streamrec.state import StateLimits, apply_event, encode_state
 from streamrec.streams.broker import EmbeddedBroker
-from streamrec.streams.client import EventProducer
+from streamrec.streams.client import EventProducer, consume_arrived, reader_config
 from streamrec.streams.process import WorkerProcess
 from streamrec.streams.simulate import publish_catalog, simulate
 from streamrec.streams.state_store import PartitionStore
@@ -240,13 +241,133 @@ def child_pids(pid: int) -> list[int]:
     return sorted(set(found))
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time of a process, all its threads, in seconds (Linux /proc); None once it
+    has exited."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the name, in parentheses, may hold spaces
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+CpuSample = tuple[float, dict[int, tuple[str, float]]]  # epoch ms, pid -> (role, CPU seconds so far)
+
+
+def cpu_cores(samples: Sequence[CpuSample], start_ms: float, end_ms: float) -> dict[str, float]:
+    """Mean cores each role used between two times: from the last sample at or before ``start_ms`` to the
+    first at or after ``end_ms`` (the nearest ones inside where none lies outside). A process counts only
+    while it ran in both samples, so one restarted between them is left out, not counted twice."""
+    if len(samples) < 2:
+        return {}
+    first = max((s for s in samples if s[0] <= start_ms), default=samples[0], key=lambda s: s[0])
+    last = min((s for s in samples if s[0] >= end_ms), default=samples[-1], key=lambda s: s[0])
+    seconds = (last[0] - first[0]) / 1000
+    if seconds <= 0:
+        return {}
+    used: dict[str, float] = {}
+    for pid, (role, cpu) in last[1].items():
+        before = first[1].get(pid)
+        if before is not None and before[0] == role:
+            used[role] = used.get(role, 0.0) + cpu - before[1]
+    return {role: round(cpu / seconds, 2) for role, cpu in sorted(used.items())}
+
+
+def bench_roles(broker_pid: int, worker_pid: int) -> dict[str, list[int]]:
+    """The processes of a broker bench by role: the embedded broker, the worker, the worker's children (its
+    ranking process) and this process (the load generator, the follower and the round-trip clients)."""
+    return {
+        "broker": [broker_pid],
+        "worker": [worker_pid],
+        "ranking_process": child_pids(worker_pid),
+        "bench": [os.getpid()],
+    }
+
+
+class CpuSampler:
+    """Samples, on a thread, the CPU time of the processes behind a run: ``roles`` names the pids of each
+    role (called at every sample, so a restarted process is followed). On a 2-core machine the embedded
+    broker, the worker, its ranking process and the load generator share the cores: which of them used
+    how much places a latency tail."""
+
+    def __init__(self, roles: Callable[[], dict[str, list[int]]], interval_s: float = 0.25) -> None:
+        self.roles = roles
+        self.interval_s = interval_s
+        self.samples: list[CpuSample] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+
+    def __enter__(self) -> CpuSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def _sample(self) -> None:
+        taken: dict[int, tuple[str, float]] = {}
+        for role, pids in self.roles().items():
+            for pid in pids:
+                cpu = cpu_seconds(pid)
+                if cpu is not None:
+                    taken[pid] = (role, cpu)
+        self.samples.append((time.time() * 1000, taken))
+
+    def cores(self, start_ms: float, end_ms: float) -> dict[str, float]:
+        self._sample()  # the window's end is covered even when it just passed
+        return cpu_cores(self.samples, start_ms, end_ms)
+
+
+def over_time(
+    sent_ms: Sequence[float],
+    latencies: dict[str, Sequence[float]],
+    samples: Sequence[CpuSample],
+    start_ms: float,
+    end_ms: float,
+    parts: int = 4,
+) -> list[dict[str, Any]]:
+    """The p99 of each latency (``latencies[name][i]`` is record i's, sent at ``sent_ms[i]``) over the
+    records sent in each of ``parts`` equal spans of a load, beside the cores each process used in that
+    span. A tail that grows through a load while the broker's share grows is the broker's (its in-memory
+    store costs more per fetch as it fills: README, "Round 12"); one that comes with the worker's share is
+    the worker's."""
+    span = (end_ms - start_ms) / parts
+    out = []
+    for i in range(parts):
+        lo, hi = start_ms + i * span, start_ms + (i + 1) * span
+        inside = [j for j, t in enumerate(sent_ms) if lo <= t < hi]
+        row: dict[str, Any] = {
+            "from_s": round(i * span / 1000, 1),
+            "to_s": round((i + 1) * span / 1000, 1),
+            "records": len(inside),
+        }
+        for name, values in latencies.items():
+            row[f"{name}_p99"] = summarize([values[j] for j in inside])["p99"]
+        out.append(row | {"cpu_cores": cpu_cores(samples, lo, hi)})
+    return out
+
+
 # --- the broker's own round trip ----------------------------------------------------------------------------
 
 ROUND_TRIP_TOPIC = "streamrec.bench-round-trip"
 
 
 def broker_round_trip(
-    settings: Settings, rate: float, seconds: float, payload_bytes: int = 140
+    settings: Settings,
+    rate: float,
+    seconds: float,
+    payload_bytes: int = 140,
+    cpu: CpuSampler | None = None,
 ) -> dict[str, Any]:
     """Producer to broker to consumer, nothing else, at ``rate`` records/s: the floor under the worker's
     event-to-recommendation latency at that load. The clients are configured as a web backend's
@@ -284,8 +405,7 @@ def broker_round_trip(
     def consume() -> None:
         consumer.subscribe([ROUND_TRIP_TOPIC], on_assign=lambda c, ps: assigned.set())
         while not stop.is_set():
-            # consume() waits out its timeout unless num_messages arrive: short, as the follower's
-            for msg in consumer.consume(num_messages=500, timeout=0.005):
+            for msg in consume_arrived(consumer, 500, timeout_s=0.1):  # as the follower
                 value = msg.value()
                 if msg.error() is None and value is not None and len(value) == payload_bytes:
                     received.append((struct.unpack_from("<d", value)[0], time.time() * 1000))
@@ -313,16 +433,23 @@ def broker_round_trip(
         stop.set()
         follower.join(timeout=5)
         consumer.close()
+    end_ms = time.time() * 1000
     slowest = sorted(received, key=lambda row: row[1] - row[0], reverse=True)[:5]
-    return {
+    round_trips = [r - s for s, r in received]
+    out = {
         "offered_per_s": round(rate, 1),
         "sent": sent,
         "received": len(received),
-        "round_trip_ms": summarize([r - s for s, r in received]),
+        "round_trip_ms": summarize(round_trips),
         "slowest": [
             {"at_s": round((s - start_ms) / 1000, 2), "round_trip_ms": round(r - s, 1)} for s, r in slowest
         ],
     }
+    if cpu is not None:
+        out["cpu_cores"] = cpu.cores(start_ms, end_ms)
+        sent_ms = [s for s, _ in received]
+        out["over_time"] = over_time(sent_ms, {"round_trip_ms": round_trips}, cpu.samples, start_ms, end_ms)
+    return out
 
 
 # --- recommendations as they arrive ---------------------------------------------------------------------
@@ -344,16 +471,10 @@ class Arrivals:
 
 
 def follow_recommendations(settings: Settings, arrivals: Arrivals, stop: threading.Event) -> None:
-    """Read the recommendations topic from about its end (assign(): no group join)."""
+    """Read the recommendations topic from about its end (assign(): no group join), configured and taking
+    records as ``RecommendationConsumer`` does: arrival is at the reader a recommendation consumer uses."""
     codec = AvroCodec()
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.bootstrap_servers,
-            "group.id": "streamrec-bench",
-            "enable.auto.commit": False,
-            "fetch.wait.max.ms": 5,  # the embedded broker holds a fetch for the whole wait
-        }
-    )
+    consumer = Consumer(reader_config(settings, None, from_beginning=False))  # as RecommendationConsumer's
     topic = settings.recommendations_topic
     positions = []
     for p in range(settings.partitions):
@@ -362,9 +483,9 @@ def follow_recommendations(settings: Settings, arrivals: Arrivals, stop: threadi
     consumer.assign(positions)
     try:
         while not stop.is_set():
-            # consume() waits out its timeout unless num_messages arrive: keep it short, or the bench
-            # itself adds up to that timeout to every arrival time.
-            msgs = consumer.consume(num_messages=500, timeout=0.005)
+            # what has arrived, as RecommendationConsumer.poll takes it: consume(n, timeout) would hold
+            # records until n arrive or the timeout passes, and add that to every arrival time
+            msgs = consume_arrived(consumer, 500, timeout_s=0.1)
             arrived = time.time() * 1000
             rows = []
             for msg in msgs:
@@ -424,24 +545,10 @@ class BrokerBench:
             )
             try:
                 worker.start().wait_ready(timeout_s=180)
-                assert worker.pid is not None
-                if "throughput" in cfg.parts:
-                    self.results["throughput"] = self._throughput(worker, backlog)
-                else:
-                    self._wait_processed(worker, backlog, timeout_s=600)
-                if "ceiling" in cfg.parts:
-                    self.results["ceiling"] = self._ceiling(settings, backlog)
-                    if "throughput" in self.results and self.results["ceiling"]["events_per_s"]:
-                        worker_rate = self.results["throughput"]["events_per_s"] or 0.0
-                        ratio = worker_rate / self.results["ceiling"]["events_per_s"]
-                        self.results["throughput"]["ratio_to_ceiling"] = round(ratio, 4)
-                if "latency" in cfg.parts:
-                    worker.wait_catalog(len(sample_catalog()), timeout_s=60)
-                    self.results["latency"] = self._latency(settings, worker)
-                self.results["worker_memory"] = {
-                    **process_memory_mb(worker.pid),
-                    "samples": self.rss_samples,
-                }
+                assert worker.pid is not None and broker.process is not None
+                roles = partial(bench_roles, broker.process.pid, worker.pid)
+                with CpuSampler(roles) as cpu:
+                    self._worker_parts(settings, worker, backlog, cpu)
             finally:
                 worker.stop()
             if "group" in cfg.parts:
@@ -451,6 +558,28 @@ class BrokerBench:
                     ratio = group_rate / self.results["ceiling"]["events_per_s"]
                     self.results["group"]["ratio_to_ceiling"] = round(ratio, 4)
         return self.results
+
+    def _worker_parts(self, settings: Settings, worker: WorkerProcess, backlog: int, cpu: CpuSampler) -> None:
+        """The parts that need the one worker: throughput, ceiling, latency and its memory."""
+        cfg = self.config
+        assert worker.pid is not None
+        if "throughput" in cfg.parts:
+            self.results["throughput"] = self._throughput(worker, backlog, cpu)
+        else:
+            self._wait_processed(worker, backlog, timeout_s=600)
+        if "ceiling" in cfg.parts:
+            self.results["ceiling"] = self._ceiling(settings, backlog)
+            if "throughput" in self.results and self.results["ceiling"]["events_per_s"]:
+                worker_rate = self.results["throughput"]["events_per_s"] or 0.0
+                ratio = worker_rate / self.results["ceiling"]["events_per_s"]
+                self.results["throughput"]["ratio_to_ceiling"] = round(ratio, 4)
+        if "latency" in cfg.parts:
+            worker.wait_catalog(len(sample_catalog()), timeout_s=60)
+            self.results["latency"] = self._latency(settings, worker, cpu)
+        self.results["worker_memory"] = {
+            **process_memory_mb(worker.pid),
+            "samples": self.rss_samples,
+        }
 
     def _group(self, settings: Settings) -> dict[str, Any]:
         """Throughput of group_workers worker processes in one consumer group on this machine (Kafka's
@@ -587,12 +716,14 @@ class BrokerBench:
             self.rss_samples.append({"events": samples[-1][1], **process_memory_mb(worker.pid)})
         return samples
 
-    def _throughput(self, worker: WorkerProcess, backlog: int) -> dict[str, Any]:
+    def _throughput(self, worker: WorkerProcess, backlog: int, cpu: CpuSampler) -> dict[str, Any]:
         self.console.print(f"worker ready; measuring throughput on the {backlog:,}-event backlog ...")
         load_before = load_average()
         metrics_before = worker.metrics_text()
         profiler = self._start_profiler(worker) if self.config.profile else None
+        start_ms = time.time() * 1000
         samples = self._wait_processed(worker, backlog, timeout_s=900)
+        cores = cpu.cores(start_ms, time.time() * 1000)
         if profiler is not None:
             self.results["profile"] = self._finish_profiler(*profiler)
         done, text = self._events_done(worker)
@@ -611,6 +742,7 @@ class BrokerBench:
             "recommendations_per_event": round(recs / done, 3) if done else None,
             "mean_batch_ms": round(batch_seconds / batches * 1000, 1) if batches else None,
             **batch_breakdown(metrics_before, text),
+            "cpu_cores": cores,
             "load_before": load_before,
             "load_after": load_average(),
         }
@@ -681,7 +813,7 @@ class BrokerBench:
             "load_before": load_before,
         }
 
-    def _latency(self, settings: Settings, worker: WorkerProcess) -> list[dict[str, Any]]:
+    def _latency(self, settings: Settings, worker: WorkerProcess, cpu: CpuSampler) -> list[dict[str, Any]]:
         cfg = self.config
         arrivals = Arrivals()
         stop = threading.Event()
@@ -697,7 +829,7 @@ class BrokerBench:
                 round_trip = None
                 if not saturation:
                     self.console.print(f"broker round trip alone at {rate:,.0f} records/s ...")
-                    round_trip = broker_round_trip(settings, rate, cfg.load_seconds)
+                    round_trip = broker_round_trip(settings, rate, cfg.load_seconds, cpu=cpu)
                 self.console.print(f"offered load {rate:,.0f} events/s for {cfg.load_seconds:.0f} s ...")
                 load_before = load_average()
                 before = self._batch_counters(worker)
@@ -728,6 +860,14 @@ class BrokerBench:
                     "to_publish_ms": summarize(publish),
                     "to_arrival_ms": summarize(arrival),
                     "slowest": worst_latencies(rows, start_ms),
+                    "cpu_cores": cpu.cores(start_ms, end_ms),
+                    "over_time": over_time(
+                        [e for e, _, _ in rows],
+                        {"to_publish_ms": publish, "to_arrival_ms": arrival},
+                        cpu.samples,
+                        start_ms,
+                        end_ms,
+                    ),
                     "broker_round_trip": round_trip,
                     "batches": int(batches),
                     "mean_batch_events": round(batch_events / batches, 1) if batches else None,
@@ -737,7 +877,8 @@ class BrokerBench:
                     "load_after": load_average(),
                 }
                 self.console.print(
-                    f"  p50/p99 to arrival {row['to_arrival_ms']['p50']}/{row['to_arrival_ms']['p99']} ms"
+                    f"  p50/p99 to arrival {row['to_arrival_ms']['p50']}/{row['to_arrival_ms']['p99']} ms;"
+                    f" cores used: {row['cpu_cores']}"
                 )
                 out.append(row)
                 assert worker.pid is not None

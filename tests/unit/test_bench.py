@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 from streamrec.streams.bench import (
+    CpuSampler,
     batch_breakdown,
+    cpu_cores,
     metric_total,
+    over_time,
     partitions_spread,
     profile_summary,
     summarize,
@@ -87,3 +94,72 @@ def test_partitions_are_spread_when_every_worker_holds_some_and_each_is_held_onc
     assert not partitions_spread([[0, 1, 2, 3], []], 4)  # the second worker has not joined yet
     assert not partitions_spread([[0, 1], [1, 2, 3]], 4)  # a rebalance half done: 1 held twice
     assert not partitions_spread([[0], [2, 3]], 4)  # 1 held by nobody
+
+
+def test_cpu_cores_is_the_mean_use_of_each_role_between_the_samples_around_a_window() -> None:
+    samples = [
+        (0.0, {10: ("broker", 1.0), 20: ("worker", 5.0)}),
+        (1000.0, {10: ("broker", 1.5), 20: ("worker", 5.2)}),
+        (2000.0, {10: ("broker", 2.5), 20: ("worker", 5.4)}),
+        (3000.0, {10: ("broker", 2.6), 20: ("worker", 5.6)}),
+    ]
+    # 1,000-2,000 ms: the broker used 1.0 s and the worker 0.2 s in one second
+    assert cpu_cores(samples, 1000, 2000) == {"broker": 1.0, "worker": 0.2}
+    # a window between samples widens to the samples around it: 1,000-3,000 ms
+    assert cpu_cores(samples, 1500, 2500) == {"broker": 0.55, "worker": 0.2}
+    assert cpu_cores(samples[:1], 0, 1000) == {}
+
+
+def test_cpu_cores_leaves_out_a_process_that_was_not_running_at_both_ends() -> None:
+    samples = [
+        (0.0, {10: ("broker", 1.0), 30: ("ranking_process", 4.0)}),
+        (1000.0, {10: ("broker", 1.5), 31: ("ranking_process", 0.3)}),  # restarted: a new pid
+    ]
+    assert cpu_cores(samples, 0, 1000) == {"broker": 0.5}
+
+
+def test_over_time_splits_a_load_into_spans_with_their_tail_and_cpu() -> None:
+    start = 10_000.0
+    sent = [start + t for t in range(0, 2000, 10)]
+    publish = [5.0 if t < start + 1000 else 50.0 for t in sent]  # the first half fast, the second slow
+    arrival = [9.0 if t < start + 1000 else 80.0 for t in sent]
+    samples = [(start, {1: ("broker", 0.0)}), (start + 1000, {1: ("broker", 0.2)})]
+    samples.append((start + 2000, {1: ("broker", 1.2)}))
+    latencies = {"to_publish_ms": publish, "to_arrival_ms": arrival}
+    halves = over_time(sent, latencies, samples, start, start + 2000, parts=2)
+    assert halves == [
+        {
+            "from_s": 0.0,
+            "to_s": 1.0,
+            "records": 100,
+            "to_publish_ms_p99": 5.0,
+            "to_arrival_ms_p99": 9.0,
+            "cpu_cores": {"broker": 0.2},
+        },
+        {
+            "from_s": 1.0,
+            "to_s": 2.0,
+            "records": 100,
+            "to_publish_ms_p99": 50.0,
+            "to_arrival_ms_p99": 80.0,
+            "cpu_cores": {"broker": 1.0},
+        },
+    ]
+
+
+def test_the_cpu_sampler_tells_a_busy_process_from_an_idle_one() -> None:
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    time.sleep(0.5)  # both started: the idle one's start-up is not in the window
+    try:
+        with CpuSampler(lambda: {"busy": [busy.pid], "idle": [idle.pid]}, interval_s=0.05) as cpu:
+            start = time.time() * 1000
+            time.sleep(1.0)
+            cores = cpu.cores(start, time.time() * 1000)
+    finally:
+        busy.kill()
+        idle.kill()
+        busy.wait()
+        idle.wait()
+    assert cores["busy"] > 0.4  # one core, on a shared 2-core machine
+    assert cores.get("idle", 0.0) < 0.1
