@@ -28,6 +28,7 @@ from confluent_kafka import (
 from streamrec.records import EVENT_SCHEMAS, CatalogItem, Event, EventKind, Recommendation
 from streamrec.serde import Codec, DecodeError, EncodeError, RecordSchema
 from streamrec.settings import Settings
+from streamrec.streams.reading import consume_arrived
 from streamrec.streams.schema_store import RegistryCodec, make_codec, publish_schema
 
 log = logging.getLogger(__name__)
@@ -430,19 +431,6 @@ class EventProducer:
         log.error("record not delivered: %s", failure)
         with self._failures_lock:
             self._failures.append(failure)
-
-
-def consume_arrived(consumer: Consumer, max_messages: int, timeout_s: float) -> list[Message]:
-    """The records that have arrived, up to ``max_messages``, waiting up to ``timeout_s`` only while none has.
-    ``Consumer.consume(n, timeout)`` returns once it has n records or the timeout (in 200 ms steps since
-    confluent-kafka 2.13) has passed: on a topic slower than n per step, each record would wait for it."""
-    arrived: list[Message] = consumer.consume(num_messages=max_messages, timeout=0)
-    if arrived:
-        return arrived
-    first: list[Message] = consumer.consume(num_messages=1, timeout=timeout_s)
-    if first and max_messages > 1:
-        first += consumer.consume(num_messages=max_messages - 1, timeout=0)
-    return first
 
 
 # The embedded broker holds a fetch that finds no record for up to about half of its fetch.wait.max.ms, even

@@ -27,8 +27,9 @@ from streamrec.sample import sample_catalog
 from streamrec.serde import AvroCodec, DecodeError
 from streamrec.settings import Settings
 from streamrec.streams.broker import EmbeddedBroker
-from streamrec.streams.client import EventProducer, consume_arrived
+from streamrec.streams.client import EventProducer
 from streamrec.streams.process import WorkerProcess
+from streamrec.streams.reading import consume_arrived
 from streamrec.streams.simulate import TrafficStats, publish_catalog, simulate
 from streamrec.streams.topics import create_topics
 

@@ -62,8 +62,8 @@ from streamrec.state import (
     encode_state_bytes,
     validate_event,
 )
-from streamrec.streams.client import consume_arrived
 from streamrec.streams.metrics import WorkerMetrics
+from streamrec.streams.reading import consume_arrived
 from streamrec.streams.state_store import StateCache, StateStore
 from streamrec.triggers import OnlineAccuracy
 

@@ -32,6 +32,7 @@ from streamrec.records import EVENT_SCHEMAS, Event, EventKind
 from streamrec.serde import AvroCodec, Codec, DecodeError, EncodeError
 from streamrec.settings import Settings
 from streamrec.state import ValidationRules, event_id_hash, validate_event
+from streamrec.streams.reading import consume_arrived
 
 FILE = -1  # the "partition" of a record read from a file: its position is a line or record number
 
@@ -501,7 +502,7 @@ class KafkaSource:
         self.consumer.assign(positions)
         try:
             while open_partitions:
-                for msg in self.consumer.consume(num_messages=1000, timeout=1.0):
+                for msg in consume_arrived(self.consumer, 1000, timeout_s=1.0):
                     p = msg.partition()
                     if p not in open_partitions:
                         continue

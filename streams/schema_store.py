@@ -29,6 +29,7 @@ from streamrec.serde import (
     registry_schema_id,
 )
 from streamrec.settings import Settings
+from streamrec.streams.reading import consume_arrived
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class SchemaTopicResolver:
         pending = set(partitions)
         deadline = time.monotonic() + self.read_timeout_s
         while pending and time.monotonic() < deadline:
-            for msg in consumer.consume(num_messages=500, timeout=0.2):
+            for msg in consume_arrived(consumer, 500, timeout_s=0.2):
                 err = msg.error()
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:

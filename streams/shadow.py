@@ -21,6 +21,7 @@ from streamrec.catalog import Catalog
 from streamrec.records import CatalogItem, Event, Recommendation, UserState
 from streamrec.settings import Settings
 from streamrec.state import StateLimits, apply_event
+from streamrec.streams.reading import consume_arrived
 from streamrec.streams.replay import Deletion, Filters, Invalid, Source, SourceRecord
 
 
@@ -183,7 +184,7 @@ def read_catalog(settings: Settings) -> list[CatalogItem]:
         pending = set(meta.partitions)
         consumer.assign([TopicPartition(settings.catalog_topic, p, OFFSET_BEGINNING) for p in pending])
         while pending:
-            for msg in consumer.consume(1000, 1.0):
+            for msg in consume_arrived(consumer, 1000, timeout_s=1.0):
                 err = msg.error()
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:

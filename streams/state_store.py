@@ -22,6 +22,7 @@ from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch
 
 from streamrec.records import UserState
 from streamrec.state import StateBytes
+from streamrec.streams.reading import consume_arrived
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ class StateStore:
             while pending:
                 if time.monotonic() > deadline:
                     raise StoreError(f"changelog restore of partitions {sorted(pending)} timed out")
-                for msg in consumer.consume(num_messages=10_000, timeout=0.5):
+                for msg in consume_arrived(consumer, 10_000, timeout_s=0.5):
                     err = msg.error()
                     if err is not None and err.code() != KafkaError._PARTITION_EOF:
                         raise StoreError(f"changelog restore failed: {err}")  # may name no partition

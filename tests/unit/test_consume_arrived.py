@@ -9,7 +9,8 @@ from collections import deque
 from typing import Any
 
 from streamrec.settings import Settings
-from streamrec.streams.client import EMBEDDED_FETCH_WAIT_MS, consume_arrived, reader_config
+from streamrec.streams.client import EMBEDDED_FETCH_WAIT_MS, reader_config
+from streamrec.streams.reading import consume_arrived
 
 
 class Topic:
