@@ -14,6 +14,7 @@ from streamrec.streams.bench import (
     over_time,
     partitions_spread,
     profile_summary,
+    ratio_to_ceiling,
     summarize,
     sustained_rate,
     worst_latencies,
@@ -163,3 +164,9 @@ def test_the_cpu_sampler_tells_a_busy_process_from_an_idle_one() -> None:
         idle.wait()
     assert cores["busy"] > 0.4  # one core, on a shared 2-core machine
     assert cores.get("idle", 0.0) < 0.1
+
+
+def test_a_rate_is_a_share_of_the_ceiling_and_none_when_either_was_not_measured() -> None:
+    assert ratio_to_ceiling(25_000.0, 100_000.0) == 0.25
+    assert ratio_to_ceiling(None, 100_000.0) is None  # backlog too short for a sustained rate
+    assert ratio_to_ceiling(25_000.0, None) is None
