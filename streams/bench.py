@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -339,7 +339,7 @@ class CpuSampler:
 
 def over_time(
     sent_ms: Sequence[float],
-    latencies: dict[str, Sequence[float]],
+    latencies: Mapping[str, Sequence[float]],
     samples: Sequence[CpuSample],
     start_ms: float,
     end_ms: float,
@@ -378,15 +378,17 @@ def broker_round_trip(
     seconds: float,
     payload_bytes: int = 140,
     cpu: CpuSampler | None = None,
+    topic: str = ROUND_TRIP_TOPIC,
+    parts: int = 4,
 ) -> dict[str, Any]:
     """Producer to broker to consumer, nothing else, at ``rate`` records/s: the floor under the worker's
     event-to-recommendation latency at that load. The clients are configured as a web backend's
     EventProducer and as the event stage's consumer (group member, same fetch wait and queue); records are
     the size of an event. Latency: consumer's receive time minus the producer's clock at send."""
     admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
-    if ROUND_TRIP_TOPIC not in admin.list_topics(timeout=10).topics:
-        topic = NewTopic(ROUND_TRIP_TOPIC, settings.partitions, settings.replication_factor)
-        admin.create_topics([topic])[ROUND_TRIP_TOPIC].result(timeout=15)
+    if topic not in admin.list_topics(timeout=10).topics:
+        new_topic = NewTopic(topic, settings.partitions, settings.replication_factor)
+        admin.create_topics([new_topic])[topic].result(timeout=15)
     producer = Producer(
         {
             "bootstrap.servers": settings.bootstrap_servers,
@@ -400,7 +402,7 @@ def broker_round_trip(
     consumer = Consumer(
         {
             "bootstrap.servers": settings.bootstrap_servers,
-            "group.id": f"{ROUND_TRIP_TOPIC}-{time.monotonic_ns()}",
+            "group.id": f"{topic}-{time.monotonic_ns()}",
             "enable.auto.commit": False,
             "auto.offset.reset": "latest",
             "fetch.wait.max.ms": max(1, settings.batch_wait_ms),
@@ -413,7 +415,7 @@ def broker_round_trip(
     assigned = threading.Event()
 
     def consume() -> None:
-        consumer.subscribe([ROUND_TRIP_TOPIC], on_assign=lambda c, ps: assigned.set())
+        consumer.subscribe([topic], on_assign=lambda c, ps: assigned.set())
         while not stop.is_set():
             for msg in consume_arrived(consumer, 500, timeout_s=0.1):  # as the follower
                 value = msg.value()
@@ -431,7 +433,7 @@ def broker_round_trip(
         while (elapsed := time.monotonic() - started) < seconds:
             for _ in range(max(0, min(int(elapsed * rate) + 1 - sent, 5000))):
                 key = f"user-{sent % 10_000:06d}".encode()
-                producer.produce(ROUND_TRIP_TOPIC, struct.pack("<d", time.time() * 1000) + padding, key=key)
+                producer.produce(topic, struct.pack("<d", time.time() * 1000) + padding, key=key)
                 sent += 1
             producer.poll(0)
             time.sleep(0.002)
@@ -458,7 +460,8 @@ def broker_round_trip(
     if cpu is not None:
         out["cpu_cores"] = cpu.cores(start_ms, end_ms)
         sent_ms = [s for s, _ in received]
-        out["over_time"] = over_time(sent_ms, {"round_trip_ms": round_trips}, cpu.samples, start_ms, end_ms)
+        latencies = {"round_trip_ms": round_trips}
+        out["over_time"] = over_time(sent_ms, latencies, cpu.samples, start_ms, end_ms, parts)
     return out
 
 
