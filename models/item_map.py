@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from streamrec.records import CatalogItem, RankedBatch, Reason, RecommendedItem, UserState
-from streamrec.windows import windows
+from streamrec.windows import Windows, windows, windows_from_bytes
 
 # Newest events fed to the encoder at serve time: cost grows with the window, quality saturates.
 DEFAULT_SERVE_LEN = 16
@@ -127,6 +127,16 @@ class ItemMap:
         and the items each user bought."""
         started = time.perf_counter()
         batch = windows(users, self.index_of, self.serve_len)
+        return self._inputs(batch, [self._excluded(u.purchased) for u in users], started)
+
+    def inputs_from_bytes(self, states: list[bytes]) -> RankInputs:
+        """``inputs`` of the users whose states are encoded in ``states`` (``encode_state_bytes``, what the
+        worker writes to its changelog), read from the bytes without decoding the states."""
+        started = time.perf_counter()
+        batch, purchased = windows_from_bytes(states, self.index_of, self.serve_len)
+        return self._inputs(batch, [self._excluded(p) for p in purchased], started)
+
+    def _inputs(self, batch: Windows, excluded: list[set[int]], started: float) -> RankInputs:
         shape = (len(batch.rows), batch.length)
         item_arr = np.array(batch.items, dtype=np.int64).reshape(shape)
         kind_arr = np.array(batch.kinds, dtype=np.int64).reshape(shape)
@@ -137,16 +147,15 @@ class ItemMap:
             qindex = {q: j + 1 for j, q in enumerate(queries)}
             rows, cols, qids = zip(*searches, strict=True)
             qid_arr[list(rows), list(cols)] = [qindex[q] for q in qids]
-        excluded = [self._excluded(u) for u in users]
         return RankInputs(
             batch.rows, item_arr, kind_arr, qid_arr, queries, excluded, time.perf_counter() - started
         )
 
-    def _excluded(self, user: UserState) -> set[int]:
-        if not user.purchased:
+    def _excluded(self, purchased: list[str]) -> set[int]:
+        if not purchased:
             return _NOTHING
         index_of = self.index_of
-        return {index_of[p] for p in user.purchased if p in index_of}
+        return {index_of[p] for p in purchased if p in index_of}
 
 
 class ServesItemMap:

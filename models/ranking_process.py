@@ -1,14 +1,16 @@
 """Ranking in a child process (``STREAMREC_RANKING_PROCESS``): the worker's event stage and the model each
 get a core. In one process they share one GIL, and the worker used about one of two cores (README, round 10).
 
-The worker keeps only the model's item map (``ItemMap``: no torch, no model): it takes each batch's serving
-windows and purchased items from the user states there (``ItemMap.inputs``), sends them through a pipe, and
-the child, which holds the encoder and the item index, answers with the top-k in arrays (``RankedArrays``).
+The worker keeps only the model's item map (``ItemMap``: no torch, no model). The event stage sends each
+batch's changed states through a pipe as the bytes it has just encoded for its changelog
+(``prepare_encoded``); the child, which holds the encoder and the item index, reads their serving windows
+and purchases from the bytes (``ItemMap.inputs_from_bytes``), so the worker, the busier process, does not
+(README, round 13). ``prepare`` takes ``UserState`` objects instead and reads their windows in the worker
+(``ItemMap.inputs``). Either way the child answers with the top-k in arrays (``RankedArrays``).
 Catalogue upserts go to both, in order, so an item has the same index on both sides. A child that dies is
 started again, with every upsert it had, and the ranking it was doing is asked of the new one. The child
 exits when the worker closes its end of the pipe: at shutdown, or once a promoted model has replaced this
-one and nothing references it any more.
-"""
+one and nothing references it any more."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from streamrec.models.item_map import ItemMap, RankedArrays, ServesItemMap
 from streamrec.records import CatalogItem, RankedBatch, UserState
@@ -49,6 +51,9 @@ def _serve(conn: Connection, model_dir: str, device: str, threads: int) -> None:
         if request[0] == "rank":
             _, inputs, k = request
             conn.send(recommender.rank_arrays(inputs, k))
+        elif request[0] == "rank encoded":
+            _, states, k = request
+            conn.send(recommender.rank_arrays(recommender.inputs_from_bytes(states), k))
         elif request[0] == "upsert":
             recommender.upsert_items(request[1])
 
@@ -138,9 +143,24 @@ class ProcessRecommender(ServesItemMap):
         returned waits for its answer."""
         if not users:
             return lambda: RankedBatch.of([])
+        answer = self._ask(lambda: ("rank", self._items.inputs(users), k))
+        return lambda: cast(RankedArrays, answer()).batch(self._items.ids)
+
+    def prepare_encoded(self, states: list[bytes], k: int) -> Callable[[], RankedBatch]:
+        """``prepare`` of the users whose states are encoded in ``states`` (``encode_state_bytes``: the
+        worker's changelog values): the child reads their windows from the bytes, so the worker sends bytes
+        it has already made instead of reading the states itself."""
+        if not states:
+            return lambda: RankedBatch.of([])
+        answer = self._ask(lambda: ("rank encoded", states, k))
+        return lambda: cast(RankedArrays, answer()).batch(self._items.ids)
+
+    def _ask(self, make_request: Callable[[], tuple[Any, ...]]) -> Callable[[], Any]:
+        """Send a request (made under the lock, after every upsert sent before it); the call returned waits
+        for the answer and releases the lock. A child that died is started again and asked again."""
         self._lock.acquire()
         try:
-            request = ("rank", self._items.inputs(users), k)
+            request = make_request()
             try:
                 self._send(request)
             except RankingProcessError:
@@ -151,17 +171,16 @@ class ProcessRecommender(ServesItemMap):
             raise
         return lambda: self._answer(request)
 
-    def _answer(self, request: tuple[Any, ...]) -> RankedBatch:
+    def _answer(self, request: tuple[Any, ...]) -> Any:
         try:
             try:
-                arrays: RankedArrays = self._receive()
+                return self._receive()
             except RankingProcessError:
                 self._restart()  # and ask the new one; if it dies too, that is the error
                 self._send(request)
-                arrays = self._receive()
+                return self._receive()
         finally:
             self._lock.release()
-        return arrays.batch(self._items.ids)
 
     def _send(self, message: tuple[Any, ...]) -> None:
         try:

@@ -172,6 +172,12 @@ class Recommender(ServesItemMap):
         with self._lock:
             return self._items.inputs(users)
 
+    def inputs_from_bytes(self, states: list[bytes]) -> RankInputs:
+        """``inputs`` of the users whose states are encoded in ``states`` (``encode_state_bytes``: what the
+        worker writes to its changelog), read from the bytes (see ``ItemMap.inputs_from_bytes``)."""
+        with self._lock:
+            return self._items.inputs_from_bytes(states)
+
     def rank_inputs(self, inputs: RankInputs, k: int) -> RankedBatch:
         """The top-k of every user whose inputs these are (see ``rank``)."""
         return self.rank_arrays(inputs, k).batch(self._ids)

@@ -261,7 +261,7 @@ def decode_state(data: bytes) -> UserState:
 _KINDS = {int(k): k for k in EventKind}
 
 
-def _read_long(buf: bytes, pos: int) -> tuple[int, int]:
+def read_long(buf: bytes, pos: int) -> tuple[int, int]:
     b = buf[pos]
     if b < 0x80:
         return (b >> 1) ^ -(b & 1), pos + 1
@@ -274,22 +274,22 @@ def _read_long(buf: bytes, pos: int) -> tuple[int, int]:
     return (n >> 1) ^ -(n & 1), pos + 1
 
 
-def _read_string(buf: bytes, pos: int) -> tuple[str, int]:
-    size, pos = _read_long(buf, pos)
+def read_string(buf: bytes, pos: int) -> tuple[str, int]:
+    size, pos = read_long(buf, pos)
     return buf[pos : pos + size].decode(), pos + size
 
 
-def _read_optional(buf: bytes, pos: int) -> tuple[str | None, int]:
+def read_optional(buf: bytes, pos: int) -> tuple[str | None, int]:
     if buf[pos] == 0:
         return None, pos + 1
-    return _read_string(buf, pos + 1)
+    return read_string(buf, pos + 1)
 
 
-def _read_block(buf: bytes, pos: int) -> tuple[int, int]:
+def read_block(buf: bytes, pos: int) -> tuple[int, int]:
     """An array block's item count (0 ends the array); a negative count is followed by the block's size."""
-    count, pos = _read_long(buf, pos)
+    count, pos = read_long(buf, pos)
     if count < 0:
-        count, pos = -count, _read_long(buf, pos)[1]
+        count, pos = -count, read_long(buf, pos)[1]
     return count, pos
 
 
@@ -313,45 +313,45 @@ def _read_longs(buf: bytes, pos: int, count: int) -> tuple[list[int], list[bytes
 def decode_state_bytes(data: bytes) -> tuple[UserState, StateBytes]:
     """The state in ``data`` and its StateBytes, as ``encode_state_bytes`` would return them: the same
     UserState as ``decode_state`` (a property test holds it), and the bytes re-encode incrementally."""
-    user_id, pos = _read_string(data, 0)
+    user_id, pos = read_string(data, 0)
     history: list[HistoryEntry] = []
     history_parts: list[bytes] = []
-    count, pos = _read_block(data, pos)
+    count, pos = read_block(data, pos)
     while count:
         for _ in range(count):
             start = pos
-            kind, pos = _read_long(data, pos)
-            item_id, pos = _read_optional(data, pos)
-            query, pos = _read_optional(data, pos)
-            timestamp, pos = _read_long(data, pos)
+            kind, pos = read_long(data, pos)
+            item_id, pos = read_optional(data, pos)
+            query, pos = read_optional(data, pos)
+            timestamp, pos = read_long(data, pos)
             history.append(HistoryEntry(_KINDS[kind], timestamp, item_id, query))
             history_parts.append(data[start:pos])
-        count, pos = _read_block(data, pos)
+        count, pos = read_block(data, pos)
     purchased: list[str] = []
     purchased_at, blocks = pos, 0
-    count, pos = _read_block(data, pos)
+    count, pos = read_block(data, pos)
     while count:
         blocks += 1
         for _ in range(count):
-            item_id, pos = _read_string(data, pos)
+            item_id, pos = read_string(data, pos)
             purchased.append(item_id)
-        count, pos = _read_block(data, pos)
+        count, pos = read_block(data, pos)
     purchased_bytes = data[purchased_at:pos]
     # a zig-zag long's first byte holds its sign: a negative first count is a block written with its size
     sized = bool(data[purchased_at] & 1)
     seen: list[int] = []
     seen_parts: list[bytes] = []
-    count, pos = _read_block(data, pos)
+    count, pos = read_block(data, pos)
     while count:
         values, parts, pos = _read_longs(data, pos, count)
         seen += values
         seen_parts += parts
-        count, pos = _read_block(data, pos)
-    clicks, pos = _read_long(data, pos)
-    searches, pos = _read_long(data, pos)
-    purchases, pos = _read_long(data, pos)
-    last_event_id, pos = _read_optional(data, pos)
-    last_event_time, pos = _read_long(data, pos)
+        count, pos = read_block(data, pos)
+    clicks, pos = read_long(data, pos)
+    searches, pos = read_long(data, pos)
+    purchases, pos = read_long(data, pos)
+    last_event_id, pos = read_optional(data, pos)
+    last_event_time, pos = read_long(data, pos)
     state = UserState(
         user_id, history, purchased, seen, clicks, searches, purchases, last_event_id, last_event_time
     )

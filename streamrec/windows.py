@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from streamrec.records import EventKind, UserState
+from streamrec.state import read_block, read_long, read_optional, read_string
 
 PAD: Final = 0  # the item index of padding and of a search's position (streamrec.models.data.PAD)
 _SEARCH: Final = EventKind.SEARCH
@@ -66,6 +67,85 @@ def windows(users: list[UserState], index_of: dict[str, int], limit: int) -> Win
             rows.append(u)
             row_items.append(items)
             row_kinds.append(kinds)
+    return _assemble(rows, row_items, row_kinds, back)
+
+
+def windows_from_bytes(
+    datas: list[bytes], index_of: dict[str, int], limit: int
+) -> tuple[Windows, list[list[str]]]:
+    """``windows`` of the states encoded in ``datas`` (``encode_state_bytes``), and each one's purchased
+    items, read straight from the bytes: what a ranking process does with the states the worker has just
+    encoded for its changelog. The history entries are only stepped over, and those the window takes
+    decoded, newest first; the seen event ids and the counters after the purchased list are not read."""
+    rows: list[int] = []
+    row_items: list[list[int]] = []
+    row_kinds: list[list[int]] = []
+    back: list[tuple[int, int, str]] = []
+    purchased_lists: list[list[str]] = []
+    for u, data in enumerate(datas):
+        size, pos = read_long(data, 0)
+        pos += size  # the user id
+        starts: list[int] = []
+        count, pos = read_block(data, pos)
+        while count:
+            for _ in range(count):
+                starts.append(pos)
+                pos = _skip_long(data, pos)  # kind
+                pos = _skip_optional(data, pos)  # item id
+                pos = _skip_optional(data, pos)  # query
+                pos = _skip_long(data, pos)  # timestamp
+            count, pos = read_block(data, pos)
+        purchased: list[str] = []
+        count, pos = read_block(data, pos)
+        while count:
+            for _ in range(count):
+                item_id, pos = read_string(data, pos)
+                purchased.append(item_id)
+            count, pos = read_block(data, pos)
+        purchased_lists.append(purchased)
+        items: list[int] = []
+        kinds: list[int] = []
+        i = len(starts) - 1
+        while i >= 0 and len(items) < limit:
+            kind, at = read_long(data, starts[i])
+            i -= 1
+            if kind == _SEARCH_CODE:
+                query, _ = read_optional(data, _skip_optional(data, at))
+                if query:
+                    back.append((len(rows), len(items), query))
+                    items.append(PAD)
+                    kinds.append(_SEARCH_CODE)
+            else:
+                entry_item, _ = read_optional(data, at)
+                if entry_item is not None:
+                    idx = index_of.get(entry_item, -1)
+                    if idx >= 0:
+                        items.append(idx)
+                        kinds.append(_PURCHASE_CODE if kind == _PURCHASE_CODE else _CLICK_CODE)
+        if items:
+            rows.append(u)
+            row_items.append(items)
+            row_kinds.append(kinds)
+    return _assemble(rows, row_items, row_kinds, back), purchased_lists
+
+
+def _skip_long(buf: bytes, pos: int) -> int:
+    while buf[pos] & 0x80:
+        pos += 1
+    return pos + 1
+
+
+def _skip_optional(buf: bytes, pos: int) -> int:
+    if buf[pos] == 0:
+        return pos + 1
+    size, pos = read_long(buf, pos + 1)
+    return pos + size
+
+
+def _assemble(
+    rows: list[int], row_items: list[list[int]], row_kinds: list[list[int]], back: list[tuple[int, int, str]]
+) -> Windows:
+    """The rows, each collected newest first, left-padded to one length in row-major tables."""
     length = 1
     for items in row_items:
         if len(items) > length:

@@ -18,6 +18,8 @@ A backlog batch is ranked in the serving thread while its changelog goes out and
 on while the next batch is decoded and applied. That batch changes no state before the ranking has read it
 (states change in place), and publishes the ranked recommendations before its own, so each user's
 recommendations keep the order of their events. A batch whose recommendations are not out yet is not settled.
+The child is sent the changed states as the bytes just encoded for the changelog and reads their windows
+there (``RanksEncoded``): the worker process is the busier of the two.
 
 One writer per user's state: the consumer group subscribes to the events topic only. Whichever partitions the
 assignor gives a member, the member also assigns itself the backfill topic's partitions of the same numbers
@@ -35,7 +37,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
@@ -89,6 +91,15 @@ class Recommender(Protocol):
     def prepare(self, users: list[UserState], k: int) -> Callable[[], RankedBatch]:
         """``rank`` in two steps: read the states now, rank them in the call returned (they may change)."""
         ...
+
+
+@runtime_checkable
+class RanksEncoded(Protocol):
+    """A recommender that reads the users to rank from their states' bytes (``encode_state_bytes``, which the
+    stage has already made for the changelog): the ranking process
+    (streamrec.models.ranking_process.ProcessRecommender), so that the busier worker process does not."""
+
+    def prepare_encoded(self, states: list[bytes], k: int) -> Callable[[], RankedBatch]: ...
 
 
 def now_ms() -> int:
@@ -465,6 +476,7 @@ class EventStage:
         if self._ranking is not None:
             self._ranking.taken.wait()
         changed: list[tuple[UserState, Event, bool]] = []  # (state, cause, caused by backfill)
+        changed_bytes: list[bytes] = []  # their encodings, row by row (a ranking process reads these)
         changes = flight.changes
         cache_updates: list[tuple[int, UserState, StateBytes, int]] = []
         applied: Counter[EventKind] = Counter()
@@ -529,8 +541,10 @@ class EventStage:
                     cache_updates.append((p, state, parts, len(encoded)))
                     if live_cause is not None:
                         changed.append((state, live_cause, False))
+                        changed_bytes.append(encoded)
                     elif backfill_cause is not None and shadow:
                         changed.append((state, backfill_cause, True))
+                        changed_bytes.append(encoded)
         for kind, n in applied.items():
             self.metrics.events.labels(kind.name.lower()).inc(n)
 
@@ -544,18 +558,24 @@ class EventStage:
         # read them (above), and publishes these recommendations here, before its own (per user, in order).
         # A small batch is ranked right here: with two threads running Python, each hand-over of the GIL can
         # wait out the interpreter's switch interval (5 ms), more than the overlap saves at low load.
-        if self._ranking is not None:
-            self._publish_ranking(self._ranking, out)
+        # The previous batch's ranking is published once this one's is queued behind it, so the ranking
+        # process starts on this batch as soon as it has answered that one, not after its records are written.
         to_rank, k = [s for s, _, _ in changed], self.settings.top_k
         threaded = len(to_rank) >= THREAD_MIN_USERS
+        previous = self._ranking
+        if previous is not None and not threaded:
+            self._publish_ranking(previous, out)
+            previous = None
         ranking: Ranking | None = None
         ranked_here: tuple[RankedBatch | None, float] = (None, 0.0)
         flight.open = bool(changed)
         if threaded:
-            ranking = self._rank_in_thread(changed, flight)
+            ranking = self._rank_in_thread(changed, changed_bytes, flight)
         elif to_rank:
-            ranked_here = self._timed_rank(self.recommender, to_rank, k)
+            ranked_here = self._timed_rank(self.recommender, to_rank, changed_bytes, k)
         try:
+            if previous is not None:
+                self._publish_ranking(previous, out)
             # 4. the changelog, keyed by user, on the partition of the same number
             changelog = self.settings.state_changelog_topic
             for p, user_changes in changes.items():
@@ -599,21 +619,31 @@ class EventStage:
         self,
         recommender: Recommender,
         users: list[UserState],
+        encoded: list[bytes],
         k: int,
         taken: threading.Event | None = None,
     ) -> tuple[RankedBatch, float]:
+        """Rank the users (``encoded``: their states' bytes, for a recommender that reads those) and how long
+        it took; ``taken`` is set once the states are read."""
         started = time.perf_counter()
         try:
-            finish = recommender.prepare(users, k)
+            if isinstance(recommender, RanksEncoded):
+                finish = recommender.prepare_encoded(encoded, k)
+            else:
+                finish = recommender.prepare(users, k)
         finally:
             if taken is not None:
                 taken.set()
         return finish(), time.perf_counter() - started
 
-    def _rank_in_thread(self, changed: list[tuple[UserState, Event, bool]], flight: InFlight) -> Ranking:
+    def _rank_in_thread(
+        self, changed: list[tuple[UserState, Event, bool]], encoded: list[bytes], flight: InFlight
+    ) -> Ranking:
         taken = threading.Event()
         users = [state for state, _, _ in changed]
-        result = self._serving.submit(self._timed_rank, self.recommender, users, self.settings.top_k, taken)
+        result = self._serving.submit(
+            self._timed_rank, self.recommender, users, encoded, self.settings.top_k, taken
+        )
         return Ranking(changed, flight, self.recommender, result, taken)
 
     def _publish_pending(self, out: BatchOutcome | None = None) -> None:

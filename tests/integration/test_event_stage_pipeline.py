@@ -131,6 +131,14 @@ class Echo:
         )
 
 
+class EchoFromBytes(Echo):
+    """Echo as a ranking process ranks for the stage: from the states' bytes (the changelog values the stage
+    sends), so a batch's recommendations show the states as that batch left them."""
+
+    def prepare_encoded(self, states: list[bytes], k: int) -> Callable[[], RankedBatch]:
+        return self.prepare([decode_state(s) for s in states], k)
+
+
 @pytest.fixture(params=["serving thread", "stage thread", "ranking process"])
 def ranked_in(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Large batches are ranked in the serving thread while the changelog goes out and earlier batches are
@@ -153,7 +161,8 @@ def make_stage(
     for item in ITEMS:
         catalog.upsert(CatalogItem(item_id=item, title=item))
     codec = AvroCodec()
-    stage = EventStage(settings, catalog, Echo(), codec)
+    echo = EchoFromBytes() if settings.ranking_process else Echo()  # a ranking process reads the bytes
+    stage = EventStage(settings, catalog, echo, codec)
     stage._producer, stage._consumer = producer, consumer  # type: ignore[assignment]
     stage.store.assign([0])
     return stage, codec
@@ -352,8 +361,17 @@ class SlowToRead(Echo):
         return super().prepare(users, k)
 
 
+class SlowToReadBytes(EchoFromBytes):
+    """EchoFromBytes, taking a while to read the states' bytes."""
+
+    def prepare_encoded(self, states: list[bytes], k: int) -> Callable[[], RankedBatch]:
+        time.sleep(0.2)
+        return super().prepare_encoded(states, k)
+
+
+@pytest.mark.parametrize("slow", [SlowToRead, SlowToReadBytes])
 def test_a_batch_is_ranked_while_the_next_is_applied_and_its_recommendations_go_out_first(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, slow: Callable[[], Echo]
 ) -> None:
     # With a ranking process, a backlog batch's ranking runs on while the next batch is decoded and applied.
     # That batch changes alice's state (in place) only once the ranking has read it, and publishes the ranked
@@ -362,7 +380,7 @@ def test_a_batch_is_ranked_while_the_next_is_applied_and_its_recommendations_go_
     settings = in_mode(settings, "ranking process")
     producer, consumer = HeldProducer(instant=True), RecordingConsumer()
     stage, codec = make_stage(settings, producer, consumer)
-    stage.recommender = SlowToRead()
+    stage.recommender = slow()
     stage.process([click(settings, codec, 0, "sku-1")])
     assert recommended(settings, codec, producer) == [] and consumer.commits == []  # changelog delivered
     stage.process([click(settings, codec, 1, "sku-2")])

@@ -18,6 +18,7 @@ from streamrec.models.serving import Recommender
 from streamrec.records import CatalogItem, EventKind, HistoryEntry, RankedBatch, UserState
 from streamrec.sample import sample_catalog
 from streamrec.settings import Settings
+from streamrec.state import encode_state
 from streamrec.streams.broker import EmbeddedBroker
 from streamrec.streams.client import EventProducer
 from streamrec.streams.process import WorkerProcess
@@ -74,6 +75,16 @@ def test_the_child_ranks_as_the_model_does_in_the_worker(ranker: ProcessRecommen
     users = shoppers(local.item_ids)
     assert same(ranker.rank(users, 10), local.rank(users, 10))
     assert (ranker.model_version, ranker.index_version) == (local.model_version, local.index_version)
+
+
+def test_the_child_ranks_from_the_stored_states_as_from_the_states(
+    ranker: ProcessRecommender, model_dir: Path
+) -> None:
+    # The event stage sends the states' bytes (its changelog values), which the child reads itself.
+    local = Recommender.load(model_dir)
+    users = shoppers(local.item_ids)
+    assert same(ranker.prepare_encoded([encode_state(u) for u in users], 10)(), local.rank(users, 10))
+    assert ranker.prepare_encoded([], 10)().all_items() == []
 
 
 def test_a_new_item_reaches_the_child(ranker: ProcessRecommender, model_dir: Path) -> None:

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from streamrec import windows as windows_module
 from streamrec.models.data import PAD
 from streamrec.records import EventKind, HistoryEntry, UserState
-from streamrec.windows import windows
+from streamrec.state import encode_state
+from streamrec.windows import windows, windows_from_bytes
 
 H = HistoryEntry
 KNOWN = {f"i{j}": j + 1 for j in range(6)}
@@ -72,3 +73,27 @@ def test_its_codes_are_the_event_kinds_and_padding_of_the_models() -> None:
     assert int(EventKind.CLICK) == windows_module._CLICK_CODE
     assert int(EventKind.SEARCH) == windows_module._SEARCH_CODE
     assert int(EventKind.PURCHASE) == windows_module._PURCHASE_CODE
+
+
+stored_users = st.lists(
+    st.builds(
+        UserState,
+        user_id=st.sampled_from(["u", "ü-1", "x" * 200]),  # a multi-byte and a two-byte-length id
+        history=st.lists(entries, max_size=60),
+        purchased=st.lists(st.sampled_from([*KNOWN, "new", "é"]), max_size=5),
+        seen_event_ids=st.lists(st.integers(-(2**63), 2**63 - 1), max_size=64),
+        clicks=st.integers(0, 10**6),
+    ),
+    max_size=6,
+)
+
+
+@given(batch=stored_users, limit=st.integers(1, 20))
+def test_windows_read_from_the_stored_bytes_are_the_states_windows(
+    batch: list[UserState], limit: int
+) -> None:
+    # A ranking process reads the windows and purchases from the bytes the worker stores (its changelog
+    # values), without decoding the states: the same input as from the states themselves.
+    got, purchased = windows_from_bytes([encode_state(u) for u in batch], KNOWN, limit)
+    assert got == windows(batch, KNOWN, limit)
+    assert purchased == [u.purchased for u in batch]
