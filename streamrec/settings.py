@@ -92,6 +92,13 @@ class Settings(BaseSettings):
         description="Records the event stage's consumer tries to keep prefetched per partition "
         "(librdkafka queued.min.messages; its own default is 100000).",
     )
+    consumer_fetch_backoff_ms: int = Field(
+        10,
+        ge=0,
+        description="How long the event stage's consumer waits before fetching a partition again once its "
+        "prefetch queue is full (librdkafka fetch.queue.backoff.ms; its own default, 1000, let a worker "
+        "fetch about one response per partition a second under a backlog).",
+    )
     producer_queue_kbytes: int = Field(
         65_536,
         description="Most kilobytes of records waiting in the event stage's producer (a full queue makes the "

@@ -408,6 +408,7 @@ def broker_round_trip(
             "fetch.wait.max.ms": max(1, settings.batch_wait_ms),
             "queued.max.messages.kbytes": settings.consumer_queue_kbytes,
             "queued.min.messages": settings.consumer_queue_messages,
+            "fetch.queue.backoff.ms": settings.consumer_fetch_backoff_ms,
         }
     )
     received: list[tuple[float, float]] = []  # (sent, received), epoch ms

@@ -283,6 +283,7 @@ class EventStage:
                 "fetch.wait.max.ms": max(1, s.batch_wait_ms),
                 "queued.max.messages.kbytes": s.consumer_queue_kbytes,
                 "queued.min.messages": s.consumer_queue_messages,
+                "fetch.queue.backoff.ms": s.consumer_fetch_backoff_ms,
             }
         )
         producer = Producer(
