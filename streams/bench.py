@@ -117,6 +117,15 @@ def ratio_to_ceiling(rate: float | None, ceiling: float | None) -> float | None:
     return round(rate / ceiling, 4)
 
 
+def cpu_us_per_event(cores: dict[str, float], seconds: float, events: float) -> dict[str, float]:
+    """Each role's CPU per event processed, in microseconds: its mean cores over a run of ``seconds`` that
+    processed ``events``. Steadier than events/s on a shared machine: a run slowed by a neighbour takes longer
+    but not more of the worker's CPU per event."""
+    if events <= 0 or seconds <= 0:
+        return {}
+    return {role: round(c * seconds / events * 1e6, 1) for role, c in cores.items()}
+
+
 def partitions_spread(held: Sequence[Sequence[int]], partitions: int) -> bool:
     """Whether every worker holds partitions and together they hold each of ``partitions`` exactly once."""
     return all(held) and sorted(p for ps in held for p in ps) == list(range(partitions))
@@ -737,7 +746,8 @@ class BrokerBench:
         profiler = self._start_profiler(worker) if self.config.profile else None
         start_ms = time.time() * 1000
         samples = self._wait_processed(worker, backlog, timeout_s=900)
-        cores = cpu.cores(start_ms, time.time() * 1000)
+        end_ms = time.time() * 1000
+        cores = cpu.cores(start_ms, end_ms)
         if profiler is not None:
             self.results["profile"] = self._finish_profiler(*profiler)
         done, text = self._events_done(worker)
@@ -757,6 +767,10 @@ class BrokerBench:
             "mean_batch_ms": round(batch_seconds / batches * 1000, 1) if batches else None,
             **batch_breakdown(metrics_before, text),
             "cpu_cores": cores,
+            # the events processed while the CPU was sampled (the worker may start on the backlog before)
+            "cpu_us_per_event": cpu_us_per_event(
+                cores, (end_ms - start_ms) / 1000, samples[-1][1] - samples[0][1]
+            ),
             "load_before": load_before,
             "load_after": load_average(),
         }

@@ -42,6 +42,8 @@ def test_a_short_bench_run_reports_every_part_and_the_cores_each_process_used(
     # the worker did the work, with a ranking process beside it (the default); the broker was sampled too
     assert throughput["cpu_cores"]["worker"] > 0.1
     assert {"broker", "ranking_process", "bench"} <= set(throughput["cpu_cores"])
+    # the worker's CPU per event: a Python worker spends microseconds to milliseconds on one, never nothing
+    assert 1 < throughput["cpu_us_per_event"]["worker"] < 10_000
 
     fixed, saturation = result["latency"]
     assert (fixed["offered_per_s"], fixed["saturation"], saturation["saturation"]) == (200.0, False, True)

@@ -10,6 +10,7 @@ from streamrec.streams.bench import (
     CpuSampler,
     batch_breakdown,
     cpu_cores,
+    cpu_us_per_event,
     metric_total,
     over_time,
     partitions_spread,
@@ -170,3 +171,10 @@ def test_a_rate_is_a_share_of_the_ceiling_and_none_when_either_was_not_measured(
     assert ratio_to_ceiling(25_000.0, 100_000.0) == 0.25
     assert ratio_to_ceiling(None, 100_000.0) is None  # backlog too short for a sustained rate
     assert ratio_to_ceiling(25_000.0, None) is None
+
+
+def test_cpu_per_event_is_each_roles_cpu_time_over_the_events_processed() -> None:
+    # 0.95 cores for 12 s over 300,000 events: 38 us of the worker's CPU per event
+    per_event = cpu_us_per_event({"worker": 0.95, "ranking_process": 0.4}, seconds=12.0, events=300_000)
+    assert per_event == {"worker": 38.0, "ranking_process": 16.0}
+    assert cpu_us_per_event({"worker": 1.0}, seconds=12.0, events=0) == {}  # nothing processed: no figure
