@@ -22,7 +22,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from streamrec.models.item_map import ItemMap, RankedArrays, ServesItemMap
 from streamrec.records import CatalogItem, RankedBatch, UserState
@@ -143,8 +143,7 @@ class ProcessRecommender(ServesItemMap):
         returned waits for its answer."""
         if not users:
             return lambda: RankedBatch.of([])
-        answer = self._ask(lambda: ("rank", self._items.inputs(users), k))
-        return lambda: cast(RankedArrays, answer()).batch(self._items.ids)
+        return self._ask(lambda: ("rank", self._items.inputs(users), k))
 
     def prepare_encoded(self, states: list[bytes], k: int) -> Callable[[], RankedBatch]:
         """``prepare`` of the users whose states are encoded in ``states`` (``encode_state_bytes``: the
@@ -152,12 +151,12 @@ class ProcessRecommender(ServesItemMap):
         it has already made instead of reading the states itself."""
         if not states:
             return lambda: RankedBatch.of([])
-        answer = self._ask(lambda: ("rank encoded", states, k))
-        return lambda: cast(RankedArrays, answer()).batch(self._items.ids)
+        return self._ask(lambda: ("rank encoded", states, k))
 
-    def _ask(self, make_request: Callable[[], tuple[Any, ...]]) -> Callable[[], Any]:
-        """Send a request (made under the lock, after every upsert sent before it); the call returned waits
-        for the answer and releases the lock. A child that died is started again and asked again."""
+    def _ask(self, make_request: Callable[[], tuple[Any, ...]]) -> Callable[[], RankedBatch]:
+        """Send a rank request (made under the lock, after every upsert sent before it); the call returned
+        waits for the child's arrays, releases the lock and makes them the batch. A child that died is started
+        again and asked again."""
         self._lock.acquire()
         try:
             request = make_request()
@@ -169,18 +168,19 @@ class ProcessRecommender(ServesItemMap):
         except BaseException:
             self._lock.release()
             raise
-        return lambda: self._answer(request)
+        return lambda: self._answer(request).batch(self._items.ids)
 
-    def _answer(self, request: tuple[Any, ...]) -> Any:
+    def _answer(self, request: tuple[Any, ...]) -> RankedArrays:
         try:
             try:
-                return self._receive()
+                arrays: RankedArrays = self._receive()
             except RankingProcessError:
                 self._restart()  # and ask the new one; if it dies too, that is the error
                 self._send(request)
-                return self._receive()
+                arrays = self._receive()
         finally:
             self._lock.release()
+        return arrays
 
     def _send(self, message: tuple[Any, ...]) -> None:
         try:

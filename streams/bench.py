@@ -40,6 +40,7 @@ from streamrec.settings import Settings
 from streamrec.state import StateLimits, apply_event, encode_state
 from streamrec.streams.broker import EmbeddedBroker
 from streamrec.streams.client import EventProducer, reader_config
+from streamrec.streams.event_stage import fetch_config
 from streamrec.streams.process import WorkerProcess
 from streamrec.streams.reading import consume_arrived
 from streamrec.streams.simulate import publish_catalog, simulate
@@ -409,15 +410,11 @@ def broker_round_trip(
         }
     )
     consumer = Consumer(
-        {
-            "bootstrap.servers": settings.bootstrap_servers,
+        fetch_config(settings)
+        | {
             "group.id": f"{topic}-{time.monotonic_ns()}",
             "enable.auto.commit": False,
             "auto.offset.reset": "latest",
-            "fetch.wait.max.ms": max(1, settings.batch_wait_ms),
-            "queued.max.messages.kbytes": settings.consumer_queue_kbytes,
-            "queued.min.messages": settings.consumer_queue_messages,
-            "fetch.queue.backoff.ms": settings.consumer_fetch_backoff_ms,
         }
     )
     received: list[tuple[float, float]] = []  # (sent, received), epoch ms

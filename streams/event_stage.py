@@ -102,6 +102,18 @@ class RanksEncoded(Protocol):
     def prepare_encoded(self, states: list[bytes], k: int) -> Callable[[], RankedBatch]: ...
 
 
+def fetch_config(settings: Settings) -> dict[str, object]:
+    """How the event stage's consumer fetches (librdkafka settings): its broker, fetch wait and prefetch
+    queue. Also the bench's broker round trip, which measures a consumer configured as the stage's."""
+    return {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "fetch.wait.max.ms": max(1, settings.batch_wait_ms),
+        "queued.max.messages.kbytes": settings.consumer_queue_kbytes,
+        "queued.min.messages": settings.consumer_queue_messages,
+        "fetch.queue.backoff.ms": settings.consumer_fetch_backoff_ms,
+    }
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -271,8 +283,8 @@ class EventStage:
     def _make_clients(self) -> tuple[Consumer, Producer]:
         s = self.settings
         consumer = Consumer(
-            {
-                "bootstrap.servers": s.bootstrap_servers,
+            fetch_config(s)
+            | {
                 "group.id": s.events_group,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
@@ -280,10 +292,6 @@ class EventStage:
                 "heartbeat.interval.ms": s.heartbeat_interval_ms,
                 "partition.assignment.strategy": s.assignment_strategy,
                 "client.id": self.worker_id,
-                "fetch.wait.max.ms": max(1, s.batch_wait_ms),
-                "queued.max.messages.kbytes": s.consumer_queue_kbytes,
-                "queued.min.messages": s.consumer_queue_messages,
-                "fetch.queue.backoff.ms": s.consumer_fetch_backoff_ms,
             }
         )
         producer = Producer(
@@ -561,7 +569,7 @@ class EventStage:
         # wait out the interpreter's switch interval (5 ms), more than the overlap saves at low load.
         # The previous batch's ranking is published once this one's is queued behind it, so the ranking
         # process starts on this batch as soon as it has answered that one, not after its records are written.
-        to_rank, k = [s for s, _, _ in changed], self.settings.top_k
+        to_rank, k = [s for s, _, _ in changed], self.settings.top_k  # row u of changed
         threaded = len(to_rank) >= THREAD_MIN_USERS
         previous = self._ranking
         if previous is not None and not threaded:
@@ -571,7 +579,7 @@ class EventStage:
         ranked_here: tuple[RankedBatch | None, float] = (None, 0.0)
         flight.open = bool(changed)
         if threaded:
-            ranking = self._rank_in_thread(changed, changed_bytes, flight)
+            ranking = self._rank_in_thread(changed, to_rank, changed_bytes, flight)
         elif to_rank:
             ranked_here = self._timed_rank(self.recommender, to_rank, changed_bytes, k)
         try:
@@ -638,10 +646,14 @@ class EventStage:
         return finish(), time.perf_counter() - started
 
     def _rank_in_thread(
-        self, changed: list[tuple[UserState, Event, bool]], encoded: list[bytes], flight: InFlight
+        self,
+        changed: list[tuple[UserState, Event, bool]],
+        users: list[UserState],
+        encoded: list[bytes],
+        flight: InFlight,
     ) -> Ranking:
+        """Rank ``changed``'s users (their states and encodings, row by row) in the serving thread."""
         taken = threading.Event()
-        users = [state for state, _, _ in changed]
         result = self._serving.submit(
             self._timed_rank, self.recommender, users, encoded, self.settings.top_k, taken
         )
