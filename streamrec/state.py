@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import fastavro
-import numpy as np
 
 from streamrec.records import Event, EventKind, HistoryEntry, UserState
 from streamrec.serde import NULL, RecordSchema, avro_long, avro_optional, avro_string, bundled_schemas
@@ -294,20 +293,16 @@ def read_block(buf: bytes, pos: int) -> tuple[int, int]:
 
 
 def _read_longs(buf: bytes, pos: int, count: int) -> tuple[list[int], list[bytes], int]:
-    """``count`` longs from ``pos``, vectorised (the seen ids are 64 hashes of ~10 bytes each: under half
-    the time of a loop over their bytes): their values, each one's bytes, and the position after them."""
-    tail = np.frombuffer(buf, np.uint8, len(buf) - pos, pos)
-    ends = np.flatnonzero(tail < 0x80)[:count] + 1  # a varint's last byte has the high bit clear
-    if len(ends) < count:
-        raise ValueError("truncated array of longs")
-    size = int(ends[-1])
-    starts = np.zeros_like(ends)
-    starts[1:] = ends[:-1]
-    shifts = (np.arange(size) - np.repeat(starts, ends - starts)).astype(np.uint64) * np.uint64(7)
-    zigzag = np.bitwise_or.reduceat((tail[:size] & 0x7F).astype(np.uint64) << shifts, starts)
-    values = (zigzag >> np.uint64(1)).view(np.int64) ^ -(zigzag & np.uint64(1)).view(np.int64)
-    parts = [buf[pos + s : pos + e] for s, e in zip(starts.tolist(), ends.tolist(), strict=True)]
-    return values.tolist(), parts, pos + size
+    """``count`` longs from ``pos``: their values, each one's bytes, and the position after them. A compiled
+    loop reads 64 seen ids in ~16 us, where numpy's vectorised reading took ~35 (its fixed cost per call)."""
+    values: list[int] = []
+    parts: list[bytes] = []
+    for _ in range(count):
+        start = pos
+        value, pos = read_long(buf, pos)
+        values.append(value)
+        parts.append(buf[start:pos])
+    return values, parts, pos
 
 
 def decode_state_bytes(data: bytes) -> tuple[UserState, StateBytes]:
