@@ -321,10 +321,19 @@ def quiet_gc() -> None:
     counting frees at its end; with the default gen-0 threshold of 700 they were promoted and counted
     towards full collections over the whole heap of cached user states. A larger threshold lets a batch's
     objects die young. Cycles are still collected, just less often.
+
+    200,000 rather than 50,000 (round 14) for workers with more active users than the state cache holds:
+    each batch then reads ~1,000 states back (~57 tracked objects each) and evicts as many. The evicted
+    states' frees offset the new allocations in the count that triggers a collection, so the young
+    generation had ~100k objects when 50,000 fired it, once a batch, at 60-70 ms a collection, and every
+    20th collection went through the states promoted since (~0.8 s). With 40,000 shoppers and 20,000
+    cached, 1.2M events, the worker spent 2.4-2.5 s in the collector instead of 19-21 s (docs/performance.md,
+    round 14). Under a steady churn the count barely grows, so collections become rare; garbage that is
+    not freed (cycles) still raises it and is collected.
     """
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50_000, 20, 10)
+    gc.set_threshold(200_000, 20, 10)
 
 
 def run_worker(settings: Settings) -> None:
