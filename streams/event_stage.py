@@ -149,7 +149,6 @@ class InFlight:
     """A published batch whose records are not all delivered yet: settled (states written locally, offsets
     committed) once they are."""
 
-    changelog_topic: str
     first_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     last_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     changes: dict[int, dict[str, bytes | None]] = field(default_factory=dict)  # None = user erased
@@ -169,13 +168,21 @@ class InFlight:
         return self.delivered or bool(self.failures)
 
     def on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        """A record's report: a Python call for every record, so it only counts it and keeps a failure."""
         self.acked += 1
         if err is not None:
             self.failures.append(f"{msg.topic()}[{msg.partition()}]: {err}")
-        elif msg.topic() == self.changelog_topic:
-            p, offset = msg.partition(), msg.offset()
-            assert p is not None and offset is not None  # set on every delivered record
-            self.changelog_offsets[p] = max(self.changelog_offsets.get(p, -1), offset)
+
+    def on_changelog_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        """A changelog record's report, which also moves its partition's changelog offset."""
+        self.acked += 1
+        if err is not None:
+            self.failures.append(f"{msg.topic()}[{msg.partition()}]: {err}")
+            return
+        p, offset = msg.partition(), msg.offset()
+        assert p is not None and offset is not None  # set on every delivered record
+        if offset > self.changelog_offsets.get(p, -1):
+            self.changelog_offsets[p] = offset
 
     def pending_state(self, partition: int, user_id: str) -> tuple[bool, bytes | None]:
         """(True, bytes or None if erased) when this batch changed the user, else (False, None)."""
@@ -255,7 +262,8 @@ class EventStage:
         self._flights: deque[InFlight] = deque()  # published batches not settled yet, oldest first
         self._ranking: Ranking | None = None  # the newest batch's, while the serving thread ranks it
         # A batch's ranking runs on while the next batch is decoded and applied only when it runs in a child
-        # process: in this one, both threads run Python under one GIL and it was no faster (README, round 10).
+        # process: in this one, both threads run Python under one GIL and it was no faster
+        # (docs/performance.md, round 10).
         self.defer_ranking = settings.ranking_process and settings.delivery_pipeline_depth > 0
         # One serving thread: a batch's ranking runs beside its changelog and the settling of earlier batches.
         self._serving = ThreadPoolExecutor(1, thread_name_prefix="streamrec-serving")
@@ -447,7 +455,7 @@ class EventStage:
         started = time.perf_counter()
         out = BatchOutcome()
         producer = self._producer
-        flight = InFlight(self.settings.state_changelog_topic)
+        flight = InFlight()
         first_offsets, last_offsets = flight.first_offsets, flight.last_offsets
 
         # 1. decode and validate, in input order; group valid events per (partition, user). Partition p of the
@@ -589,7 +597,9 @@ class EventStage:
             changelog = self.settings.state_changelog_topic
             for p, user_changes in changes.items():
                 for user_id, value in user_changes.items():
-                    self._produce(producer, changelog, user_id.encode(), value, flight, partition=p)
+                    self._produce(
+                        producer, changelog, user_id.encode(), value, flight, p, flight.on_changelog_delivery
+                    )
             # The next batch reads these states from the cache (a failure anywhere clears it)
             for p, user_changes in changes.items():
                 for user_id, value in user_changes.items():
@@ -805,12 +815,12 @@ class EventStage:
         value: bytes | None,
         flight: InFlight,
         partition: int = ANY_PARTITION,
+        on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
     ) -> None:
+        report = on_delivery or flight.on_delivery
         while True:
             try:
-                producer.produce(
-                    topic, value=value, key=key, partition=partition, on_delivery=flight.on_delivery
-                )
+                producer.produce(topic, value=value, key=key, partition=partition, on_delivery=report)
                 flight.sent += 1
                 return
             except BufferError:

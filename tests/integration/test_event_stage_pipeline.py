@@ -333,6 +333,29 @@ def test_with_a_broker_that_answers_at_once_a_batch_is_committed_only_after_its_
     stage.store.close()
 
 
+def test_the_local_checkpoint_is_the_newest_delivered_changelog_offset(
+    settings: Settings, ranked_in: str
+) -> None:
+    # A restore starts after the checkpoint: it must be the changelog's offset, not any other record's.
+    settings = in_mode(settings, ranked_in)
+    producer, consumer = HeldProducer(), RecordingConsumer()
+    producer.offsets[(settings.recommendations_topic, 0)] = (
+        100  # other topics' offsets far from the changelog's
+    )
+    producer.offsets[(settings.dead_letter_topic, 0)] = 200
+    stage, codec = make_stage(settings, producer, consumer)
+    bad = Record(settings.events_topic, 0, 1, b"not avro", b"alice")
+    process(stage, [click(settings, codec, 0, "sku-1"), bad, click(settings, codec, 2, "sku-2")])
+    process(stage, [click(settings, codec, 3, "sku-3")])
+    producer.release()
+    stage._settle_inflight(wait=True)
+    changelog = [r.offset() for r in producer.produced if r.topic() == settings.state_changelog_topic]
+    assert changelog == [0, 1]  # alice's state, once a batch
+    assert stage.store.partitions[0].checkpoint == 1
+    assert stored_items(stage) == ["sku-1", "sku-2", "sku-3"]
+    stage.store.close()
+
+
 def test_depth_zero_waits_for_each_batchs_own_delivery(settings: Settings, ranked_in: str) -> None:
     settings = in_mode(settings, ranked_in, delivery_pipeline_depth=0)
     producer, consumer = HeldProducer(), RecordingConsumer()
