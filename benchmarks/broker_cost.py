@@ -1,4 +1,5 @@
-"""What the embedded broker's CPU costs at a steady rate, as its topics fill (README, "Round 12").
+"""What the embedded broker's CPU costs at a steady rate, as its topics fill (docs/performance.md,
+"Round 12").
 
 Two measurements on a fresh embedded broker, nothing else running against it, printed as one JSON object. Both
 use the bench's broker round trip (``streamrec bench``: a web backend's producer and a consumer configured as

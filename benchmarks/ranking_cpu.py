@@ -1,5 +1,5 @@
-"""What one ranking costs the worker and its ranking process, from the states or from their bytes (README,
-"Round 13").
+"""What one ranking costs the worker and its ranking process, from the states or from their bytes
+(docs/performance.md, "Round 13").
 
 Simulated shoppers' events are applied to states (``--events`` events over ``--users`` shoppers, as the
 bench's simulator sends them); the first ``--batch`` states are then ranked ``--rankings`` times in a row

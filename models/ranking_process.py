@@ -1,12 +1,13 @@
 """Ranking in a child process (``STREAMREC_RANKING_PROCESS``): the worker's event stage and the model each
-get a core. In one process they share one GIL, and the worker used about one of two cores (README, round 10).
+get a core. In one process they share one GIL, and the worker used about one of two cores
+(docs/performance.md, round 10).
 
 The worker keeps only the model's item map (``ItemMap``: no torch, no model). The event stage sends each
 batch's changed states through a pipe as the bytes it has just encoded for its changelog
 (``prepare_encoded``); the child, which holds the encoder and the item index, reads their serving windows
 and purchases from the bytes (``ItemMap.inputs_from_bytes``), so the worker, the busier process, does not
-(README, round 13). ``prepare`` takes ``UserState`` objects instead and reads their windows in the worker
-(``ItemMap.inputs``). Either way the child answers with the top-k in arrays (``RankedArrays``).
+(docs/performance.md, round 13). ``prepare`` takes ``UserState`` objects instead and reads their windows in
+the worker (``ItemMap.inputs``). Either way the child answers with the top-k in arrays (``RankedArrays``).
 Catalogue upserts go to both, in order, so an item has the same index on both sides. A child that dies is
 started again, with every upsert it had, and the ranking it was doing is asked of the new one. The child
 exits when the worker closes its end of the pipe: at shutdown, or once a promoted model has replaced this

@@ -358,8 +358,8 @@ def over_time(
     """The p99 of each latency (``latencies[name][i]`` is record i's, sent at ``sent_ms[i]``) over the
     records sent in each of ``parts`` equal spans of a load, beside the cores each process used in that
     span. A tail that grows through a load while the broker's share grows is the broker's (its in-memory
-    store costs more per fetch as it fills: README, "Round 12"); one that comes with the worker's share is
-    the worker's."""
+    store costs more per fetch as it fills: docs/performance.md, "Round 12"); one that comes with the worker's
+    share is the worker's."""
     span = (end_ms - start_ms) / parts
     out = []
     for i in range(parts):

@@ -437,7 +437,7 @@ class EventProducer:
 # when records arrive meanwhile; Kafka answers it as soon as one does. Measured from produce to consume at
 # 100 and 1,000 records/s: librdkafka's default wait (500 ms) gave p50 135 / p99 260 ms, 20 ms gave 14 / 25
 # ms. Shorter waits are not free there either: each fetch costs the embedded broker CPU, more the more it
-# stores (README, "Round 12").
+# stores (docs/performance.md, "Round 12").
 EMBEDDED_FETCH_WAIT_MS = 20
 
 
