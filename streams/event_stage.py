@@ -174,10 +174,9 @@ class InFlight:
             self.failures.append(f"{msg.topic()}[{msg.partition()}]: {err}")
 
     def on_changelog_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        """A changelog record's report, which also moves its partition's changelog offset."""
-        self.acked += 1
+        """A changelog record's report (``on_delivery``), which also moves its partition's offset."""
+        self.on_delivery(err, msg)
         if err is not None:
-            self.failures.append(f"{msg.topic()}[{msg.partition()}]: {err}")
             return
         p, offset = msg.partition(), msg.offset()
         assert p is not None and offset is not None  # set on every delivered record

@@ -339,9 +339,8 @@ def test_the_local_checkpoint_is_the_newest_delivered_changelog_offset(
     # A restore starts after the checkpoint: it must be the changelog's offset, not any other record's.
     settings = in_mode(settings, ranked_in)
     producer, consumer = HeldProducer(), RecordingConsumer()
-    producer.offsets[(settings.recommendations_topic, 0)] = (
-        100  # other topics' offsets far from the changelog's
-    )
+    # other topics' offsets, far from the changelog's
+    producer.offsets[(settings.recommendations_topic, 0)] = 100
     producer.offsets[(settings.dead_letter_topic, 0)] = 200
     stage, codec = make_stage(settings, producer, consumer)
     bad = Record(settings.events_topic, 0, 1, b"not avro", b"alice")
