@@ -4,10 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # The event stage's modules that `streamrec native build` compiles with mypyc (streamrec/native.py).
-NATIVE_SRC := streamrec/records.py streamrec/serde.py streamrec/state.py streamrec/triggers.py
+NATIVE_SRC := streamrec/records.py streamrec/serde.py streamrec/state.py streamrec/triggers.py \
+	streamrec/windows.py streamrec/validation.py streamrec/partitioner.py
 NATIVE := streamrec/_native.json
 
-.PHONY: install native native-clean demo test test-all test-slow lint typecheck bench quality lock clean
+.PHONY: install native native-clean demo test test-all test-slow lint typecheck bench quality lock docs clean
 
 install: $(STAMP) $(NATIVE)
 
@@ -55,6 +56,10 @@ bench: install
 
 quality: install
 	$(BIN)/python benchmarks/quality.py
+
+# docs/settings.md from the settings class (tests/unit/test_readme.py keeps the two equal)
+docs: install
+	$(BIN)/python -c "from streamrec.settings import settings_reference as r; open('docs/settings.md', 'w').write(r())"
 
 lock:
 	$(BIN)/python -m pip freeze --exclude-editable | sed '1i # Versions resolved together on Python 3.11; regenerate with `make lock`.' > requirements.lock

@@ -35,6 +35,8 @@ COMPILED = (
     "streamrec.state",
     "streamrec.triggers",
     "streamrec.windows",
+    "streamrec.validation",
+    "streamrec.partitioner",
 )
 STATUS = "import sys; from streamrec import native; sys.exit(native.main(['status']))"
 GROUP = "streamrec._native"  # the shared library of the group: streamrec/_native__mypyc.*.so

@@ -127,9 +127,10 @@ def bundled_schemas() -> dict[str, RecordSchema]:
 # --- hand-written Avro reader for the worker's hot path (tests hold it to fastavro) ------------------------
 
 # Field kinds of a read plan; OPTIONAL marks the union ["null", kind] (branch 0 is null, 1 the value).
-_STRING, _LONG, _DOUBLE, _RECORD = 1, 2, 3, 4
+_STRING, _LONG, _DOUBLE, _RECORD, _INT = 1, 2, 3, 4, 5
 _OPTIONAL = 8
-_PRIMITIVES = {"string": _STRING, "long": _LONG, "int": _LONG, "double": _DOUBLE}
+_PRIMITIVES = {"string": _STRING, "long": _LONG, "int": _INT, "double": _DOUBLE}
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 _DOUBLE_AT = struct.Struct("<d").unpack_from
 _LONG_BITS = (1 << 64) - 1
 
@@ -182,8 +183,8 @@ class _Body:
             n |= (b & 0x7F) << shift
             shift += 7
         self.pos = pos + 1
-        if shift > 63:
-            n &= _LONG_BITS  # a tenth byte's high bits fall off, as in fastavro's 64-bit reader
+        if n > _LONG_BITS:  # a tenth byte with more than the 64th bit: outside an Avro long
+            raise ValueError("a varint beyond 64 bits (outside an Avro long)")
         return (n >> 1) ^ -(n & 1)
 
     def string(self) -> str:
@@ -218,6 +219,11 @@ class _Body:
                 out[name] = self.string()
             elif kind == _LONG:
                 out[name] = self.long()
+            elif kind == _INT:
+                value = self.long()
+                if not _INT_MIN <= value <= _INT_MAX:
+                    raise ValueError(f"{name} {value} is outside an Avro int's range")
+                out[name] = value
             elif kind == _DOUBLE:
                 out[name] = self.double()
             else:

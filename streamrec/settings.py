@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -41,6 +41,19 @@ class Settings(BaseSettings):
     model_updates_topic: str = Field("streamrec.model-updates", description="Promoted model versions.")
     triggers_topic: str = Field("streamrec.finetune-triggers", description="Fine-tuning triggers.")
     partitions: int = Field(4, description="Partitions of the events, changelog and output topics.")
+    retention_hours: int = Field(
+        168,
+        ge=1,
+        description="How long the events, backfill, recommendations and dead-letter topics keep records "
+        "(retention.ms of the topics streamrec creates): an erased user's raw events are gone after it.",
+    )
+    erasure_hours: int = Field(
+        24,
+        ge=1,
+        description="Within how long the broker removes an erased user's older state records and then the "
+        "tombstone from the compacted changelog (the changelog's segment.ms, max.compaction.lag.ms and "
+        "delete.retention.ms are each half of it). The embedded broker never compacts.",
+    )
     replication_factor: int = Field(1, description="Replication factor for topics that streamrec creates.")
     session_timeout_ms: int = Field(6000, description="Consumer group session timeout.")
     heartbeat_interval_ms: int = Field(1000, description="Consumer group heartbeat interval.")
@@ -123,6 +136,33 @@ class Settings(BaseSettings):
     reject_unknown_items: bool = Field(
         True, description="Dead-letter events about items not in the catalogue."
     )
+    max_id_bytes: int = Field(
+        256,
+        ge=16,
+        description="Longest user, item, event or session id accepted, in UTF-8 bytes; longer ones are "
+        "dead-lettered as invalid_record (the producer client refuses them).",
+    )
+    max_query_bytes: int = Field(
+        1024, ge=16, description="Longest search query accepted, in UTF-8 bytes (longer: invalid_record)."
+    )
+    max_item_text_bytes: int = Field(
+        16_384,
+        ge=64,
+        description="Longest catalogue title, category or description accepted, in UTF-8 bytes.",
+    )
+    max_event_bytes: int = Field(
+        65_536,
+        ge=1024,
+        description="Largest record (key and value) the worker reads on the events and backfill topics; "
+        "larger ones are dead-lettered as too_large without being decoded.",
+    )
+    max_record_bytes: int = Field(
+        1_000_000,
+        ge=100_000,
+        description="Largest record a worker produces (librdkafka message.max.bytes); keep it at most "
+        "the broker's message.max.bytes. A dead letter that would be larger carries the first bytes of the "
+        "original key and value, and their full sizes.",
+    )
     backfill_recommendations: Literal["shadow", "none"] = Field(
         "shadow",
         description="What backfill-topic events publish: recommendations on the shadow topic, or none.",
@@ -130,6 +170,15 @@ class Settings(BaseSettings):
     web_port: int = Field(6066, description="Worker web server port (health, metrics, lookups).")
     web_host: str = Field("127.0.0.1", description="Worker web server address; 0.0.0.0 in containers.")
     web_enabled: bool = Field(True, description="Run the worker's web server.")
+    api_keys: SecretStr | None = Field(
+        None,
+        description="Comma-separated API keys that may read user data over HTTP (the worker's "
+        "/users/{id}/state); sent as `Authorization: Bearer KEY` or `X-API-Key: KEY`. Without any key "
+        "those routes answer 403. Never logged.",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="A file of API keys, one per line (added to STREAMREC_API_KEYS)."
+    )
     log_level: str = Field("warn", description="Worker log level.")
 
     # --- Models ----------------------------------------------------------------------------------------
@@ -160,6 +209,37 @@ class Settings(BaseSettings):
     )
     trigger_check_s: float = Field(10.0, description="How often a worker evaluates the trigger policy.")
 
-    @property
-    def registry_current(self) -> Path:
-        return self.model_registry / "CURRENT"
+    def api_key_list(self) -> list[str]:
+        """Every configured API key: ``api_keys`` and the lines of ``api_keys_file`` (blank lines skipped)."""
+        keys = self.api_keys.get_secret_value().split(",") if self.api_keys is not None else []
+        if self.api_keys_file is not None:
+            keys += self.api_keys_file.read_text().splitlines()
+        return [k.strip() for k in keys if k.strip()]
+
+
+# Where each group of settings starts, in the class's order (docs/settings.md has a heading for each).
+_SECTIONS = {
+    "bootstrap_servers": "Kafka",
+    "app_id": "Worker",
+    "model_registry": "Models",
+    "trigger_min_events": "Fine-tuning triggers",
+}
+
+
+def settings_reference() -> str:
+    """docs/settings.md: every setting with its variable, default and meaning (``make docs`` writes it; a
+    test keeps it equal to this)."""
+    lines = [
+        "# Settings",
+        "",
+        "Every setting of streamrec, generated from `streamrec/settings.py` by `make docs` (a test keeps the",
+        "two equal). Each is read from the environment once, at start-up; `STREAMREC_API_KEYS` and the other",
+        "secrets are never logged.",
+    ]
+    for name, field in Settings.model_fields.items():
+        if name in _SECTIONS:
+            lines += ["", f"## {_SECTIONS[name]}", "", "| variable | default | meaning |", "|---|---|---|"]
+        default = "unset" if field.default is None else str(field.default)
+        meaning = (field.description or "").replace("|", "\\|")
+        lines.append(f"| `STREAMREC_{name.upper()}` | `{default}` | {meaning} |")
+    return "\n".join(lines) + "\n"

@@ -5,17 +5,13 @@ from __future__ import annotations
 import bisect
 import hashlib
 import io
-import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import fastavro
 
 from streamrec.records import Event, EventKind, HistoryEntry, UserState
 from streamrec.serde import NULL, RecordSchema, avro_long, avro_optional, avro_string, bundled_schemas
-
-if TYPE_CHECKING:
-    from streamrec.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -75,57 +71,6 @@ def apply_event(state: UserState | None, event: Event, limits: StateLimits) -> t
         state.last_event_time = event.timestamp
         state.last_event_id = event.event_id
     return state, True
-
-
-# --- validation --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Rejection:
-    reason: str  # dead-letter reason code
-    detail: str
-
-
-@dataclass(frozen=True)
-class ValidationRules:
-    max_event_age_ms: int | None  # None: no age limit (history replayed through the backfill topic)
-    max_clock_skew_ms: int
-    reject_unknown_items: bool = True
-
-    @classmethod
-    def from_settings(cls, settings: Settings, historical: bool = False) -> ValidationRules:
-        """The worker's rules; history is old by nature: only the clock-skew (future) rule bounds its time."""
-        return cls(
-            max_event_age_ms=None if historical else settings.max_event_age_days * 86_400_000,
-            max_clock_skew_ms=settings.max_clock_skew_s * 1000,
-            reject_unknown_items=settings.reject_unknown_items,
-        )
-
-
-def validate_event(event: Event, now_ms: int, rules: ValidationRules, knows_item: Any) -> Rejection | None:
-    """Decide whether a decoded event may change state; ``knows_item(item_id) -> bool`` is the catalogue."""
-    if not event.event_id or not event.user_id:
-        return Rejection("invalid_record", "event_id and user_id must be non-empty")
-    if event.timestamp > now_ms + rules.max_clock_skew_ms:
-        return Rejection("absurd_timestamp", f"timestamp {event.timestamp} is in the future (now {now_ms})")
-    if rules.max_event_age_ms is not None and event.timestamp < now_ms - rules.max_event_age_ms:
-        return Rejection(
-            "absurd_timestamp", f"timestamp {event.timestamp} is older than the retention window"
-        )
-    if event.kind is EventKind.SEARCH:
-        if not (event.query or "").strip():
-            return Rejection("invalid_record", "search query is empty")
-        return None
-    if not event.item_id:
-        return Rejection("invalid_record", "item_id must be non-empty")
-    if event.kind is EventKind.PURCHASE:
-        if event.price is None or not math.isfinite(event.price) or event.price < 0:
-            return Rejection("invalid_record", f"price {event.price!r} must be finite and non-negative")
-        if event.quantity < 1:
-            return Rejection("invalid_record", f"quantity {event.quantity} must be at least 1")
-    if rules.reject_unknown_items and not knows_item(event.item_id):
-        return Rejection("unknown_item", f"item {event.item_id!r} is not in the catalogue")
-    return None
 
 
 # --- serialisation (the RocksDB value and the changelog record) ---------------------------------------
@@ -239,6 +184,24 @@ def encode_state_bytes(
         ]
     )
     return data, parts
+
+
+def largest_state_bytes(limits: StateLimits, max_id_bytes: int, max_query_bytes: int) -> int:
+    """An upper bound of a state's encoded size when every id and query is as long as validation allows."""
+    varint, string_of = 10, lambda n: 5 + n  # a long's varint at most; a string's length and its bytes
+    entry = varint + 1 + string_of(max_id_bytes) + 1 + string_of(max_query_bytes) + varint
+    arrays = 3 * 2 * varint  # each array's count and its end
+    return (
+        string_of(max_id_bytes)  # user id
+        + limits.history_length * entry
+        + limits.max_purchased * string_of(max_id_bytes)
+        + limits.dedupe_window * varint
+        + 3 * varint  # counters
+        + 1
+        + string_of(max_id_bytes)
+        + varint  # last event id and time
+        + arrays
+    )
 
 
 def encode_state(state: UserState) -> bytes:

@@ -20,20 +20,24 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import faust
 from faust.web import Request, Response, View
+from faust.web.drivers.aiohttp import Web as AiohttpWeb
 from prometheus_client import generate_latest
 
 from streamrec.catalog import Catalog
+from streamrec.dead_letters import dead_letter
 from streamrec.records import CatalogItem
 from streamrec.serde import DecodeError
 from streamrec.settings import Settings
+from streamrec.streams.auth import ApiKeys
 from streamrec.streams.event_stage import EventStage, Recommender, now_ms
 from streamrec.streams.metrics import WorkerMetrics
 from streamrec.streams.schema_store import make_codec
 from streamrec.triggers import OnlineAccuracy, TriggerPolicy
+from streamrec.validation import Rejection, ValidationRules, validate_item
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,21 @@ def ranking_process_health(recommender: Recommender) -> dict[str, Any] | None:
     return {"pid": recommender.pid, "alive": recommender.alive, "restarts": recommender.restarts}
 
 
+class OnlyOurRoutes(AiohttpWeb):
+    """faust's web server without faust's own pages (``/router``, ``/table`` with the tables' raw bytes,
+    ``/graph``, the statistics index): a worker serves streamrec's routes only."""
+
+    default_blueprints: ClassVar[list[Any]] = []
+    production_blueprints: ClassVar[list[Any]] = []
+    debug_blueprints: ClassVar[list[Any]] = []
+    optional_blueprints: ClassVar[list[Any]] = []
+
+
+class WorkerApp(faust.App):
+    def _new_web(self) -> AiohttpWeb:
+        return OnlyOurRoutes(self)
+
+
 class Worker:
     """Wires the faust app, the event stage and the control-topic handlers of one worker process."""
 
@@ -88,6 +107,8 @@ class Worker:
             trained_at=time.time(),
         )
         self.codec = make_codec(settings)
+        self.item_rules = ValidationRules.from_settings(settings)
+        self.auth = ApiKeys(settings.api_key_list())
         recommender = load_recommender(settings)
         self.metrics.model_info.labels(recommender.model_version).set(1)
         self.stage = EventStage(
@@ -112,7 +133,7 @@ class Worker:
         s = self.settings
         extra: dict[str, Any] = {"producer_max_batch_size": 1} if s.embedded_broker else {}
         s.data_dir.mkdir(parents=True, exist_ok=True)
-        app = faust.App(
+        app = WorkerApp(
             s.app_id,
             broker=f"kafka://{s.bootstrap_servers}",
             store="rocksdb://",
@@ -120,6 +141,7 @@ class Worker:
             web_enabled=s.web_enabled,
             web_port=s.web_port,
             web_host=s.web_host,
+            web_bind=s.web_host,  # faust binds 0.0.0.0 unless told: listen only where the settings say
             broker_session_timeout=s.session_timeout_ms / 1000,
             broker_heartbeat_interval=s.heartbeat_interval_ms / 1000,
             broker_rebalance_timeout=s.session_timeout_ms / 1000,
@@ -208,23 +230,30 @@ class Worker:
         @app.page("/users/{user_id}/state")
         class UserStateView(View):
             async def get(self, request: Request, user_id: str) -> Response:
+                refused = worker.auth.refuse(request.headers)
+                if refused is not None:
+                    status, message = refused
+                    return self.json({"error": message}, status=status)
                 state = worker.stage.lookup(user_id)
                 if state is None:
                     return self.json({"user_id": user_id, "found": False}, status=404)
                 return self.json({"found": True, **dataclasses.asdict(state)})
 
+        self.catalog_table, self.models_table = catalog_table, models_table
         self.stage_thread: threading.Thread | None = None
         return app
 
     # --- control topics -----------------------------------------------------------------------------------
 
     def _decode_item(self, value: bytes | None) -> CatalogItem:
+        """A catalogue upsert, held to the rules the producer client applies (DecodeError with the reason)."""
         if value is None:
             raise DecodeError("undecodable", "empty catalogue record")
         _, record = self.codec.decode(value, accept={"CatalogItem"})
         item = CatalogItem.from_avro(record)
-        if not item.item_id or not item.title:
-            raise DecodeError("invalid_record", "catalogue item needs an item_id and a title")
+        rejection = validate_item(item, now_ms(), self.item_rules)
+        if rejection is not None:
+            raise DecodeError(rejection.reason, rejection.detail)
         return item
 
     async def _on_catalog_changelog(self, event: Any) -> None:
@@ -254,18 +283,17 @@ class Worker:
             self.policy.fired(time.time())
 
     async def _dead_letter(self, topic: Any, message: Any, reason: str, detail: str) -> None:
-        record = {
-            "source_topic": message.topic,
-            "partition": message.partition,
-            "offset": message.offset,
-            "key": message.key,
-            "value": message.value,
-            "reason": reason,
-            "detail": detail[:2000],
-            "failed_at": now_ms(),
-            "worker_id": self.worker_id,
-        }
-        await topic.send(key=message.key or b"", value=self.codec.encode("DeadLetter", record))
+        record = dead_letter(
+            message.topic,
+            message.partition,
+            message.offset,
+            message.key,
+            message.value,
+            Rejection(reason, detail),
+            self.worker_id,
+            self.settings.max_record_bytes,
+        )
+        await topic.send(key=record["key"] or b"", value=self.codec.encode("DeadLetter", record))
         self.metrics.dead_letters.labels(reason).inc()
 
     async def _check_triggers(self, topic: Any) -> None:
@@ -290,12 +318,35 @@ class Worker:
 
     # --- the event stage thread ----------------------------------------------------------------------------
 
-    async def _run_stage(self, app: faust.App) -> None:
-        # Start once the catalogue has been recovered, so known items are not dead-lettered as unknown.
+    async def _load_tables(self, app: faust.App) -> None:
+        """Fill the catalogue and take the promoted model from the recovered tables before the event stage
+        starts, on every kind of start. A recovery from the changelog announces each record
+        (``_on_catalog_changelog``); one from this worker's own data directory replays nothing, so the
+        tables' local contents are read here as well: without them every click would be refused as an
+        unknown item until the catalogue was published again."""
         try:
-            await asyncio.wait_for(app.tables.recovery.completed.wait(), timeout=60)  # type: ignore[attr-defined]
+            await asyncio.wait_for(app.tables.recovery.completed.wait(), timeout=120)  # type: ignore[attr-defined]
         except TimeoutError:
-            log.warning("table recovery not complete after 60s; starting the event stage anyway")
+            log.error("table recovery not complete after 120 s; starting with what is recovered")
+        loaded = 0
+        for _, value in list(self.catalog_table.items()):
+            try:
+                self.catalog.upsert(self._decode_item(value))
+                loaded += 1
+            except DecodeError:  # only valid items are written to the table, by an older version maybe
+                continue
+        current = self.models_table.get(CURRENT_MODEL_KEY)
+        if current is not None:
+            await self._swap_model(current)
+        log.info(
+            "%s starts with %d catalogue items and model %s",
+            self.worker_id,
+            loaded,
+            self.stage.pending_model_version() or self.stage.recommender.model_version,
+        )
+
+    async def _run_stage(self, app: faust.App) -> None:
+        await self._load_tables(app)
         quiet_gc()
         stop = threading.Event()
         self.stage_thread = threading.Thread(

@@ -4,8 +4,8 @@ services (and ``streamrec recs tail``) read recommendations with ``Recommendatio
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 import threading
 import time
 import uuid
@@ -30,11 +30,19 @@ from streamrec.serde import Codec, DecodeError, EncodeError, RecordSchema
 from streamrec.settings import Settings
 from streamrec.streams.reading import consume_arrived
 from streamrec.streams.schema_store import RegistryCodec, make_codec, publish_schema
+from streamrec.validation import (
+    ValidationRules,
+    currency_problem,
+    price_problem,
+    quantity_problem,
+    validate_deletion,
+    validate_event,
+    validate_item,
+)
 
 log = logging.getLogger(__name__)
 
 CONTEXT_FIELDS = ("device", "page", "referrer", "locale")
-AVRO_INT_MAX = 2**31 - 1
 
 
 class InvalidRecordError(EncodeError):
@@ -61,25 +69,9 @@ class DeliveryError(RuntimeError):
         super().__init__(f"{len(failures)} record(s) not delivered: {shown}{more}{queued}")
 
 
-def _require_id(what: str, value: object) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidRecordError(f"{what} must be a non-empty string, got {value!r}")
-    return value
-
-
-def _is_price(value: object) -> bool:
-    return (
-        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-    )
-
-
-def _check_purchase(price: object, quantity: object, currency: object) -> None:
-    if not _is_price(price):
-        raise InvalidRecordError(f"price must be a finite number >= 0, got {price!r}")
-    if isinstance(quantity, bool) or not isinstance(quantity, int) or not 1 <= quantity <= AVRO_INT_MAX:
-        raise InvalidRecordError(f"quantity must be an integer >= 1, got {quantity!r}")
-    if currency is not None and (not isinstance(currency, str) or len(currency) != 3):
-        raise InvalidRecordError(f"currency must be an ISO 4217 code such as 'EUR', got {currency!r}")
+def _check(problem: str | None) -> None:
+    if problem is not None:
+        raise InvalidRecordError(problem)
 
 
 def _key(value: str | bytes | None) -> bytes | None:
@@ -107,6 +99,8 @@ class EventProducer:
         schema_timeout_s: float = 10.0,
     ) -> None:
         self.settings = settings
+        self.rules = ValidationRules.from_settings(settings)
+        self.history_rules = ValidationRules.from_settings(settings, historical=True)
         self.codec = codec or make_codec(settings, resolve_from_topic=False)
         self.schema_timeout_s = schema_timeout_s
         self._producer = Producer(
@@ -141,7 +135,6 @@ class EventProducer:
         event_id: str | None = None,
     ) -> str:
         """A user viewed or clicked an item; returns the event id."""
-        _require_id("item_id", item_id)
         return self._event(
             EventKind.CLICK, user_id, session_id, context, timestamp, event_id, item_id=item_id
         )
@@ -157,7 +150,6 @@ class EventProducer:
         event_id: str | None = None,
     ) -> str:
         """A user searched the catalogue; returns the event id."""
-        _require_id("query", query)
         return self._event(EventKind.SEARCH, user_id, session_id, context, timestamp, event_id, query=query)
 
     def purchase(
@@ -174,8 +166,7 @@ class EventProducer:
         event_id: str | None = None,
     ) -> str:
         """A user bought ``quantity`` of an item at unit ``price``; returns the event id."""
-        _require_id("item_id", item_id)
-        _check_purchase(price, quantity, currency)
+        _check(price_problem(price) or quantity_problem(quantity) or currency_problem(currency))
         return self._event(
             EventKind.PURCHASE,
             user_id,
@@ -195,12 +186,11 @@ class EventProducer:
         ``historical`` lifts the age limit: for the backfill topic, where the worker accepts old events.
         """
         if event.kind is EventKind.SEARCH:
-            _require_id("query", event.query)
             fields: dict[str, Any] = {"query": event.query}
         else:
-            fields = {"item_id": _require_id("item_id", event.item_id)}
+            fields = {"item_id": event.item_id}
         if event.kind is EventKind.PURCHASE:
-            _check_purchase(event.price, event.quantity, None)
+            _check(price_problem(event.price) or quantity_problem(event.quantity))
             fields |= {"price": float(event.price or 0.0), "quantity": event.quantity}
         return self._event(
             event.kind,
@@ -225,10 +215,12 @@ class EventProducer:
         """Erase a user (privacy request): keyed by user, so it is ordered after that user's events."""
         record = {
             "event_id": self._event_id(event_id),
-            "user_id": _require_id("user_id", user_id),
+            "user_id": user_id,
             "timestamp": self._timestamp(timestamp),
             "requested_by": requested_by,
         }
+        rejection = validate_deletion(record, int(time.time() * 1000), self.rules)
+        _check(rejection.detail if rejection is not None else None)
         self.send("UserDeletion", record, key=user_id)
         return str(record["event_id"])
 
@@ -244,13 +236,12 @@ class EventProducer:
                 raise InvalidRecordError(f"not a catalogue item: {exc}") from exc
         elif fields:
             raise TypeError("pass a CatalogItem or its fields, not both")
-        _require_id("item_id", item.item_id)
-        if not isinstance(item.title, str):
-            raise InvalidRecordError(f"title must be a string, got {item.title!r}")
-        if item.price is not None and not _is_price(item.price):
-            raise InvalidRecordError(f"price must be a finite number >= 0 or None, got {item.price!r}")
+        now = int(time.time() * 1000)
+        if not item.updated_at:
+            item = dataclasses.replace(item, updated_at=now)
+        rejection = validate_item(item, now, self.rules)
+        _check(rejection.detail if rejection is not None else None)
         record = item.to_avro()
-        record["updated_at"] = item.updated_at or int(time.time() * 1000)
         self.send("CatalogItem", record, key=item.item_id, topic=self.settings.catalog_topic)
         return item.item_id
 
@@ -333,7 +324,7 @@ class EventProducer:
         try:  # the compiled Event checks its field types itself
             event = Event(
                 event_id=self._event_id(event_id),
-                user_id=_require_id("user_id", user_id),
+                user_id=user_id,
                 kind=kind,
                 timestamp=self._timestamp(timestamp, historical),
                 session_id=session_id,
@@ -342,6 +333,10 @@ class EventProducer:
             )
         except TypeError as exc:
             raise InvalidRecordError(f"not a {kind.name.lower()} event: {exc}") from exc
+        # The worker's own rules (the catalogue aside): what passes here is never dead-lettered as invalid.
+        rules = self.history_rules if historical else self.rules
+        rejection = validate_event(event, int(time.time() * 1000), rules, lambda _: True)
+        _check(rejection.detail if rejection is not None else None)
         record = event.to_avro()
         if kind is EventKind.PURCHASE:
             record["currency"] = currency
@@ -350,7 +345,7 @@ class EventProducer:
 
     @staticmethod
     def _event_id(event_id: str | None) -> str:
-        return uuid.uuid4().hex if event_id is None else _require_id("event_id", event_id)
+        return uuid.uuid4().hex if event_id is None else event_id
 
     def _timestamp(self, timestamp: int | datetime | None, historical: bool = False) -> int:
         now = int(time.time() * 1000)

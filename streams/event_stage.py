@@ -43,6 +43,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from streamrec import native
 from streamrec.catalog import Catalog
+from streamrec.dead_letters import dead_letter
+from streamrec.partitioner import partition_of
 from streamrec.records import (
     EVENT_SCHEMAS,
     CatalogItem,
@@ -54,20 +56,26 @@ from streamrec.records import (
 from streamrec.serde import AvroCodec, DecodeError, RecommendationWriter
 from streamrec.settings import Settings
 from streamrec.state import (
-    Rejection,
     StateBytes,
     StateLimits,
-    ValidationRules,
     appends_to_history,
     apply_event,
     decode_state_bytes,
     encode_state_bytes,
-    validate_event,
+    largest_state_bytes,
 )
 from streamrec.streams.metrics import WorkerMetrics
 from streamrec.streams.reading import consume_arrived
-from streamrec.streams.state_store import StateCache, StateStore
+from streamrec.streams.state_store import (
+    ERASURE_KEY,
+    CachedState,
+    StateCache,
+    StateStore,
+    erasure_digest,
+    erasure_value,
+)
 from streamrec.triggers import OnlineAccuracy
+from streamrec.validation import Rejection, ValidationRules, shown, validate_deletion, validate_event
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +140,19 @@ class DeliveryFailed(RuntimeError):
     pass
 
 
+@dataclass(slots=True)
+class Erasure:
+    """A UserDeletion record, decoded: erase the user, and refuse their events up to ``timestamp``."""
+
+    timestamp: int
+
+
+Applied = tuple[Event | Erasure, bool, Message]  # an event or erasure, whether from backfill, its record
+# after applying a user's events: state, its bytes, erased at, encoding, live cause, backfill cause, kinds
+UserUpdate = tuple[UserState, StateBytes, int, bytes, Event | None, Event | None, list[EventKind]]
+CacheUpdate = tuple[int, UserState, StateBytes, int, int]  # partition, state, bytes, erased at, encoded size
+
+
 @dataclass
 class Ranking:
     """A batch's ranking running in the serving thread (in a child process with ``ranking_process``); its
@@ -152,6 +173,8 @@ class InFlight:
     first_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     last_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     changes: dict[int, dict[str, bytes | None]] = field(default_factory=dict)  # None = user erased
+    erasures: dict[int, dict[bytes, int]] = field(default_factory=dict)  # erasure digest -> erased at
+    erased: dict[int, list[str]] = field(default_factory=dict)  # users erased: purged locally once settled
     changelog_offsets: dict[int, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     sent: int = 0
@@ -189,6 +212,27 @@ class InFlight:
         if users is None or user_id not in users:
             return False, None
         return True, users[user_id]
+
+    def pending_erasure(self, partition: int, user_id: str) -> int:
+        """When this batch erased the user; 0 when it did not."""
+        erased = self.erasures.get(partition)
+        return erased.get(erasure_digest(user_id), 0) if erased else 0
+
+
+class RecordLimitsError(ValueError):
+    """Settings under which a state or recommendation could exceed the largest record a worker may produce."""
+
+
+def check_record_limits(settings: Settings, limits: StateLimits) -> None:
+    """Refuse to start when the validation limits let a user's state grow past ``max_record_bytes``: its
+    changelog record could then never be written, and the user's events never settled."""
+    largest = largest_state_bytes(limits, settings.max_id_bytes, settings.max_query_bytes)
+    if largest > settings.max_record_bytes:
+        raise RecordLimitsError(
+            f"a user's state can take {largest:,} bytes with these limits (STREAMREC_HISTORY_LENGTH, "
+            "STREAMREC_MAX_PURCHASED, STREAMREC_MAX_ID_BYTES, STREAMREC_MAX_QUERY_BYTES), more than "
+            f"STREAMREC_MAX_RECORD_BYTES ({settings.max_record_bytes:,}): lower them or raise it"
+        )
 
 
 class CoPartitioningError(RuntimeError):
@@ -235,6 +279,7 @@ class EventStage:
         self.on_events = on_events
         self.worker_id = settings.worker_id or f"worker-{id(self):x}"
         self.limits = StateLimits(settings.history_length, settings.max_purchased, settings.dedupe_window)
+        check_record_limits(settings, self.limits)
         self.rules = ValidationRules.from_settings(settings)
         self.backfill_rules = ValidationRules.from_settings(settings, historical=True)
         self.events_topic = settings.events_topic
@@ -255,6 +300,7 @@ class EventStage:
         self.error: BaseException | None = None
         self._consumer: Consumer | None = None
         self._assigned: dict[str, set[int]] = {}
+        self._partition_count = 0  # of the events topic: a record's key must hash to its partition
         self._producer: Producer | None = None
         # (topic, partition) -> the last offset committed, for the events and the backfill topic
         self._committed: dict[tuple[str, int], TopicPartition] = {}
@@ -273,6 +319,11 @@ class EventStage:
         """Serve a newly promoted model from the next micro-batch on (encoder and its index together)."""
         with self._lock:
             self._pending_model = recommender
+
+    def pending_model_version(self) -> str | None:
+        """The version of a model swapped in but not served yet."""
+        with self._lock:
+            return self._pending_model.model_version if self._pending_model is not None else None
 
     def lookup(self, user_id: str) -> UserState | None:
         """A user's state if one of this worker's partitions holds it (RocksDB reads are thread-safe)."""
@@ -309,6 +360,7 @@ class EventStage:
                 "linger.ms": 2,
                 "compression.type": "lz4",
                 "partitioner": "murmur2_random",
+                "message.max.bytes": s.max_record_bytes,
                 "queue.buffering.max.messages": 1_000_000,  # bounded by bytes instead
                 "queue.buffering.max.kbytes": s.producer_queue_kbytes,
                 "client.id": self.worker_id,
@@ -399,6 +451,7 @@ class EventStage:
             if (meta := topics.get(name)) is not None
         }
         check_co_partitioned(counts, self.events_topic, self.backfill_topic)
+        self._partition_count = counts[self.events_topic] or 0
         consumer.subscribe([self.events_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         wait_s, size = self.settings.batch_wait_ms / 1000, self.settings.batch_size
         try:
@@ -453,117 +506,22 @@ class EventStage:
         assert self._consumer is not None and self._producer is not None
         started = time.perf_counter()
         out = BatchOutcome()
-        producer = self._producer
         flight = InFlight()
-        first_offsets, last_offsets = flight.first_offsets, flight.last_offsets
-
-        # 1. decode and validate, in input order; group valid events per (partition, user). Partition p of the
-        # backfill topic holds the same users as partition p of the events topic.
-        by_partition: dict[int, dict[str, list[tuple[Event | None, bool]]]] = {}  # None = erase the user
-        now = now_ms()
-        for msg in msgs:
-            err = msg.error()
-            if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
-                    log.warning("consume error: %s", err)
-                continue
-            topic, p, offset = msg.topic(), msg.partition(), msg.offset()
-            assert topic is not None and p is not None and offset is not None  # set on every fetched record
-            backfill = topic == self.backfill_topic
-            first_offsets.setdefault((topic, p), offset)
-            last_offsets[(topic, p)] = offset
-            outcome = self._decode(msg, now, self.backfill_rules if backfill else self.rules)
-            if isinstance(outcome, Rejection):
-                self._dead_letter(producer, msg, outcome, flight)
-                out.dead_letters += 1
-                continue
-            by_partition.setdefault(p, {}).setdefault(outcome[0], []).append((outcome[1], backfill))
-
         clock = time.perf_counter
         phases = self.metrics.batch_phase_seconds
+
+        # 1. decode and validate, in input order (rejects are dead-lettered); valid events grouped per
+        # (partition, user)
+        by_partition = self._decode_batch(msgs, flight, out)
         t_decoded = clock()
         phases.labels("decode").inc(t_decoded - started)
 
-        # 2. apply to state (once the batch being ranked has read its states: they change in place): active
-        # users' decoded states come from the cache, the others from the changes
-        # of the batches in flight (newest first) or else RocksDB. A user's recommendation is caused by their
-        # last live event, else by their last backfill event (shadow topic), so consumers of the live topic
-        # never see history as new.
+        # 2. apply to state, once the batch being ranked has read its states: they change in place
         if self._ranking is not None:
             self._ranking.taken.wait()
-        changed: list[tuple[UserState, Event, bool]] = []  # (state, cause, caused by backfill)
-        changed_bytes: list[bytes] = []  # their encodings, row by row (a ranking process reads these)
+        changed, changed_bytes, cache_updates = self._apply_batch(by_partition, flight, out)
         changes = flight.changes
-        cache_updates: list[tuple[int, UserState, StateBytes, int]] = []
-        applied: Counter[EventKind] = Counter()
-        shadow = self.settings.backfill_recommendations == "shadow"
-        for p, users in by_partition.items():
-            cached = {user_id: self.cache.get(p, user_id) for user_id in users}
-            stored: dict[str, bytes | None] = {}
-            missing = []
-            for user_id, hit in cached.items():
-                if hit is not None:
-                    continue
-                pending, raw = self._pending_state(p, user_id)
-                if pending:
-                    stored[user_id] = raw
-                else:
-                    missing.append(user_id)
-            stored.update(zip(missing, self.store.get_many(p, missing), strict=True))
-            for user_id, events in users.items():
-                hit = cached[user_id]
-                parts: StateBytes | None = None
-                if hit is not None:
-                    state, parts = hit
-                else:
-                    raw = stored[user_id]
-                    # read back with its bytes: re-encoded after this batch's events, not from scratch
-                    state, parts = decode_state_bytes(raw) if raw is not None else (None, None)
-                live_cause: Event | None = None
-                backfill_cause: Event | None = None
-                erased = False
-                new_events = 0
-                for event, backfill in events:
-                    if event is None:
-                        state, parts, live_cause, backfill_cause, erased, new_events = (
-                            None, None, None, None, True, 0
-                        )  # fmt: skip
-                        continue
-                    appends = appends_to_history(state, event)
-                    state, was_applied = apply_event(state, event, self.limits)
-                    if not was_applied:
-                        out.duplicates += 1
-                        continue
-                    out.events += 1
-                    new_events += 1
-                    applied[event.kind] += 1
-                    if not appends:
-                        parts = None  # inserted by time, not appended: re-encode the whole history
-                    if backfill:
-                        backfill_cause = event
-                        continue
-                    if event.kind is not EventKind.SEARCH and event.item_id is not None:
-                        self.accuracy.interacted(user_id, event.item_id)
-                    live_cause = event
-                if state is None:
-                    if erased:
-                        changes.setdefault(p, {})[user_id] = None
-                        self.accuracy.forget(user_id)
-                        out.deleted_users += 1
-                    continue
-                if new_events:
-                    encoded, parts = encode_state_bytes(state, parts, new_events)
-                    changes.setdefault(p, {})[user_id] = encoded
-                    cache_updates.append((p, state, parts, len(encoded)))
-                    if live_cause is not None:
-                        changed.append((state, live_cause, False))
-                        changed_bytes.append(encoded)
-                    elif backfill_cause is not None and shadow:
-                        changed.append((state, backfill_cause, True))
-                        changed_bytes.append(encoded)
-        for kind, n in applied.items():
-            self.metrics.events.labels(kind.name.lower()).inc(n)
-
+        producer = self._producer
         t_applied = clock()
         phases.labels("state").inc(t_applied - t_decoded)
 
@@ -599,13 +557,24 @@ class EventStage:
                     self._produce(
                         producer, changelog, user_id.encode(), value, flight, p, flight.on_changelog_delivery
                     )
+            for p, markers in flight.erasures.items():
+                for digest, erased_at in markers.items():
+                    self._produce(
+                        producer,
+                        changelog,
+                        ERASURE_KEY + digest,
+                        erasure_value(erased_at),
+                        flight,
+                        p,
+                        flight.on_changelog_delivery,
+                    )
             # The next batch reads these states from the cache (a failure anywhere clears it)
             for p, user_changes in changes.items():
                 for user_id, value in user_changes.items():
                     if value is None:
                         self.cache.drop(p, user_id)
-            for p, state, parts, size in cache_updates:
-                self.cache.put(p, state.user_id, (state, parts), size)
+            for p, state, parts, erased_at, size in cache_updates:
+                self.cache.put(p, state.user_id, (state, parts, erased_at), size)
             phases.labels("produce").inc(clock() - t_applied)
 
             # 5. settle the earlier batches whose reports are in, and wait for the oldest while more than the
@@ -632,6 +601,172 @@ class EventStage:
 
         self._record(out, time.perf_counter() - started)
         return out
+
+    def _decode_batch(
+        self, msgs: list[Message], flight: InFlight, out: BatchOutcome
+    ) -> dict[int, dict[str, list[Applied]]]:
+        """Decode and validate each record in input order: rejects go to the dead-letter topic, valid events
+        and erasures are grouped per partition and user (partition p of the backfill topic holds the same
+        users as partition p of the events topic)."""
+        producer = self._producer
+        assert producer is not None
+        first_offsets, last_offsets = flight.first_offsets, flight.last_offsets
+        by_partition: dict[int, dict[str, list[Applied]]] = {}
+        now = now_ms()
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consume error: %s", err)
+                continue
+            topic, p, offset = msg.topic(), msg.partition(), msg.offset()
+            assert topic is not None and p is not None and offset is not None  # set on every fetched record
+            backfill = topic == self.backfill_topic
+            first_offsets.setdefault((topic, p), offset)
+            last_offsets[(topic, p)] = offset
+            outcome = self._decode(msg, now, self.backfill_rules if backfill else self.rules)
+            if isinstance(outcome, Rejection):
+                self._dead_letter(producer, msg, outcome, flight)
+                out.dead_letters += 1
+                continue
+            by_partition.setdefault(p, {}).setdefault(outcome[0], []).append((outcome[1], backfill, msg))
+        return by_partition
+
+    def _apply_batch(
+        self, by_partition: dict[int, dict[str, list[Applied]]], flight: InFlight, out: BatchOutcome
+    ) -> tuple[list[tuple[UserState, Event, bool]], list[bytes], list[CacheUpdate]]:
+        """Apply each user's events to their state: active users' decoded states come from the cache, the
+        others from the changes of the batches in flight (newest first) or else RocksDB, with when the user
+        was last erased. Returns the users to recommend to (state, cause, caused by backfill), their
+        encodings row by row (a ranking process reads those), and the states to cache once published.
+
+        A user's recommendation is caused by their last live event, else by their last backfill event
+        (shadow topic), so consumers of the live topic never see history as new."""
+        changed: list[tuple[UserState, Event, bool]] = []
+        changed_bytes: list[bytes] = []
+        cache_updates: list[CacheUpdate] = []
+        applied: Counter[EventKind] = Counter()
+        shadow = self.settings.backfill_recommendations == "shadow"
+        for p, users in by_partition.items():
+            for user_id, (state, parts, erased_at) in self._read_states(p, list(users)).items():
+                update = self._apply_user(p, user_id, users[user_id], state, parts, erased_at, flight, out)
+                if update is None:
+                    continue
+                state, parts, erased_at, encoded, live_cause, backfill_cause, kinds = update
+                applied.update(kinds)
+                cache_updates.append((p, state, parts, erased_at, len(encoded)))
+                if live_cause is not None:
+                    changed.append((state, live_cause, False))
+                    changed_bytes.append(encoded)
+                elif backfill_cause is not None and shadow:
+                    changed.append((state, backfill_cause, True))
+                    changed_bytes.append(encoded)
+        for kind, n in applied.items():
+            self.metrics.events.labels(kind.name.lower()).inc(n)
+        return changed, changed_bytes, cache_updates
+
+    def _read_states(self, p: int, user_ids: list[str]) -> dict[str, CachedState | tuple[None, None, int]]:
+        """Each user's state, its bytes and when the user was last erased (0: never): from the cache, else
+        from the batches in flight (newest first) and RocksDB."""
+        found: dict[str, CachedState | tuple[None, None, int]] = {}
+        from_flights: dict[str, bytes | None] = {}
+        erased_in_flight: dict[str, int] = {}
+        to_read: list[str] = []  # states not in the cache nor in flight
+        erasures_to_read: list[str] = []  # erasure markers not in flight
+        for user_id in user_ids:
+            hit = self.cache.get(p, user_id)
+            if hit is not None:
+                found[user_id] = hit
+                continue
+            pending, raw = self._pending_state(p, user_id)
+            if pending:
+                from_flights[user_id] = raw
+            else:
+                to_read.append(user_id)
+            erased_at = self._pending_erasure(p, user_id)
+            if erased_at:
+                erased_in_flight[user_id] = erased_at
+            else:
+                erasures_to_read.append(user_id)
+        stored, erasures = self.store.read(p, to_read, erasures_to_read)
+        raw_states = from_flights | dict(zip(to_read, stored, strict=True))
+        erased = erased_in_flight | dict(zip(erasures_to_read, erasures, strict=True))
+        for user_id, raw in raw_states.items():
+            if raw is None:
+                found[user_id] = (None, None, erased[user_id])
+            else:
+                # read back with its bytes: re-encoded after this batch's events, not from scratch
+                state, parts = decode_state_bytes(raw)
+                found[user_id] = (state, parts, erased[user_id])
+        return found
+
+    def _apply_user(
+        self,
+        p: int,
+        user_id: str,
+        events: list[Applied],
+        state: UserState | None,
+        parts: StateBytes | None,
+        erased_at: int,
+        flight: InFlight,
+        out: BatchOutcome,
+    ) -> UserUpdate | None:
+        """Apply one user's events of this batch in order; their new state with its bytes and erasure time,
+        its encoding, the last live and backfill events that changed it and the kinds of the events applied,
+        or None when it did not change (or the user was erased).
+
+        An erasure removes the state and remembers when it happened: events up to that time (a retrying
+        backend's, a redelivered batch's, a replay's) are refused as ``erased_user``, so an erased user is
+        never brought back by old events. A later event starts a new state."""
+        producer = self._producer
+        assert producer is not None
+        live_cause: Event | None = None
+        backfill_cause: Event | None = None
+        erased = False
+        new_events = 0
+        kinds: list[EventKind] = []
+        for event, backfill, msg in events:
+            if isinstance(event, Erasure):
+                last = state.last_event_time if state is not None else 0
+                erased_at = max(erased_at, event.timestamp, last)
+                state, parts, live_cause, backfill_cause, erased, new_events = (
+                    None, None, None, None, True, 0
+                )  # fmt: skip
+                continue
+            if event.timestamp <= erased_at:
+                self._dead_letter_erased(producer, msg, erased_at, flight)
+                out.dead_letters += 1
+                continue
+            appends = appends_to_history(state, event)
+            state, was_applied = apply_event(state, event, self.limits)
+            if not was_applied:
+                out.duplicates += 1
+                continue
+            out.events += 1
+            new_events += 1
+            kinds.append(event.kind)
+            if not appends:
+                parts = None  # inserted by time, not appended: re-encode the whole history
+            if backfill:
+                backfill_cause = event
+                continue
+            if event.kind is not EventKind.SEARCH and event.item_id is not None:
+                self.accuracy.interacted(user_id, event.item_id)
+            live_cause = event
+        if erased:
+            flight.erasures.setdefault(p, {})[erasure_digest(user_id)] = erased_at
+            flight.erased.setdefault(p, []).append(user_id)
+            self.accuracy.forget(user_id)
+            self.metrics.erased_users.inc()
+            out.deleted_users += 1
+            if state is None:
+                flight.changes.setdefault(p, {})[user_id] = None
+                return None
+        if state is None or not new_events:
+            return None
+        encoded, parts = encode_state_bytes(state, parts, new_events)
+        flight.changes.setdefault(p, {})[user_id] = encoded
+        return state, parts, erased_at, encoded, live_cause, backfill_cause, kinds
 
     def _timed_rank(
         self,
@@ -727,6 +862,14 @@ class EventStage:
                 return pending, raw
         return False, None
 
+    def _pending_erasure(self, partition: int, user_id: str) -> int:
+        """When the newest batch in flight that erased the user did; 0 when none did."""
+        for flight in reversed(self._flights):
+            erased_at = flight.pending_erasure(partition, user_id)
+            if erased_at:
+                return erased_at
+        return 0
+
     def _settle_flights(self, keep: int, timeout_s: float = 30.0) -> None:
         """Settle the batches in flight, oldest first: each one whose reports are in, and, waiting for them,
         the oldest ones until at most ``keep`` remain. If one cannot be delivered, rewind to its offsets: it
@@ -779,8 +922,12 @@ class EventStage:
         if flight.failures or not flight.delivered:
             self.cache.clear()  # it holds this batch's states, updated in place: RocksDB has the truth
             raise DeliveryFailed(f"{flight.sent - flight.acked} undelivered, failures: {flight.failures[:5]}")
-        for p, user_changes in flight.changes.items():
-            self.store.write(p, user_changes, flight.changelog_offsets.get(p))
+        for p in flight.changes.keys() | flight.erasures.keys():
+            self.store.write(
+                p, flight.changes.get(p, {}), flight.changelog_offsets.get(p), flight.erasures.get(p)
+            )
+        for p, erased in flight.erased.items():
+            self.store.purge(p, erased)  # rare: the files keep nothing of an erased user's states
         # Asynchronous: everything before it is delivered, so a lost commit only means the batch is consumed
         # again, and de-duplication makes that harmless; a revoke or a stop commits once more, waiting.
         commits = [TopicPartition(t, p, o + 1) for (t, p), o in flight.last_offsets.items()]
@@ -790,21 +937,54 @@ class EventStage:
         phases.labels("commit").inc(time.perf_counter() - t1)
         return True
 
-    def _decode(self, msg: Message, now: int, rules: ValidationRules) -> tuple[str, Event | None] | Rejection:
+    def _decode(
+        self, msg: Message, now: int, rules: ValidationRules
+    ) -> tuple[str, Event | Erasure] | Rejection:
+        """The user and what to apply to them, or why the record is refused: too large, not decodable, not
+        valid, or not keyed and placed as its user's records are (one writer per user's state)."""
         value = msg.value()
         if value is None:
             return Rejection("undecodable", "empty record (tombstone) on the events topic")
+        size = len(value) + len(msg.key() or b"")
+        limit = self.settings.max_event_bytes
+        if size > limit:
+            return Rejection("too_large", f"{size} bytes of key and value, more than the {limit} allowed")
         try:
             name, record = self.codec.decode(value, accept=ACCEPTED_SCHEMAS)
         except DecodeError as exc:
             return Rejection(exc.reason, exc.detail)
+        applied: Event | Erasure
         if name == "UserDeletion":
-            if not record["user_id"]:
-                return Rejection("invalid_record", "user_id must be non-empty")
-            return record["user_id"], None
-        event = Event.from_avro(name, record)
-        rejection = validate_event(event, now, rules, self.catalog.__contains__)
-        return rejection if rejection is not None else (event.user_id, event)
+            rejection = validate_deletion(record, now, rules)
+            user_id, applied = record["user_id"], Erasure(record["timestamp"])
+        else:
+            event = Event.from_avro(name, record)
+            rejection = validate_event(event, now, rules, self.catalog.__contains__)
+            user_id, applied = event.user_id, event
+        if rejection is None:
+            rejection = self._placement(msg, user_id)
+        return rejection if rejection is not None else (user_id, applied)
+
+    def _placement(self, msg: Message, user_id: str) -> Rejection | None:
+        """Whether a record is keyed by its user id and sits on that key's partition (Kafka's default
+        partitioner, murmur2); otherwise a user's state would split across partitions, and workers."""
+        key = msg.key()
+        expected = user_id.encode()
+        if key != expected:
+            got = "no key" if key is None else f"key {shown(key)}"
+            return Rejection(
+                "wrong_key", f"{got}; events are keyed by their user_id, UTF-8 ({shown(user_id)})"
+            )
+        partitions = self._partition_count
+        if partitions:
+            home = partition_of(expected, partitions)
+            if home != msg.partition():
+                return Rejection(
+                    "wrong_partition",
+                    f"user {shown(user_id)} belongs on partition {home} of {partitions} (murmur2 of the key, "
+                    f"as Kafka's default partitioner), not {msg.partition()}",
+                )
+        return None
 
     def _produce(
         self,
@@ -816,6 +996,8 @@ class EventStage:
         partition: int = ANY_PARTITION,
         on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
     ) -> None:
+        """Queue a record of the batch in flight. One that cannot be queued (too large, say) fails the
+        batch as an undelivered record would: it is consumed again, never settled without it."""
         report = on_delivery or flight.on_delivery
         while True:
             try:
@@ -824,6 +1006,12 @@ class EventStage:
                 return
             except BufferError:
                 producer.poll(0.05)  # local queue full: let deliveries drain
+            except KafkaException as exc:
+                size = len(key) + len(value or b"")
+                flight.failures.append(f"{topic}[{partition}]: not queued ({size} bytes): {exc}")
+                self.metrics.produce_errors.labels(topic).inc()
+                log.error("a record for %s could not be queued (%d bytes): %s", topic, size, exc)
+                return
 
     def _dead_letter(
         self,
@@ -832,23 +1020,40 @@ class EventStage:
         rejection: Rejection,
         flight: InFlight,
     ) -> None:
-        record = {
-            "source_topic": msg.topic(),
-            "partition": msg.partition(),
-            "offset": msg.offset(),
-            "key": msg.key(),
-            "value": msg.value(),
-            "reason": rejection.reason,
-            "detail": rejection.detail[:2000],
-            "failed_at": now_ms(),
-            "worker_id": self.worker_id,
-        }
+        """The record's coordinates, reason and original bytes on the dead-letter topic. A copy that would
+        make the dead letter larger than ``max_record_bytes`` keeps the first bytes of the key and value
+        and says how large they were (``key_size``, ``value_size``)."""
+        record = dead_letter(
+            msg.topic() or "",
+            msg.partition() or 0,
+            msg.offset() or 0,
+            msg.key(),
+            msg.value(),
+            rejection,
+            self.worker_id,
+            self.settings.max_record_bytes,
+        )
         self._produce(
             producer,
             self.settings.dead_letter_topic,
-            msg.key() or b"",
+            record["key"] or b"",
             self.codec.encode("DeadLetter", record),
             flight,
+        )
+        self.metrics.dead_letters.labels(rejection.reason).inc()
+
+    def _dead_letter_erased(self, producer: Producer, msg: Message, erased_at: int, flight: InFlight) -> None:
+        """An erased user's event, refused: its coordinates only, so the dead letter brings nothing back."""
+        rejection = Rejection(
+            "erased_user",
+            f"an event of a user erased at {erased_at}, from no later than that; its key and value are "
+            "left out",
+        )
+        record = dead_letter(
+            msg.topic() or "", msg.partition() or 0, msg.offset() or 0, None, None, rejection, self.worker_id
+        )
+        self._produce(
+            producer, self.settings.dead_letter_topic, b"", self.codec.encode("DeadLetter", record), flight
         )
         self.metrics.dead_letters.labels(rejection.reason).inc()
 

@@ -24,6 +24,13 @@ class WorkerMetrics:
             "streamrec_dead_letters", "Records sent to dead letters", ["reason"], registry=r
         )
         self.recommendations = Counter("streamrec_recommendations", "Recommendations published", registry=r)
+        self.produce_errors = Counter(
+            "streamrec_produce_errors",
+            "Records the producer refused to queue (the batch is consumed again)",
+            ["topic"],
+            registry=r,
+        )
+        self.erased_users = Counter("streamrec_erased_users", "Users erased on request", registry=r)
         self.batches = Counter("streamrec_batches", "Micro-batches processed", registry=r)
         self.batch_seconds = Histogram(
             "streamrec_batch_seconds", "Micro-batch processing time", buckets=LATENCY_BUCKETS_S, registry=r

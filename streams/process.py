@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -13,12 +14,29 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from streamrec.settings import Settings
 from streamrec.streams.broker import free_port
 
 
 class WorkerNotReady(RuntimeError):
     pass
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a child process these settings (secrets included; unset ones left out)."""
+    env = {}
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        env[f"STREAMREC_{name.upper()}"] = str(value)
+    return env
 
 
 class WorkerProcess:
@@ -38,6 +56,7 @@ class WorkerProcess:
         self.web_port = free_port()
         self.log_path = log_path or data_dir.parent / f"{name}.log"
         self.extra_env = env or {}
+        self.api_key = secrets.token_urlsafe(24)  # this handle's own key for the user-data routes
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -45,16 +64,16 @@ class WorkerProcess:
         return self.process.pid if self.process is not None else None
 
     def start(self) -> WorkerProcess:
+        """Start ``streamrec worker`` with every one of this object's settings (its own data dir, web port and
+        name), the environment's other variables and ``env`` on top."""
         env = {
-            **os.environ,
-            "STREAMREC_BOOTSTRAP_SERVERS": self.settings.bootstrap_servers,
-            "STREAMREC_MODEL_REGISTRY": str(self.settings.model_registry),
+            **{k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")},
+            **settings_env(self.settings),
             "STREAMREC_DATA_DIR": str(self.data_dir),
             "STREAMREC_WEB_PORT": str(self.web_port),
+            "STREAMREC_WEB_ENABLED": "true",
             "STREAMREC_WORKER_ID": self.name,
-            "STREAMREC_BATCH_WAIT_MS": str(self.settings.batch_wait_ms),
-            "STREAMREC_BATCH_SIZE": str(self.settings.batch_size),
-            "STREAMREC_PARTITIONS": str(self.settings.partitions),
+            "STREAMREC_API_KEYS": ",".join([self.api_key, *self.settings.api_key_list()]),
             **self.extra_env,
         }
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,9 +91,13 @@ class WorkerProcess:
         return self.process is not None and self.process.poll() is None
 
     def get(self, path: str) -> dict | None:
-        """GET a JSON page of the worker's web server; None while it is not answering."""
+        """GET a JSON page of the worker's web server (with this handle's API key); None while it is not
+        answering."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.web_port}{path}", headers={"X-API-Key": self.api_key}
+        )
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}{path}", timeout=2) as response:
+            with urllib.request.urlopen(request, timeout=2) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
             return json.loads(exc.read()) if exc.code == 404 else None

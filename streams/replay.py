@@ -31,8 +31,9 @@ from typing import IO, Any, Protocol
 from streamrec.records import EVENT_SCHEMAS, Event, EventKind
 from streamrec.serde import AvroCodec, Codec, DecodeError, EncodeError
 from streamrec.settings import Settings
-from streamrec.state import ValidationRules, event_id_hash, validate_event
+from streamrec.state import event_id_hash
 from streamrec.streams.reading import consume_arrived
+from streamrec.validation import ValidationRules, validate_event
 
 FILE = -1  # the "partition" of a record read from a file: its position is a line or record number
 

@@ -10,15 +10,23 @@ wrong (see BROKER.md).
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
-from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch
+from rocksdict import (
+    BlockBasedOptions,
+    BottommostLevelCompaction,
+    Cache,
+    CompactOptions,
+    Options,
+    Rdict,
+    WriteBatch,
+)
 
 from streamrec.records import UserState
 from streamrec.state import StateBytes
@@ -27,7 +35,27 @@ from streamrec.streams.reading import consume_arrived
 log = logging.getLogger(__name__)
 
 _USER = b"u:"
+_ERASED = b"e:"  # + erasure_digest(user_id): when the user was erased (epoch ms, 8 bytes big-endian)
 _CHECKPOINT = b"m:changelog-offset"
+# The changelog key of an erasure marker: a prefix no user id has (ids have no control characters).
+ERASURE_KEY = b"\x00erased:"
+# Erasing a batch's users compacts each one's key range; more than this many compact the whole partition.
+PURGE_KEYS_SEPARATELY = 64
+
+
+def erasure_digest(user_id: str) -> bytes:
+    """What an erasure marker keeps of a user id: a 16-byte hash, so neither RocksDB nor the changelog holds
+    the id of a user who asked to be erased, yet their old events can still be recognised and refused."""
+    return hashlib.blake2b(user_id.encode(), digest_size=16, person=b"streamrec-erase").digest()
+
+
+def erasure_value(erased_at: int) -> bytes:
+    return erased_at.to_bytes(8, "big", signed=True)
+
+
+def erased_at_of(value: bytes | None) -> int:
+    """The time in an erasure marker's value; 0 for none."""
+    return int.from_bytes(value, "big", signed=True) if value else 0
 
 
 class StoreError(RuntimeError):
@@ -49,6 +77,9 @@ class PartitionStore:
             table = BlockBasedOptions()
             table.set_block_cache(block_cache)
             options.set_block_based_table_factory(table)
+        # The MANIFEST names the first and last key of every table file: rolled over at every change, it
+        # never keeps an erased user's id once the tables that held it are compacted away (``purge``).
+        options.set_max_manifest_file_size(1)
         self.path = path
         self.db = Rdict(str(path), options)
 
@@ -59,15 +90,27 @@ class PartitionStore:
         return int(raw) if raw is not None else None
 
     def get_many(self, user_ids: list[str]) -> list[bytes | None]:
-        if not user_ids:
-            return []
+        return self.read(user_ids, [])[0]
+
+    def read(self, user_ids: list[str], erasures_of: list[str]) -> tuple[list[bytes | None], list[int]]:
+        """The states of ``user_ids`` (None where absent) and when each of ``erasures_of`` was last erased
+        (0: never), in one read."""
+        if not user_ids and not erasures_of:
+            return [], []
         keys: list[str | int | float | bytes | bool] = [_USER + u.encode() for u in user_ids]
+        keys += [_ERASED + erasure_digest(u) for u in erasures_of]
         values = self.db[keys]
         assert isinstance(values, list)  # a list of keys reads a list (raw mode: bytes, None where absent)
-        return values
+        return values[: len(user_ids)], [erased_at_of(v) for v in values[len(user_ids) :]]
 
-    def write(self, changes: dict[str, bytes | None], checkpoint: int | None) -> None:
-        """Apply changes (None deletes the user) and move the checkpoint, atomically."""
+    def write(
+        self,
+        changes: dict[str, bytes | None],
+        checkpoint: int | None,
+        erasures: dict[bytes, int] | None = None,
+    ) -> None:
+        """Apply changes (None deletes the user), erasure markers (by ``erasure_digest``) and move the
+        checkpoint, atomically."""
         batch = WriteBatch(raw_mode=True)
         for user_id, value in changes.items():
             key = _USER + user_id.encode()
@@ -75,18 +118,34 @@ class PartitionStore:
                 batch.delete(key)
             else:
                 batch.put(key, value)
+        for digest, erased_at in (erasures or {}).items():
+            batch.put(_ERASED + digest, erasure_value(erased_at))
         if checkpoint is not None:
             batch.put(_CHECKPOINT, str(checkpoint).encode())
         self.db.write(batch)
 
-    def user_count(self) -> int:
-        return sum(1 for k in self.db.keys(from_key=_USER) if isinstance(k, bytes) and k.startswith(_USER))
+    def purge(self, user_ids: list[str]) -> None:
+        """Leave nothing of these users' earlier states in the partition's files: the memtable goes to a
+        table file (the write-ahead log that held them is then deleted), and their keys' tables are
+        compacted down to the bottom level, which drops overwritten values and deletion markers."""
+        if not user_ids:
+            return
+        self.db.flush(True)
+        options = CompactOptions()
+        options.set_bottommost_level_compaction(BottommostLevelCompaction.force())
+        if len(user_ids) > PURGE_KEYS_SEPARATELY:
+            self.db.compact_range(None, None, options)
+        else:
+            for user_id in user_ids:
+                key = _USER + user_id.encode()
+                self.db.compact_range(key, key + b"\x00", options)
 
     def close(self) -> None:
         self.db.close()
 
 
-CachedState = tuple[UserState, StateBytes]
+# A cached state: the state, its bytes, and when the user was last erased (0: never).
+CachedState = tuple[UserState, StateBytes, int]
 
 
 # What a cached state costs in memory, per byte of its encoding: a UserState, its history entries, strings and
@@ -183,16 +242,25 @@ class StateStore:
     def close(self) -> None:
         self.revoke(list(self.partitions))
 
-    def forget_local(self, partition: int) -> None:
-        """Drop a partition's local copy (it will be rebuilt from the changelog on the next assignment)."""
-        self.revoke([partition])
-        shutil.rmtree(self._path(partition), ignore_errors=True)
-
     def get_many(self, partition: int, user_ids: list[str]) -> list[bytes | None]:
         return self.partitions[partition].get_many(user_ids)
 
-    def write(self, partition: int, changes: dict[str, bytes | None], checkpoint: int | None) -> None:
-        self.partitions[partition].write(changes, checkpoint)
+    def read(
+        self, partition: int, user_ids: list[str], erasures_of: list[str]
+    ) -> tuple[list[bytes | None], list[int]]:
+        return self.partitions[partition].read(user_ids, erasures_of)
+
+    def write(
+        self,
+        partition: int,
+        changes: dict[str, bytes | None],
+        checkpoint: int | None,
+        erasures: dict[bytes, int] | None = None,
+    ) -> None:
+        self.partitions[partition].write(changes, checkpoint, erasures)
+
+    def purge(self, partition: int, user_ids: list[str]) -> None:
+        self.partitions[partition].purge(user_ids)
 
     def _restore(self, partitions: list[int], timeout_s: float = 120.0) -> None:
         started = time.monotonic()
@@ -215,6 +283,8 @@ class StateStore:
             consumer.assign(positions)
             pending = set(partitions)
             batches: dict[int, dict[str, bytes | None]] = {p: {} for p in partitions}
+            markers: dict[int, dict[bytes, int]] = {p: {} for p in partitions}
+            erased: dict[int, set[str]] = {p: set() for p in partitions}  # purged once restored
             last_offset: dict[int, int] = {}
             deadline = time.monotonic() + timeout_s
             while pending:
@@ -234,16 +304,24 @@ class StateStore:
                         continue
                     offset = msg.offset()
                     assert offset is not None  # set on every fetched record
-                    batches[partition][key.decode()] = msg.value()
+                    value = msg.value()
+                    if key.startswith(ERASURE_KEY):
+                        markers[partition][key[len(ERASURE_KEY) :]] = erased_at_of(value)
+                    else:
+                        user_id = key.decode()
+                        batches[partition][user_id] = value
+                        if value is None:
+                            erased[partition].add(user_id)
                     last_offset[partition] = offset
                     self.restored_records += 1
                 for p, changes in batches.items():
-                    if len(changes) >= 5_000:
-                        self.partitions[p].write(changes, last_offset[p])
-                        batches[p] = {}
+                    if len(changes) + len(markers[p]) >= 5_000:
+                        self.partitions[p].write(changes, last_offset[p], markers[p])
+                        batches[p], markers[p] = {}, {}
             for p, changes in batches.items():
                 if p in last_offset:
-                    self.partitions[p].write(changes, last_offset[p])
+                    self.partitions[p].write(changes, last_offset[p], markers[p])
+                self.partitions[p].purge(sorted(erased[p]))
         finally:
             consumer.close()
         log.info("restored partitions %s in %.2fs", partitions, time.monotonic() - started)

@@ -15,23 +15,42 @@ class TopicSpec:
     name: str
     partitions: int
     compacted: bool = False
+    config: tuple[tuple[str, str], ...] = ()  # topic configs beyond cleanup.policy
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
-    """Events, changelog and outputs share the partition count so one user stays on one partition number."""
+    """Events, changelog and outputs share the partition count so one user stays on one partition number.
+
+    The topics that hold user data are bounded in time, so an erased user's records do not outlive the
+    erasure by more than these settings say (docs/privacy.md): the user-keyed topics expire after
+    ``retention_hours``; the compacted state changelog rolls its segments and compacts them within half of
+    ``erasure_hours``, and keeps a tombstone for the other half (long enough for a restoring worker to read
+    it, and no longer)."""
     p = settings.partitions
+    retention = (("retention.ms", str(settings.retention_hours * 3_600_000)),)
+    half_erasure = str(settings.erasure_hours * 1_800_000)
+    changelog = (
+        ("segment.ms", half_erasure),
+        ("max.compaction.lag.ms", half_erasure),
+        ("delete.retention.ms", half_erasure),
+        ("min.cleanable.dirty.ratio", "0.1"),
+    )
     return [
-        TopicSpec(settings.events_topic, p),
-        TopicSpec(settings.backfill_topic, p),
-        TopicSpec(settings.state_changelog_topic, p, compacted=True),
-        TopicSpec(settings.recommendations_topic, p),
-        TopicSpec(settings.shadow_topic, p),
-        TopicSpec(settings.dead_letter_topic, p),
+        TopicSpec(settings.events_topic, p, config=retention),
+        TopicSpec(settings.backfill_topic, p, config=retention),
+        TopicSpec(settings.state_changelog_topic, p, compacted=True, config=changelog),
+        TopicSpec(settings.recommendations_topic, p, config=retention),
+        TopicSpec(settings.shadow_topic, p, config=retention),
+        TopicSpec(settings.dead_letter_topic, p, config=retention),
         TopicSpec(settings.catalog_topic, 1, compacted=True),  # low rate; every worker reads it all
         TopicSpec(settings.schemas_topic, 1, compacted=True),
         TopicSpec(settings.model_updates_topic, 1),
         TopicSpec(settings.triggers_topic, 1),
     ]
+
+
+def topic_config(spec: TopicSpec) -> dict[str, str]:
+    return {"cleanup.policy": "compact" if spec.compacted else "delete", **dict(spec.config)}
 
 
 def create_topics(settings: Settings, admin: AdminClient | None = None, timeout_s: float = 15.0) -> list[str]:
@@ -43,7 +62,7 @@ def create_topics(settings: Settings, admin: AdminClient | None = None, timeout_
             spec.name,
             num_partitions=spec.partitions,
             replication_factor=settings.replication_factor,
-            config={"cleanup.policy": "compact"} if spec.compacted else {},
+            config=topic_config(spec),
         )
         for spec in topic_specs(settings)
         if spec.name not in existing

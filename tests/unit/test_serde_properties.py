@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import struct
 import uuid
 from typing import Any
 
@@ -596,7 +597,7 @@ def _click_body(
         _click_body(),
         _click_body(session=b"\x02" + avro_string("s")),
         _click_body(session=b"\x04" + avro_string("s")),  # a union branch the schema does not have
-        _click_body(timestamp=b"\xff" * 9 + b"\x7f"),  # ten bytes: the high bits fall off, as in fastavro
+        _click_body(timestamp=b"\xff" * 9 + b"\x01"),  # ten bytes: the smallest long
         _click_body(timestamp=b"\x80" * 9 + b"\x01"),
         _click_body(event_id=b"\x03e"),  # a negative length
         _click_body(event_id=b"\x04\xff\xfe"),  # not UTF-8
@@ -606,7 +607,7 @@ def _click_body(
         "plain",
         "session",
         "branch-2",
-        "ten-byte-long",
+        "ten-byte-largest",
         "ten-byte-min",
         "negative-length",
         "not-utf8",
@@ -619,11 +620,28 @@ def test_the_hand_reader_accepts_and_refuses_as_fastavro_does(body: bytes) -> No
 
 @pytest.mark.parametrize(
     "body",
-    [_click_body(timestamp=b"\xff" * 10 + b"\x01"), _click_body(session=b"\x01" + avro_string("s"))],
-    ids=["eleven-byte-long", "branch-minus-1"],
+    [
+        _click_body(timestamp=b"\xff" * 10 + b"\x01"),
+        _click_body(timestamp=b"\xff" * 9 + b"\x7f"),
+        _click_body(session=b"\x01" + avro_string("s")),
+    ],
+    ids=["eleven-byte-long", "ten-byte-beyond-64-bits", "branch-minus-1"],
 )
 def test_the_hand_reader_refuses_what_fastavro_reads_by_accident(body: bytes) -> None:
-    """fastavro wraps an 11-byte varint around and takes union branch -1 as the last branch (a Python
-    index); no writer makes either, so the hand reader dead-letters them."""
+    """fastavro wraps an 11-byte varint around, drops a tenth byte's bits beyond the 64th, and takes union
+    branch -1 as the last branch (a Python index); no writer makes any of them (none is a long), so the
+    hand reader dead-letters them."""
     assert _fastavro_body("ClickEvent", body) is not None
     assert _hand_body("ClickEvent", body) is None
+
+
+@pytest.mark.parametrize("quantity", [2**31, -(2**31) - 1, 2**40])
+def test_an_int_field_beyond_32_bits_is_undecodable(quantity: int) -> None:
+    """An Avro int is 32 bits; fastavro reads a longer varint into an int field as it comes."""
+    head = avro_string("e") + avro_string("u") + avro_long(1) + b"\x00" + avro_string("i")
+    price, tail = struct.pack("<d", 1.0), b"\x00\x00"  # no currency, no context
+    body = head + price + avro_long(quantity) + tail
+    assert _fastavro_body("PurchaseEvent", body) is not None
+    assert _hand_body("PurchaseEvent", body) is None
+    inside = head + price + avro_long(2**31 - 1) + tail
+    assert _hand_body("PurchaseEvent", inside) == _fastavro_body("PurchaseEvent", inside) is not None

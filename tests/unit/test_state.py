@@ -13,19 +13,16 @@ from streamrec.records import CatalogItem, Event, EventKind, UserState
 from streamrec.serde import bundled_schemas
 from streamrec.state import (
     StateLimits,
-    ValidationRules,
     appends_to_history,
     apply_event,
     decode_state,
     encode_state,
     encode_state_bytes,
     state_to_avro,
-    validate_event,
 )
 
 LIMITS = StateLimits(history_length=5, max_purchased=3, dedupe_window=4)
 NOW = 1_800_000_000_000
-RULES = ValidationRules(max_event_age_ms=86_400_000, max_clock_skew_ms=300_000)
 
 
 def click(n: int, item: str = "i1", user: str = "u1", ts: int = NOW) -> Event:
@@ -128,37 +125,6 @@ def test_state_round_trips_through_its_wire_format(events: list[tuple[EventKind,
         state, _ = apply_event(state, event, StateLimits())
     if state is not None:
         assert decode_state(encode_state(state)) == state
-
-
-def test_validation_reasons() -> None:
-    catalog = Catalog()
-    catalog.upsert(CatalogItem("known", "Known Item"))
-    ok = click(1, "known")
-    assert validate_event(ok, NOW, RULES, catalog.__contains__) is None
-
-    def reason(event: Event) -> str | None:
-        rejection = validate_event(event, NOW, RULES, catalog.__contains__)
-        return rejection.reason if rejection else None
-
-    assert reason(click(1, "nope")) == "unknown_item"
-    assert reason(click(1, "known", ts=NOW + 3_600_000)) == "absurd_timestamp"
-    assert reason(click(1, "known", ts=0)) == "absurd_timestamp"
-    assert reason(click(1, "known", user="")) == "invalid_record"
-    assert reason(Event("e", "u", EventKind.SEARCH, NOW, query="  ")) == "invalid_record"
-    assert reason(Event("e", "u", EventKind.PURCHASE, NOW, item_id="known", price=-1.0)) == "invalid_record"
-    assert (
-        reason(Event("e", "u", EventKind.PURCHASE, NOW, item_id="known", price=float("nan")))
-        == "invalid_record"
-    )
-    assert (
-        reason(Event("e", "u", EventKind.PURCHASE, NOW, item_id="known", price=2.0, quantity=0))
-        == "invalid_record"
-    )
-    lenient = ValidationRules(RULES.max_event_age_ms, RULES.max_clock_skew_ms, reject_unknown_items=False)
-    assert validate_event(click(1, "nope"), NOW, lenient, catalog.__contains__) is None
-    history = ValidationRules(None, RULES.max_clock_skew_ms)  # the backfill topic: no age limit
-    assert validate_event(click(1, "known", ts=0), NOW, history, catalog.__contains__) is None
-    assert reason(click(1, "known", ts=NOW + 3_600_000)) == "absurd_timestamp", "the future still is not"
 
 
 def test_catalog_keeps_latest_version_and_queues_changes_once() -> None:
