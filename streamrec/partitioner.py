@@ -4,35 +4,41 @@ user's state never splits across partitions whatever a producer in another langu
 
 from __future__ import annotations
 
-_SEED = 0x9747B28C
-_M = 0x5BD1E995
-_MASK = 0xFFFFFFFF
+from typing import Final
+
+from mypy_extensions import i64
+
+_SEED: Final = 0x9747B28C
+_M: Final = 0x5BD1E995
+_MASK: Final = 0xFFFFFFFF
 
 
 def murmur2(data: bytes) -> int:
     """MurmurHash2 as Kafka computes it (``org.apache.kafka.common.utils.Utils.murmur2``), as an unsigned
-    32-bit value."""
-    length = len(data)
-    h = (_SEED ^ length) & _MASK
-    end = length - length % 4
-    for i in range(0, end, 4):
-        k = data[i] | (data[i + 1] << 8) | (data[i + 2] << 16) | (data[i + 3] << 24)
+    32-bit value. Native 64-bit integers when compiled: every product of two 32-bit values fits."""
+    length: i64 = len(data)
+    h: i64 = (_SEED ^ length) & _MASK
+    end: i64 = length - length % 4
+    i: i64 = 0
+    while i < end:
+        k: i64 = i64(data[i]) | (i64(data[i + 1]) << 8) | (i64(data[i + 2]) << 16) | (i64(data[i + 3]) << 24)
         k = (k * _M) & _MASK
         k ^= k >> 24
         k = (k * _M) & _MASK
         h = ((h * _M) & _MASK) ^ k
-    extra = length - end
+        i += 4
+    extra: i64 = length - end
     if extra == 3:
-        h ^= data[end + 2] << 16
+        h ^= i64(data[end + 2]) << 16
     if extra >= 2:
-        h ^= data[end + 1] << 8
+        h ^= i64(data[end + 1]) << 8
     if extra >= 1:
-        h ^= data[end]
+        h ^= i64(data[end])
         h = (h * _M) & _MASK
     h ^= h >> 13
     h = (h * _M) & _MASK
     h ^= h >> 15
-    return h
+    return int(h)
 
 
 def partition_of(key: bytes, partitions: int) -> int:

@@ -71,6 +71,9 @@ def _too_long(value: str, max_bytes: int) -> int:
 def text_problem(what: str, value: object, max_bytes: int, line_breaks: bool = False) -> str | None:
     """A non-blank string of at most ``max_bytes`` UTF-8 bytes without control characters (``line_breaks``
     allows tab, line feed and carriage return)."""
+    # The common case in a few C calls: printable (no control character) and short enough in any encoding.
+    if isinstance(value, str) and value.isprintable() and len(value) * 4 <= max_bytes and value.strip():
+        return None
     if not isinstance(value, str) or not value or value.isspace():
         return f"{what} must be a non-blank string, got {shown(value)}"
     size = _too_long(value, max_bytes)

@@ -8,7 +8,7 @@ import pytest
 from confluent_kafka import Producer
 
 from streamrec.settings import Settings
-from streamrec.streams.state_store import StateStore
+from streamrec.streams.state_store import ERASURE_KEY, StateStore, erasure_digest, erasure_value
 
 pytestmark = pytest.mark.integration
 
@@ -59,3 +59,33 @@ def test_lost_disk_and_lagging_checkpoint_both_restore_exactly(settings: Setting
     assert store.get_many(0, [users[2]]) == [b"changed elsewhere"]
     store.close()
     other.close()
+
+
+def test_an_erased_user_is_restored_as_a_marker_and_no_file_keeps_their_id(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A worker that held a user's state and catches up with the changelog's tail, where the user was erased
+    meanwhile (a restart after kill -9), ends with the marker and no trace of the id in its files."""
+    producer = Producer({"bootstrap.servers": settings.bootstrap_servers})
+    source = StateStore(tmp_path / "a", settings.state_changelog_topic, settings.bootstrap_servers)
+    source.assign([0])
+    erased = "erased-user-0042"
+    others = {f"user-{n}": f"state of user-{n}".encode() for n in range(3000)}
+    write_through(source, producer, settings, 0, {erased: f"state of {erased}".encode(), **others})
+
+    restarted = StateStore(tmp_path / "b", settings.state_changelog_topic, settings.bootstrap_servers)
+    restarted.assign([0])
+    assert restarted.get_many(0, [erased]) == [f"state of {erased}".encode()]
+    restarted.revoke([0])  # down for a while: the user is erased meanwhile
+    write_through(source, producer, settings, 0, {erased: None})
+    marker = ERASURE_KEY + erasure_digest(erased)
+    producer.produce(settings.state_changelog_topic, key=marker, value=erasure_value(1234), partition=0)
+    assert producer.flush(10) == 0
+    source.close()
+
+    restarted.assign([0])
+    states, erased_at = restarted.read(0, [erased, "user-7"], [erased, "user-7"])
+    assert states == [None, b"state of user-7"] and erased_at == [1234, 0]
+    files = [p for p in (tmp_path / "b").rglob("*") if p.is_file()]
+    assert files and not [p.name for p in files if erased.encode() in p.read_bytes()]
+    restarted.close()
