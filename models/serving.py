@@ -69,7 +69,10 @@ class Recommender(ServesItemMap):
         self._ids = self._items.ids  # the map's own list and dict: they grow with it
         self._index_of = self._items.index_of
         self._titles: list[str] = [""] + list(art.items.titles)
+        # Whether each item may be recommended: in stock, and once a catalogue record has arrived, in the
+        # catalogue (the model's own items that the shop never published are not). Index 0 is padding.
         self._in_stock = np.array([False] + list(art.items.in_stock), dtype=bool)
+        self._catalogue_seen = False
         with torch.inference_mode():
             vecs = self._model.item_vectors()
         self._vectors = vecs.cpu().numpy().astype(np.float32)
@@ -112,6 +115,11 @@ class Recommender(ServesItemMap):
     def num_items(self) -> int:
         return len(self._ids)
 
+    @property
+    def recommendable(self) -> int:
+        """Items that may be recommended now (see ``upsert_items``)."""
+        return int(self._in_stock.sum())
+
     def item_vector(self, item_id: str) -> np.ndarray:
         return self._vectors[self._index_of[item_id]].copy()
 
@@ -126,10 +134,16 @@ class Recommender(ServesItemMap):
         return content.cpu().numpy().astype(np.float32)
 
     def upsert_items(self, items: list[CatalogItem]) -> None:
+        """Catalogue records, in order. The first one makes the catalogue the only source of recommendable
+        items: until then the model's own items (as trained) are served; from then on only items the
+        catalogue holds and has in stock. Items new to the model get their content vectors."""
         known = [i for i in items if i.item_id in self._index_of]
         fresh = self._items.unknown(items)
         vectors = self._content_vectors(fresh)  # slow part, outside the lock
         with self._lock:
+            if items and not self._catalogue_seen:
+                self._catalogue_seen = True
+                self._in_stock[:] = False
             for item in known:
                 idx = self._index_of[item.item_id]
                 self._titles[idx] = item.title
@@ -213,10 +227,9 @@ class Recommender(ServesItemMap):
                 )
             user_vecs = h.float().cpu().numpy()
             t2 = clock()
-            n_out = int((~self._in_stock[1:]).sum())
             most_excluded = max(len(excluded[i]) for i in warm)
-            fetch = min(self._index.size, k + most_excluded + min(n_out, 4 * k + 64) + 8)
-            scores, found = self._index.search(user_vecs, fetch)
+            fetch = min(self._index.size, k + most_excluded + 8)
+            scores, found = self._index.search(user_vecs, fetch, self._in_stock)  # recommendable items only
             t3 = clock()
             picked, picked_scores = self._rank(found, scores, [excluded[u] for u in warm], k)
             anchors = self._anchors(picked, items, qids, qspace)

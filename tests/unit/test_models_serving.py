@@ -41,6 +41,16 @@ def clicks(*items: str) -> list[HistoryEntry]:
     return [H(EventKind.CLICK, t, item_id=i) for t, i in enumerate(items)]
 
 
+CATEGORY_ITEMS = [f"{c}-{j}" for c in ("coffee", "shoes", "laptop", "garden", "camera") for j in range(20)]
+
+
+def publish_catalogue(rec: Recommender, out_of_stock: tuple[str, ...] = ()) -> None:
+    """The shop publishes every item the model was trained on (a catalogue makes it the only source)."""
+    rec.upsert_items(
+        [CatalogItem(i, i.title(), i.split("-")[0], 1.0, i not in out_of_stock) for i in CATEGORY_ITEMS]
+    )
+
+
 def test_trained_model_ranks_the_true_next_item_highly(rec: Recommender) -> None:
     [recs] = rec.recommend([UserState("u", clicks("laptop-3", "laptop-4", "laptop-5"))], 10)
     ids = [r.item_id for r in recs]
@@ -59,7 +69,7 @@ def test_versions_and_catalogue_lookup(rec: Recommender, model_dir: Path) -> Non
 def test_purchased_and_out_of_stock_items_are_never_returned(rec: Recommender) -> None:
     history = [*clicks("camera-2", "camera-3"), H(EventKind.PURCHASE, 9, item_id="camera-4")]
     user = UserState("u", history, purchased=["camera-4", "camera-5"])
-    rec.upsert_items([CatalogItem("camera-6", "Camera 6", "camera", 1.0, in_stock=False)])
+    publish_catalogue(rec, out_of_stock=("camera-6",))
     for k in (5, 50, 100):
         [recs] = rec.recommend([user], k)
         ids = {r.item_id for r in recs}
@@ -100,6 +110,7 @@ def test_a_search_changes_a_users_recommendations(rec: Recommender) -> None:
 
 def test_new_item_with_content_is_embedded_near_similar_items(rec: Recommender) -> None:
     grinder = CatalogItem("grinder", "Coffee Grinder", "coffee", 30.0, True, "espresso coffee beans")
+    publish_catalogue(rec)
     rec.upsert_items([grinder])
     assert rec.knows_item("grinder")
     v = rec.item_vector("grinder")
@@ -113,6 +124,26 @@ def test_new_item_with_content_is_embedded_near_similar_items(rec: Recommender) 
     assert same > other + 0.3
     [recs] = rec.recommend([UserState("s", [H(EventKind.SEARCH, 1, query="coffee espresso beans")])], 20)
     assert "grinder" in {r.item_id for r in recs}
+
+
+def test_once_a_catalogue_exists_only_its_items_in_stock_are_recommended(rec: Recommender) -> None:
+    """Before any catalogue record the model's own items are served, as trained; after, only what the shop
+    publishes and has in stock, items the model never saw included (through their content vectors)."""
+    user = UserState("u", clicks("coffee-3", "coffee-4"))
+    assert rec.recommendable == rec.num_items  # every trained item
+    assert len(rec.recommend([user], 10)[0]) == 10
+    shop = [
+        *(CatalogItem(f"coffee-{j}", f"Coffee {j}", "coffee", 5.0, j != 2) for j in range(6)),
+        CatalogItem("kettle-1", "Gooseneck Kettle", "coffee", 40.0, True, "pour-over coffee kettle"),
+        CatalogItem("hose-1", "Garden Hose", "garden", 20.0, True, "a 20 m garden hose"),
+    ]
+    rec.upsert_items(shop)
+    available = {i.item_id for i in shop if i.in_stock}
+    assert rec.recommendable == len(available)
+    [recs] = rec.recommend([user], 10)
+    assert {r.item_id for r in recs} == available, "all the shop has, nothing it does not"
+    [cold] = rec.recommend([UserState("new")], 3)
+    assert {r.item_id for r in cold} <= available
 
 
 def test_batch_results_match_single_user_calls(rec: Recommender) -> None:
@@ -146,6 +177,7 @@ def test_a_prepared_ranking_reads_the_states_once(rec: Recommender) -> None:
 
 def test_upserts_from_another_thread_while_recommending(rec: Recommender) -> None:
     users = [UserState(f"u{i}", clicks(f"coffee-{i % 20}", f"coffee-{(i + 1) % 20}")) for i in range(50)]
+    publish_catalogue(rec)
     errors: list[BaseException] = []
 
     def writer() -> None:
@@ -163,7 +195,7 @@ def test_upserts_from_another_thread_while_recommending(rec: Recommender) -> Non
     thread.join()
     assert not errors
     assert rec.knows_item("new-29")
-    assert rec.index_version.endswith("+30")
+    assert rec.index_version.endswith("+31")  # the catalogue, then 30 upserts
 
 
 upsert_batches = st.lists(
@@ -206,7 +238,6 @@ def test_an_item_map_alone_gives_every_item_the_index_the_model_gives_it(
     assert all(np.array_equal(a, b) for a, b in zip(mine[1:4], theirs[1:4], strict=True))
 
 
-CATEGORY_ITEMS = [f"{c}-{j}" for c in ("coffee", "shoes", "laptop", "garden", "camera") for j in range(20)]
 entries = st.one_of(
     st.builds(
         H, st.just(EventKind.CLICK), st.integers(0, 99), st.sampled_from([*CATEGORY_ITEMS, "unknown-1"])
