@@ -26,6 +26,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from streamrec.settings import Settings
 from streamrec.streams.bench import CpuSampler, broker_round_trip
 from streamrec.streams.broker import EmbeddedBroker
+from streamrec.streams.kafka_logging import client_logging
 
 PARTITIONS = 4
 PAYLOAD = 140  # bytes, an event's size
@@ -60,7 +61,7 @@ def fill(broker: EmbeddedBroker, topic: str, records: int, small_batches: bool) 
     """Store ``records`` in ``topic``: one record per batch, or large batches; seconds it took."""
     config = {"bootstrap.servers": broker.bootstrap, "partitioner": "murmur2_random"}
     config |= {"linger.ms": 0} if small_batches else {"linger.ms": 50, "batch.size": 1_000_000}
-    producer = Producer(config)
+    producer = Producer(config | client_logging())
     started = time.monotonic()
     for n in range(records):
         producer.produce(topic, bytes(PAYLOAD + 1), key=f"user-{n % 10_000}".encode())  # never a round trip
@@ -82,7 +83,7 @@ def stored(rate: float) -> list[dict[str, Any]]:
     ]
     for name, target, records, small in cases:
         with EmbeddedBroker() as broker:
-            admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+            admin = AdminClient({"bootstrap.servers": broker.bootstrap, **client_logging()})
             for topic in ("a", "b"):
                 admin.create_topics([NewTopic(topic, PARTITIONS, 1)])[topic].result(10)
             before = steady(broker, "a", rate, 6.0, parts=1)["cpu_cores"]["broker"]

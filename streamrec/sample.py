@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -53,6 +54,12 @@ CATEGORIES: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
+def title_case(text: str) -> str:
+    """Each word capitalised, but not what follows an apostrophe: "collector's long-lasting" becomes
+    "Collector's Long-Lasting" (``str.title()`` starts a word after any non-letter: "Collector'S")."""
+    return re.sub(r"[A-Za-z]+('[A-Za-z]+)?", lambda word: word.group(0).capitalize(), text)
+
+
 def sample_catalog(seed: int = 7, items_per_category: int = 60) -> list[CatalogItem]:
     """A catalogue with titles, categories and prices; item ids are stable ``sku-00042`` strings."""
     rng = random.Random(seed)
@@ -60,7 +67,7 @@ def sample_catalog(seed: int = 7, items_per_category: int = 60) -> list[CatalogI
     for category, (nouns, adjectives) in CATEGORIES.items():
         seen: set[str] = set()
         while len(seen) < items_per_category:
-            title = f"{rng.choice(adjectives).title()} {rng.choice(nouns).title()}"
+            title = title_case(f"{rng.choice(adjectives)} {rng.choice(nouns)}")
             if title in seen:
                 title = f"{title} {rng.choice(['Mini', 'Pro', 'Plus', 'Max', 'Set', 'XL', 'Duo'])}"
             if title in seen:

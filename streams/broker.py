@@ -9,7 +9,10 @@ import subprocess
 import time
 from pathlib import Path
 
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
+
+from streamrec.streams.kafka_logging import client_logging
 
 
 class BrokerError(RuntimeError):
@@ -30,21 +33,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_until_ready(bootstrap: str, timeout_s: float = 15.0) -> None:
-    """Poll the broker's metadata until it answers or the deadline passes."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    deadline = time.monotonic() + timeout_s
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            admin.list_topics(timeout=1.0)
-            return
-        except Exception as exc:  # KafkaException while the listener is not up yet
-            last = exc
-            time.sleep(0.05)
-    raise BrokerError(f"broker at {bootstrap} did not answer within {timeout_s}s: {last}")
 
 
 class EmbeddedBroker:
@@ -69,11 +57,33 @@ class EmbeddedBroker:
             start_new_session=True,
         )
         try:
-            wait_until_ready(self.bootstrap)
+            self.wait_until_ready()
         except BrokerError:
             self.stop()
             raise
         return self
+
+    def wait_until_ready(self, timeout_s: float = 15.0) -> None:
+        """Wait until the broker accepts connections, then until it answers a metadata request. No Kafka
+        client connects before it listens: librdkafka would log each refused connection as an error."""
+        deadline = time.monotonic() + timeout_s
+        admin: AdminClient | None = None
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            code = self.process.poll() if self.process is not None else -1
+            if code is not None:  # e.g. its port was taken meanwhile
+                see = f"; its output is in {self.log_path}" if self.log_path else ""
+                raise BrokerError(f"the broker on port {self.port} exited at start-up (code {code}){see}")
+            try:
+                if admin is None:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1.0).close()
+                    admin = AdminClient({"bootstrap.servers": self.bootstrap, **client_logging()})
+                admin.list_topics(timeout=1.0)
+                return
+            except (OSError, KafkaException) as exc:  # not listening, or not serving yet
+                last = exc
+                time.sleep(0.02)
+        raise BrokerError(f"broker at {self.bootstrap} did not answer within {timeout_s}s: {last}")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

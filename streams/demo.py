@@ -28,6 +28,7 @@ from streamrec.serde import AvroCodec, DecodeError
 from streamrec.settings import Settings
 from streamrec.streams.broker import EmbeddedBroker
 from streamrec.streams.client import EventProducer
+from streamrec.streams.kafka_logging import client_logging
 from streamrec.streams.process import WorkerProcess
 from streamrec.streams.reading import consume_arrived
 from streamrec.streams.simulate import TrafficStats, publish_catalog, simulate
@@ -67,7 +68,10 @@ def ensure_sample_model(settings: Settings, workdir: Path, console: Console) -> 
     data = write_sample_dataset(workdir / "data", users=2000, events=60_000, seed=settings.seed)
     console.print("training the sample model (transformer encoder + item index) on 60k sample events ...")
     path = train(
-        data, registry_dir=settings.model_registry, config=TrainConfig.preset("tiny", seed=settings.seed)
+        data,
+        registry_dir=settings.model_registry,
+        config=TrainConfig.preset("tiny", seed=settings.seed),
+        progress=console.is_terminal,  # a bar redrawn in place; elsewhere the epoch lines say enough
     )
     registry.promote(path, settings.model_registry, force=True)
     console.print(f"model [bold]{path.name}[/] trained and promoted")
@@ -80,6 +84,7 @@ def follow(settings: Settings, figures: DemoFigures, stop: threading.Event) -> N
     consumer = Consumer(
         {
             "bootstrap.servers": settings.bootstrap_servers,
+            **client_logging(),
             "group.id": "streamrec-demo",
             "enable.auto.commit": False,
             "fetch.wait.max.ms": 10,  # the embedded broker holds a fetch for the whole wait
@@ -111,7 +116,9 @@ def follow(settings: Settings, figures: DemoFigures, stop: threading.Event) -> N
         consumer.close()
 
 
-def render(figures: DemoFigures, traffic: TrafficStats, seconds: float) -> Group:
+def render(figures: DemoFigures, traffic: TrafficStats, seconds: float, titles: dict[str, str]) -> Group:
+    """The live figures, and the latest shoppers' top three as a shop shows them: titles, with the reason
+    for each; the item ids last."""
     summary = figures.summary(traffic.events)
     stats = Table.grid(padding=(0, 3))
     for _ in range(6):
@@ -126,11 +133,20 @@ def render(figures: DemoFigures, traffic: TrafficStats, seconds: float) -> Group
         f"[bold]{figures.dead_letters}[/] dead letters",
     )
     recs = Table(show_header=True, header_style="bold", expand=True)
-    recs.add_column("user", no_wrap=True)
-    recs.add_column("top recommendations, with the reason for each")
+    recs.add_column("shopper", no_wrap=True)
+    recs.add_column("recommended", ratio=3)
+    recs.add_column("why", ratio=4, style="dim")
+    recs.add_column("item", no_wrap=True, style="dim")
     for rec in list(figures.recent)[::-1]:
-        lines = [f"{i.item_id}  {i.score:.2f}  [dim]{i.explanation}[/]" for i in rec.items[:3]]
-        recs.add_row(rec.user_id, "\n".join(lines))
+        top = rec.items[:3]
+        for n, item in enumerate(top):
+            recs.add_row(
+                rec.user_id if n == 0 else "",
+                titles.get(item.item_id, item.item_id),
+                item.explanation,
+                item.item_id,
+                end_section=n == len(top) - 1,
+            )
     title = f"streamrec demo: {traffic.seconds:.0f}/{seconds:.0f} s"
     return Group(Panel(stats, title=title), recs)
 
@@ -168,6 +184,7 @@ def run_demo(settings: Settings, seconds: float = 60.0, rate: float = 1000.0, us
             f"worker ready (health and metrics on http://127.0.0.1:{worker.web_port}/health, /metrics)"
         )
         catalog = sample_catalog()
+        titles = {item.item_id: item.title for item in catalog}
         with EventProducer(settings) as producer:
             publish_catalog(producer, catalog)
         worker.wait_catalog(len(catalog))
@@ -191,16 +208,18 @@ def run_demo(settings: Settings, seconds: float = 60.0, rate: float = 1000.0, us
         ]
         for t in threads:
             t.start()
-        with Live(render(figures, traffic, seconds), console=console, refresh_per_second=4) as live:
+        with Live(render(figures, traffic, seconds, titles), console=console, refresh_per_second=4) as live:
             while threads[0].is_alive():
-                live.update(render(figures, traffic, seconds))
+                live.update(render(figures, traffic, seconds, titles))
                 time.sleep(0.25)
             settle = time.monotonic() + 10  # let the last recommendations arrive
             last = -1
             while time.monotonic() < settle and figures.recommendations != last:
                 last = figures.recommendations
                 time.sleep(1.0)
-            live.update(render(figures, traffic, seconds))
+            live.update(render(figures, traffic, seconds, titles))
+        if not console.is_terminal:
+            console.line()  # rich ends its last render there without a newline, the JSON line would follow it
     finally:
         stop.set()
         for t in threads:

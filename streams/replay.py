@@ -32,6 +32,7 @@ from streamrec.records import EVENT_SCHEMAS, Event, EventKind
 from streamrec.serde import AvroCodec, Codec, DecodeError, EncodeError
 from streamrec.settings import Settings
 from streamrec.state import event_id_hash
+from streamrec.streams.kafka_logging import client_logging
 from streamrec.streams.reading import consume_arrived
 from streamrec.validation import ValidationRules, validate_event
 
@@ -453,6 +454,7 @@ class KafkaSource:
         self.consumer = Consumer(
             {
                 "bootstrap.servers": settings.bootstrap_servers,
+                **client_logging(),
                 "group.id": "streamrec-replay",  # required by the client; assign() never joins it
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,

@@ -29,6 +29,7 @@ from streamrec.serde import (
     registry_schema_id,
 )
 from streamrec.settings import Settings
+from streamrec.streams.kafka_logging import client_logging
 from streamrec.streams.reading import consume_arrived
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class SchemaTopicResolver:
             self._consumer = Consumer(
                 {
                     "bootstrap.servers": self.settings.bootstrap_servers,
+                    **client_logging(),
                     "group.id": "streamrec-schema-resolver",  # required by the client; never joined (assign)
                     "enable.auto.commit": False,
                     "enable.partition.eof": True,

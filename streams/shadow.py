@@ -21,6 +21,7 @@ from streamrec.catalog import Catalog
 from streamrec.records import CatalogItem, Event, Recommendation, UserState
 from streamrec.settings import Settings
 from streamrec.state import StateLimits, apply_event
+from streamrec.streams.kafka_logging import client_logging
 from streamrec.streams.reading import consume_arrived
 from streamrec.streams.replay import Deletion, Filters, Invalid, Source, SourceRecord
 
@@ -172,6 +173,7 @@ def read_catalog(settings: Settings) -> list[CatalogItem]:
     consumer = Consumer(
         {
             "bootstrap.servers": settings.bootstrap_servers,
+            **client_logging(),
             "group.id": "streamrec-shadow",
             "enable.auto.commit": False,
             "enable.partition.eof": True,

@@ -30,6 +30,7 @@ from rocksdict import (
 
 from streamrec.records import UserState
 from streamrec.state import StateBytes
+from streamrec.streams.kafka_logging import client_logging
 from streamrec.streams.reading import consume_arrived
 
 log = logging.getLogger(__name__)
@@ -267,6 +268,7 @@ class StateStore:
         consumer = Consumer(
             {
                 "bootstrap.servers": self.bootstrap_servers,
+                **client_logging(),
                 "group.id": "streamrec-restore",  # required by the client; assign() never joins it
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,
