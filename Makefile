@@ -8,7 +8,7 @@ NATIVE_SRC := streamrec/records.py streamrec/serde.py streamrec/state.py streamr
 	streamrec/windows.py streamrec/validation.py streamrec/partitioner.py
 NATIVE := streamrec/_native.json
 
-.PHONY: install native native-clean demo test test-all test-slow lint typecheck bench quality lock docs clean
+.PHONY: install native native-clean demo test test-all test-node test-slow lint typecheck bench quality lock docs clean
 
 install: $(STAMP) $(NATIVE)
 
@@ -38,8 +38,14 @@ NATIVE_TESTS := tests/unit/test_serde_properties.py tests/unit/test_state.py tes
 	tests/unit/test_triggers.py tests/unit/test_windows.py
 test: install lint typecheck
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow and not node" -q
 	$(BIN)/python -m pytest -q --pure-python $(NATIVE_TESTS)
+
+# A Node.js backend and reader (kafkajs + avsc, tests/node) written from docs/contracts.md, against a real
+# worker: needs Node.js and the npm registry.
+test-node: install
+	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
+	$(BIN)/python -m pytest -m node -q
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow -q

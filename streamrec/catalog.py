@@ -18,12 +18,14 @@ class Catalog:
         self._items: dict[str, CatalogItem] = {}
         self._changes: dict[str, CatalogItem] = {}
         self._lock = threading.Lock()
+        self.in_stock = 0  # items held whose latest record says in stock
 
     def upsert(self, item: CatalogItem) -> None:
         with self._lock:
             current = self._items.get(item.item_id)
             if current is not None and item.updated_at and current.updated_at > item.updated_at:
                 return  # an older version delivered late must not win
+            self.in_stock += int(item.in_stock) - (int(current.in_stock) if current is not None else 0)
             self._items[item.item_id] = item
             self._changes[item.item_id] = item
 

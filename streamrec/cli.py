@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,14 +18,65 @@ from streamrec.settings import Settings
 app = typer.Typer(help="Streaming, event-driven recommendations on Kafka.", no_args_is_help=True)
 topics_app = typer.Typer(help="Create and inspect streamrec's topics.", no_args_is_help=True)
 recs_app = typer.Typer(help="Read the recommendations output topic.", no_args_is_help=True)
+models_app = typer.Typer(help="The model registry: a first model, what is served.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
 app.add_typer(recs_app, name="recs")
+app.add_typer(models_app, name="models")
 console = Console()
 
 
 def settings_from_env(**overrides: Any) -> Settings:
-    """Settings from STREAMREC_* variables, with command-line options (when given) taking precedence."""
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    """Settings from STREAMREC_* variables, with command-line options (when given) taking precedence; log
+    lines (the Kafka clients' too) go to stderr from the settings' log level up."""
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    configure_logging(settings.log_level)
+    return settings
+
+
+class StderrHandler(logging.Handler):
+    """Log lines on stderr as it is when a line is written: during the demo's live display that is the
+    display's, which shows them above itself."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def configure_logging(level: str) -> None:
+    """Log lines from ``level`` up on stderr, one a line. `streamrec worker` hands over to faust's logging,
+    at the same level."""
+    if level.upper() not in logging.getLevelNamesMapping():
+        raise typer.BadParameter(f"log level {level!r}: use debug, info, warn, error or critical")
+    handler = StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def failure_message(exc: Exception) -> str | None:
+    """One line for a failure that is not a bug (the broker unreachable, records not delivered, a worker or
+    broker that did not start); None for anything else, which keeps its traceback."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    from streamrec.streams.broker import BrokerError
+    from streamrec.streams.client import DeliveryError, TopicNotReadable
+    from streamrec.streams.process import WorkerNotReady
+
+    if isinstance(exc, KafkaException) and isinstance(exc.args[0], KafkaError):
+        error: KafkaError = exc.args[0]
+        unreachable = (
+            KafkaError._TRANSPORT,
+            KafkaError._ALL_BROKERS_DOWN,
+            KafkaError._RESOLVE,
+            KafkaError._TIMED_OUT,
+        )
+        if error.code() in unreachable:
+            return f"cannot reach the Kafka broker (STREAMREC_BOOTSTRAP_SERVERS): {error.str()}"
+        return f"Kafka: {error.str()}"
+    if isinstance(exc, (KafkaException, DeliveryError, TopicNotReadable, BrokerError, WorkerNotReady)):
+        return str(exc)
+    return None
 
 
 @app.command()
@@ -31,6 +84,7 @@ def broker(port: int = typer.Option(9092, help="Loopback port to listen on.")) -
     """Run the embedded Tansu broker in the foreground (in-memory: a restart starts empty)."""
     from streamrec.streams.broker import EmbeddedBroker
 
+    settings_from_env()  # for its log level
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with EmbeddedBroker(port=port) as b:
@@ -121,8 +175,10 @@ def simulate(
 ) -> None:
     """Send sample traffic (catalogue, clicks, searches, purchases) to the configured broker."""
     from streamrec.streams.simulate import simulate as run
+    from streamrec.streams.topics import check_broker
 
     settings = settings_from_env()
+    check_broker(settings)
     stats = run(settings, users=users, rate=rate, seconds=seconds, bad_every=bad_every, with_catalog=catalog)
     console.print(f"sent {stats.events:,} events and {stats.bad_records} bad records in {stats.seconds:.1f}s")
 
@@ -287,9 +343,9 @@ def replay(
     Resumable with --checkpoint/--resume; filters by user, kind and time; --shadow compares a candidate model.
     """
     import json
-    import sys
 
     from streamrec.streams import replay as rp
+    from streamrec.streams.topics import check_broker
 
     settings = settings_from_env(bootstrap_servers=bootstrap)
     if to not in ("backfill", "live"):
@@ -318,6 +374,8 @@ def replay(
             print(json.dumps(compare(src, filters, settings, shadow, k or settings.top_k, served_topic)))
             return
         topic = settings.backfill_topic if to == "backfill" else settings.events_topic
+        if not dry_run:
+            check_broker(settings)
         sink: rp.Sink = rp.DryRunSink(topic) if dry_run else rp.KafkaSink(settings, topic)
         options = rp.ReplayOptions(filters, rate, checkpoint, resume, reject_file, strict)
         with _replay_progress(src.total(), enabled=progress) as on_progress:
@@ -374,8 +432,46 @@ def _replay_progress(total: int | None, enabled: bool) -> Any:
     return bar()
 
 
+@models_app.command("sample")
+def models_sample(
+    registry: Path = typer.Option(None, help="Model registry (STREAMREC_MODEL_REGISTRY)."),
+    force: bool = typer.Option(False, "--force", help="Promote it even over a model already served."),
+) -> None:
+    """A first model with no dataset at hand: trained on generated shoppers (about a minute on CPU) and
+    promoted in the registry, so `streamrec worker` starts. It knows the sample catalogue's items; a shop's
+    own catalogue items are recommended through their text (MiniLM), and searches steer toward them."""
+    import json
+    import tempfile
+
+    from streamrec.models import registry as model_registry
+    from streamrec.models.train import TrainConfig, train
+    from streamrec.sample import write_sample_dataset
+
+    settings = settings_from_env(model_registry=registry)
+    served = model_registry.current(settings.model_registry)
+    if served is not None and not force:
+        console.print(f"{served.name} is already served from {settings.model_registry} (--force replaces it)")
+        return
+    with tempfile.TemporaryDirectory(prefix="streamrec-sample-") as tmp:
+        data = write_sample_dataset(Path(tmp) / "data", users=2000, events=60_000, seed=settings.seed)
+        config = TrainConfig.preset("tiny", text="minilm", seed=settings.seed, device=settings.device)
+        path = train(data, registry_dir=settings.model_registry, config=config, progress=console.is_terminal)
+    model_registry.promote(path, settings.model_registry, force=True)
+    console.print_json(json.dumps({"model_dir": str(path), "promoted": True}))
+    console.print(
+        "next: `streamrec worker` serves it (beside `streamrec broker`, after `streamrec topics create`)"
+    )
+
+
 def main() -> None:
-    app()
+    try:
+        app()
+    except Exception as exc:
+        message = failure_message(exc)
+        if message is None:
+            raise
+        typer.secho(f"streamrec: {message}", fg="red", err=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

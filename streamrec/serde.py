@@ -93,11 +93,33 @@ def _expand(schema: Any, named: dict[str, Any]) -> Any:
     return schema
 
 
+def plain_types(schema: Any) -> Any:
+    """``schema`` without logical types: a ``{"type": "long", "logicalType": "timestamp-millis"}`` is read
+    and written as the long it is on the wire. The files declare them for other languages' libraries; the
+    Parsing Canonical Form, and so the fingerprint, leaves them out."""
+    if isinstance(schema, list):
+        return [plain_types(s) for s in schema]
+    if isinstance(schema, dict):
+        if "logicalType" in schema and isinstance(schema.get("type"), str):
+            return schema["type"]
+        out = dict(schema)
+        if "fields" in out:
+            out["fields"] = [{**f, "type": plain_types(f["type"])} for f in out["fields"]]
+        for key in ("items", "values"):
+            if key in out:
+                out[key] = plain_types(out[key])
+        return out
+    return schema
+
+
 def make_schema(definition: dict[str, Any]) -> RecordSchema:
-    """Build a RecordSchema from a stand-alone (expanded) Avro record definition."""
+    """Build a RecordSchema from a stand-alone (expanded) Avro record definition. ``definition`` is kept as
+    given (what a producer publishes); records are read and written without logical types
+    (``plain_types``)."""
+    plain = plain_types(definition)
     # Parsed with fastavro's hint: its readers and writers then skip re-parsing the schema on every call
     # (that re-parse was ~half the cost of encoding a UserState).
-    parsed = fastavro.parse_schema(definition, _force=True)
+    parsed = fastavro.parse_schema(plain, _force=True)
     canonical = to_parsing_canonical_form(parsed)
     namespace = definition.get("namespace")
     name = definition["name"]
@@ -108,7 +130,7 @@ def make_schema(definition: dict[str, Any]) -> RecordSchema:
         definition=definition,
         parsed=parsed,
         fingerprint=bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO")),
-        plan=read_plan(definition),
+        plan=read_plan(plain),
     )
 
 
@@ -457,6 +479,10 @@ class AvroCodec:
             found = self._resolver(fp)
             if found is not None:
                 writer = self.learn(found)
+                # Published under the fingerprint its producer's library computed, which may not be the
+                # specification's (Apache avro for Python keeps {"type": "long"} of a logical type in its
+                # canonical form): the next record with it is known at once.
+                self._by_fingerprint.setdefault(fp, writer)
         if writer is None:
             raise DecodeError("unknown_schema", f"no writer schema with fingerprint {fp.hex()}")
         return writer

@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     assignment_strategy: Literal["range", "roundrobin", "cooperative-sticky"] = Field(
         "range", description="Partition assignment strategy of the event stage's consumer group."
     )
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "lz4",
+        description="Compression of every record streamrec's producers write (worker, producer client, "
+        "replay). Clients that read it with no plug-in: librdkafka (Python, Go, .NET, C), the Java client "
+        "and aiokafka read all; kafkajs reads gzip and none only. See docs/contracts.md.",
+    )
     embedded_broker: bool = Field(
         True,
         description="The broker is the embedded Tansu broker: works around its defects (faust producer "
@@ -179,7 +185,9 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(
         None, description="A file of API keys, one per line (added to STREAMREC_API_KEYS)."
     )
-    log_level: str = Field("warn", description="Worker log level.")
+    log_level: str = Field(
+        "warn", description="Log level of the worker and the other commands, Kafka clients' lines included."
+    )
 
     # --- Models ----------------------------------------------------------------------------------------
     model_registry: Path = Field(Path("var/models"), description="Directory of versioned model directories.")

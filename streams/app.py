@@ -34,6 +34,7 @@ from streamrec.serde import DecodeError
 from streamrec.settings import Settings
 from streamrec.streams.auth import ApiKeys
 from streamrec.streams.event_stage import EventStage, Recommender, now_ms
+from streamrec.streams.kafka_logging import client_logging
 from streamrec.streams.metrics import WorkerMetrics
 from streamrec.streams.schema_store import make_codec
 from streamrec.triggers import OnlineAccuracy, TriggerPolicy
@@ -52,7 +53,9 @@ def load_recommender(settings: Settings, model_dir: Path | None = None) -> Recom
     path = model_dir or settings.model_dir or current(settings.model_registry)
     if path is None:
         raise SystemExit(
-            f"no model to serve: nothing promoted in {settings.model_registry}; run `streamrec train` first"
+            f"streamrec worker: no model to serve: nothing is promoted in {settings.model_registry}. "
+            "For a first run: `streamrec models sample` (a small model, about a minute to train); with your "
+            "own data: `streamrec train --data DIR --promote`."
         )
     if settings.ranking_process:
         from streamrec.models.ranking_process import ProcessRecommender
@@ -123,6 +126,13 @@ class Worker:
         self._events_lock = threading.Lock()
         self.app = self._make_app()
 
+    def recommendable_items(self) -> int:
+        """Items a recommendation may name now: the catalogue's in stock once any catalogue record has arrived
+        (items the model never saw through their content vectors), before that the model's own items."""
+        if len(self.catalog):
+            return self.catalog.in_stock
+        return len(getattr(self.stage.recommender, "item_ids", ()))
+
     def _count_events(self, n: int) -> None:
         with self._events_lock:
             self.policy.events_since_training += n
@@ -147,6 +157,7 @@ class Worker:
             broker_rebalance_timeout=s.session_timeout_ms / 1000,
             topic_partitions=1,
             topic_allow_declare=True,
+            producer_compression_type=None if s.compression == "none" else s.compression,
             **extra,
         )
         catalog_topic = app.topic(s.catalog_topic, key_serializer="raw", value_serializer="raw", partitions=1)
@@ -219,6 +230,7 @@ class Worker:
                     "model_version": worker.stage.recommender.model_version,
                     "ranking_process": ranking_process_health(worker.stage.recommender),
                     "catalog_items": len(worker.catalog),
+                    "recommendable_items": worker.recommendable_items(),
                 }
                 return self.json(body, status=200 if alive else 503)
 
@@ -387,9 +399,72 @@ def quiet_gc() -> None:
     gc.set_threshold(200_000, 20, 10)
 
 
+class RepeatedLines(logging.Filter):
+    """Lets a line through once per ``interval_s`` for each logger and message template, and says how many
+    it held back: a client retrying a broker that went away logs the same failure every 100 ms (aiokafka),
+    and that is one fault to report, not hundreds of lines."""
+
+    def __init__(self, interval_s: float = 60.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self.seen: dict[tuple[str, str], tuple[float, int]] = {}  # -> (when last shown, held back since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key, now = (record.name, str(record.msg)), time.monotonic()
+        shown_at, held = self.seen.get(key, (now - self.interval_s, 0))
+        if now - shown_at < self.interval_s:
+            self.seen[key] = (shown_at, held + 1)
+            return False
+        if len(self.seen) > 10_000:  # messages formatted before logging are each a template of their own
+            self.seen = {k: v for k, v in self.seen.items() if now - v[0] < self.interval_s}
+        self.seen[key] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} ({held} more like it in the last {now - shown_at:.0f} s)"
+        return True
+
+
+def quiet_faust(level: str) -> None:
+    """faust warns whenever its producer buffer fills, which a catalogue upsert burst does on every start
+    (table writes wait for the broker): flow control, not a fault. Shown from ``info`` down."""
+    if logging.getLevelNamesMapping().get(level.upper(), logging.NOTSET) >= logging.WARNING:
+        logging.getLogger("faust.transport.producer").setLevel(logging.ERROR)
+
+
+def wait_for_broker(settings: Settings, quiet_s: float = 5.0, timeout_s: float = 60.0) -> None:
+    """A worker started beside its broker waits for it, saying so once after ``quiet_s``; one that stays away
+    ends the worker with one line instead of faust's traceback."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers, **client_logging()})
+    try:
+        admin.list_topics(timeout=quiet_s)
+        return
+    except KafkaException:
+        log.warning("waiting for the Kafka broker at %s", settings.bootstrap_servers)
+    try:
+        admin.list_topics(timeout=timeout_s - quiet_s)
+    except KafkaException as exc:
+        raise SystemExit(
+            f"streamrec worker: no Kafka broker at {settings.bootstrap_servers} within {timeout_s:.0f} s: "
+            f"{exc.args[0].str()}"
+        ) from None
+
+
 def run_worker(settings: Settings) -> None:
     """Run one worker in the foreground until SIGINT/SIGTERM."""
     from faust.worker import Worker as FaustWorker
 
+    class QuietWorker(FaustWorker):
+        """faust's worker without its progress spinner (it writes cursor codes even where no terminal is),
+        and with repeated log lines held back."""
+
+        def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+            self.spinner = None
+            for handler in logger.handlers:
+                handler.addFilter(RepeatedLines())
+
+    wait_for_broker(settings)
     worker = Worker(settings)
-    FaustWorker(worker.app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+    quiet_faust(settings.log_level)
+    QuietWorker(worker.app, loglevel=settings.log_level, quiet=True).execute_from_commandline()

@@ -41,6 +41,7 @@ from streamrec.state import StateLimits, apply_event, encode_state
 from streamrec.streams.broker import EmbeddedBroker
 from streamrec.streams.client import EventProducer, reader_config
 from streamrec.streams.event_stage import fetch_config
+from streamrec.streams.kafka_logging import client_logging
 from streamrec.streams.process import WorkerProcess
 from streamrec.streams.reading import consume_arrived
 from streamrec.streams.simulate import publish_catalog, simulate
@@ -395,17 +396,18 @@ def broker_round_trip(
     event-to-recommendation latency at that load. The clients are configured as a web backend's
     EventProducer and as the event stage's consumer (group member, same fetch wait and queue); records are
     the size of an event. Latency: consumer's receive time minus the producer's clock at send."""
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers, **client_logging()})
     if topic not in admin.list_topics(timeout=10).topics:
         new_topic = NewTopic(topic, settings.partitions, settings.replication_factor)
         admin.create_topics([new_topic])[topic].result(timeout=15)
     producer = Producer(
         {
             "bootstrap.servers": settings.bootstrap_servers,
+            **client_logging(),
             "enable.idempotence": True,
             "acks": "all",
             "partitioner": "murmur2_random",
-            "compression.type": "lz4",
+            "compression.type": settings.compression,
             "linger.ms": 5,
         }
     )
@@ -804,6 +806,7 @@ class BrokerBench:
         consumer = Consumer(
             {
                 "bootstrap.servers": settings.bootstrap_servers,
+                **client_logging(),
                 "group.id": "streamrec-bench-ceiling",
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,

@@ -28,6 +28,7 @@ from confluent_kafka import (
 from streamrec.records import EVENT_SCHEMAS, CatalogItem, Event, EventKind, Recommendation
 from streamrec.serde import Codec, DecodeError, EncodeError, RecordSchema
 from streamrec.settings import Settings
+from streamrec.streams.kafka_logging import client_logging
 from streamrec.streams.reading import consume_arrived
 from streamrec.streams.schema_store import RegistryCodec, make_codec, publish_schema
 from streamrec.validation import (
@@ -57,6 +58,10 @@ class DeliveryFailure:
     error: str
 
 
+class TopicNotReadable(ValueError):
+    """A topic to read that the cluster does not have (or does not let this client read)."""
+
+
 class DeliveryError(RuntimeError):
     """Records the broker did not acknowledge (``failures``), or that were still queued at the deadline."""
 
@@ -65,8 +70,10 @@ class DeliveryError(RuntimeError):
         self.undelivered = undelivered
         shown = "; ".join(f"{f.topic}[{f.partition}] key={f.key!r}: {f.error}" for f in failures[:5])
         more = f" (+{len(failures) - 5} more)" if len(failures) > 5 else ""
-        queued = f"; {undelivered} still queued at the deadline" if undelivered else ""
-        super().__init__(f"{len(failures)} record(s) not delivered: {shown}{more}{queued}")
+        parts = [f"{len(failures)} record(s) not delivered: {shown}{more}"] if failures else []
+        if undelivered:
+            parts.append(f"{undelivered} record(s) not acknowledged by the broker in time")
+        super().__init__("; ".join(parts))
 
 
 def _check(problem: str | None) -> None:
@@ -81,10 +88,11 @@ def _key(value: str | bytes | None) -> bytes | None:
 class EventProducer:
     """Sends validated, Avro-encoded events and catalogue upserts; thread-safe.
 
-    Idempotent (``acks=all``), lz4-compressed, and partitioned with ``murmur2_random``: the Java client's
-    default and faust's, so a user lands on the same partition whichever language the backend is written
-    in. Sending is asynchronous: failures are collected by the delivery callback and raised by ``flush()``
-    (and ``close()``) as ``DeliveryError``; they are logged as they happen too.
+    Idempotent (``acks=all``), compressed with ``STREAMREC_COMPRESSION``, and partitioned with
+    ``murmur2_random``: the Java client's default and faust's, so a user lands on the same partition
+    whichever language the backend is written in. Sending is asynchronous: failures are collected by the
+    delivery callback and raised by ``flush()`` (and ``close()``) as ``DeliveryError``; they are logged as
+    they happen too.
 
     Without a schema registry, each writer schema is published to the schemas topic, and acknowledged,
     before the first record written with it, so a worker can always resolve what it receives.
@@ -106,11 +114,12 @@ class EventProducer:
         self._producer = Producer(
             {
                 "bootstrap.servers": settings.bootstrap_servers,
+                **client_logging(),
                 "client.id": "streamrec-producer",
                 "enable.idempotence": True,
                 "acks": "all",
                 "partitioner": "murmur2_random",
-                "compression.type": "lz4",
+                "compression.type": settings.compression,
                 "linger.ms": 5,  # small batches for a web backend; a few ms add nothing a user notices
                 **(config or {}),
             }
@@ -290,9 +299,17 @@ class EventProducer:
             raise DeliveryError(failures, remaining)
 
     def close(self, timeout_s: float = 30.0) -> None:
-        if not self._closed:
-            self._closed = True
+        """Flush (raising ``DeliveryError`` as ``flush()`` does), then release the client: its connections
+        close now, not whenever it is garbage-collected, when its broker may be gone (librdkafka logs that
+        as a failure)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
             self.flush(timeout_s)
+        finally:
+            self._producer.purge()  # what flush() left is in its DeliveryError; close() would wait for it
+            self._producer.close()
 
     def __enter__(self) -> EventProducer:
         return self
@@ -420,8 +437,8 @@ class EventProducer:
         self._producer.poll(0)
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is None:
-            return
+        if err is None or err.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT):
+            return  # purged by close(), after flush() reported it
         failure = DeliveryFailure(msg.topic() or "", msg.partition() or -1, msg.key(), str(err))
         log.error("record not delivered: %s", failure)
         with self._failures_lock:
@@ -441,6 +458,7 @@ def reader_config(settings: Settings, group_id: str | None, from_beginning: bool
     (it is assign()ed every partition and commits nothing), with one a group member."""
     config: dict[str, Any] = {
         "bootstrap.servers": settings.bootstrap_servers,
+        **client_logging(),
         "client.id": "streamrec-recommendation-consumer",
         "auto.offset.reset": "earliest" if from_beginning else "latest",
     }
@@ -489,7 +507,8 @@ class RecommendationConsumer:
             metadata = self._consumer.list_topics(self.topic, timeout=10.0).topics.get(self.topic)
             if metadata is None or metadata.error is not None:
                 self._consumer.close()
-                raise ValueError(f"topic {self.topic} is not readable: {metadata and metadata.error}")
+                why = metadata.error.str() if metadata is not None else "no metadata"
+                raise TopicNotReadable(f"topic {self.topic} is not readable: {why}")
             start = OFFSET_BEGINNING if from_beginning else OFFSET_END
             self._consumer.assign([TopicPartition(self.topic, p, start) for p in sorted(metadata.partitions)])
         else:

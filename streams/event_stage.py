@@ -64,8 +64,10 @@ from streamrec.state import (
     encode_state_bytes,
     largest_state_bytes,
 )
+from streamrec.streams.kafka_logging import client_logging
 from streamrec.streams.metrics import WorkerMetrics
 from streamrec.streams.reading import consume_arrived
+from streamrec.streams.schema_store import RegistryCodec, publish_schema
 from streamrec.streams.state_store import (
     ERASURE_KEY,
     CachedState,
@@ -80,6 +82,7 @@ from streamrec.validation import Rejection, ValidationRules, shown, validate_del
 log = logging.getLogger(__name__)
 
 ACCEPTED_SCHEMAS = frozenset([*EVENT_SCHEMAS, "UserDeletion"])
+OUTPUT_SCHEMAS = ("Recommendation", "DeadLetter", "FineTuneTrigger")  # what workers write for others to read
 ANY_PARTITION = -1  # librdkafka's RD_KAFKA_PARTITION_UA: the producer's partitioner picks (murmur2 by key)
 THREAD_MIN_USERS = 200  # users to rank from which a batch's ranking runs in the serving thread
 IDLE_POLL_S = 0.002  # with batches in flight, how long an idle loop waits for records before settling them
@@ -115,6 +118,7 @@ def fetch_config(settings: Settings) -> dict[str, object]:
     queue. Also the bench's broker round trip, which measures a consumer configured as the stage's."""
     return {
         "bootstrap.servers": settings.bootstrap_servers,
+        **client_logging(),
         "fetch.wait.max.ms": max(1, settings.batch_wait_ms),
         "queued.max.messages.kbytes": settings.consumer_queue_kbytes,
         "queued.min.messages": settings.consumer_queue_messages,
@@ -301,6 +305,7 @@ class EventStage:
         self._consumer: Consumer | None = None
         self._assigned: dict[str, set[int]] = {}
         self._partition_count = 0  # of the events topic: a record's key must hash to its partition
+        self._max_event_bytes = settings.max_event_bytes
         self._producer: Producer | None = None
         # (topic, partition) -> the last offset committed, for the events and the backfill topic
         self._committed: dict[tuple[str, int], TopicPartition] = {}
@@ -355,10 +360,11 @@ class EventStage:
         producer = Producer(
             {
                 "bootstrap.servers": s.bootstrap_servers,
+                **client_logging(),
                 "enable.idempotence": True,
                 "acks": "all",
                 "linger.ms": 2,
-                "compression.type": "lz4",
+                "compression.type": s.compression,
                 "partitioner": "murmur2_random",
                 "message.max.bytes": s.max_record_bytes,
                 "queue.buffering.max.messages": 1_000_000,  # bounded by bytes instead
@@ -452,6 +458,7 @@ class EventStage:
         }
         check_co_partitioned(counts, self.events_topic, self.backfill_topic)
         self._partition_count = counts[self.events_topic] or 0
+        self._publish_output_schemas(producer)
         consumer.subscribe([self.events_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         wait_s, size = self.settings.batch_wait_ms / 1000, self.settings.batch_size
         try:
@@ -486,6 +493,23 @@ class EventStage:
             consumer.close()  # leaves the group now, so partitions move without waiting for a timeout
             self.store.close()
             self._serving.shutdown(wait=False)
+
+    def _publish_output_schemas(self, producer: Producer) -> None:
+        """The writer schemas of what workers publish go to the schemas topic, as every producer's do, so a
+        reader in any language can look up the fingerprint at the head of each record (docs/contracts.md).
+        A registry deployment registers them through its codec instead."""
+        if isinstance(self.codec, RegistryCodec):
+            return
+        failures: list[KafkaError] = []
+        for name in OUTPUT_SCHEMAS:
+            publish_schema(
+                producer,
+                self.settings,
+                self.codec.schema(name),
+                on_delivery=lambda err, _msg: failures.append(err) if err is not None else None,
+            )
+        if producer.flush(10) or failures:
+            log.warning("output schemas not published to %s: %s", self.settings.schemas_topic, failures[:1])
 
     def _between_batches(self) -> None:
         with self._lock:
@@ -648,8 +672,10 @@ class EventStage:
         applied: Counter[EventKind] = Counter()
         shadow = self.settings.backfill_recommendations == "shadow"
         for p, users in by_partition.items():
-            for user_id, (state, parts, erased_at) in self._read_states(p, list(users)).items():
-                update = self._apply_user(p, user_id, users[user_id], state, parts, erased_at, flight, out)
+            read = self._read_states(p, list(users))
+            for user_id, events in users.items():  # in the order of their first event in the batch
+                state, parts, erased_at = read[user_id]
+                update = self._apply_user(p, user_id, events, state, parts, erased_at, flight, out)
                 if update is None:
                     continue
                 state, parts, erased_at, encoded, live_cause, backfill_cause, kinds = update
@@ -942,11 +968,11 @@ class EventStage:
     ) -> tuple[str, Event | Erasure] | Rejection:
         """The user and what to apply to them, or why the record is refused: too large, not decodable, not
         valid, or not keyed and placed as its user's records are (one writer per user's state)."""
-        value = msg.value()
+        value, key = msg.value(), msg.key()
         if value is None:
             return Rejection("undecodable", "empty record (tombstone) on the events topic")
-        size = len(value) + len(msg.key() or b"")
-        limit = self.settings.max_event_bytes
+        size = len(value) + (len(key) if key is not None else 0)
+        limit = self._max_event_bytes
         if size > limit:
             return Rejection("too_large", f"{size} bytes of key and value, more than the {limit} allowed")
         try:
@@ -962,13 +988,12 @@ class EventStage:
             rejection = validate_event(event, now, rules, self.catalog.__contains__)
             user_id, applied = event.user_id, event
         if rejection is None:
-            rejection = self._placement(msg, user_id)
+            rejection = self._placement(msg, key, user_id)
         return rejection if rejection is not None else (user_id, applied)
 
-    def _placement(self, msg: Message, user_id: str) -> Rejection | None:
+    def _placement(self, msg: Message, key: bytes | None, user_id: str) -> Rejection | None:
         """Whether a record is keyed by its user id and sits on that key's partition (Kafka's default
         partitioner, murmur2); otherwise a user's state would split across partitions, and workers."""
-        key = msg.key()
         expected = user_id.encode()
         if key != expected:
             got = "no key" if key is None else f"key {shown(key)}"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
@@ -106,12 +108,17 @@ class Cluster:
         return w
 
 
-@pytest.fixture(scope="module")
-def cluster(model_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """A broker with streamrec's topics, the sample catalogue published, and one running worker."""
-    root = tmp_path_factory.mktemp("cluster")
+@contextmanager
+def running_cluster(model_registry: Path, root: Path, **settings_overrides: Any) -> Iterator[Cluster]:
+    """A broker with streamrec's topics, the sample catalogue published, and one running worker with these
+    settings."""
     with EmbeddedBroker(log_path=root / "broker.log") as broker:
-        settings = Settings(bootstrap_servers=broker.bootstrap, model_registry=model_registry, data_dir=root)
+        settings = Settings(
+            bootstrap_servers=broker.bootstrap,
+            model_registry=model_registry,
+            data_dir=root,
+            **settings_overrides,
+        )
         create_topics(settings)
         c = Cluster(settings, root)
         publish_catalog(c.producer, c.catalog)
@@ -125,3 +132,10 @@ def cluster(model_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> I
             c.producer.close()
             for worker in c.workers:
                 worker.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(model_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A broker with streamrec's topics, the sample catalogue published, and one running worker."""
+    with running_cluster(model_registry, tmp_path_factory.mktemp("cluster")) as c:
+        yield c

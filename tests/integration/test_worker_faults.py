@@ -101,7 +101,12 @@ def test_records_of_a_megabyte_are_dead_lettered_and_the_worker_keeps_going(clus
     assert state is not None and state["clicks"] == 1, "only the valid event is applied"
 
     limit = cluster.settings.max_record_bytes
-    mine = wait_for(lambda: len(letters(cluster, u)) >= 6 and letters(cluster, u), 30, what="dead letters")
+    events = cluster.settings.events_topic
+
+    def from_events() -> list[dict]:
+        return [d for d in letters(cluster, u) if d["source_topic"] == events]
+
+    mine = wait_for(lambda: len(from_events()) >= 6 and from_events(), 30, what="dead letters")
     too_large = [d for d in mine if d["reason"] == "too_large"]
     assert len(too_large) == 3, [d["reason"] for d in mine]
     for d in too_large:
