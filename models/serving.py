@@ -1,13 +1,15 @@
 """The serving API the worker calls: load a model directory, keep the item index in step with the
 catalogue, and turn a micro-batch of user states into ranked, explained recommendations
-(one encoder call, one index search per batch)."""
+(one encoder call, one index search per batch, and one more for the batch's recent searches)."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +45,48 @@ def _faiss_threads_here() -> None:
 
         faiss.omp_set_num_threads(_serving_threads)
         _threads.faiss = _serving_threads
+
+
+@dataclass(frozen=True)
+class SearchSteering:
+    """How a recent search steers a user's top k (issue 26). The encoder maps a search for what it was trained
+    on toward those items, but nothing maps an unseen query toward items it never saw ("camping tent" in a
+    shop of new items). Query and items share one text space, the text embedder's, where the query's words
+    meet the items' titles and descriptions whether the model trained on them or not. So when a search is
+    among a user's ``recent`` newest window events, the newest such query is also matched against the items'
+    texts (one index search per batch for its distinct queries), and its best matches take ``slots(k)`` of
+    the k slots: the encoder's first k - slots(k) picks keep their order, and the query's best other matches
+    (reason ``matches_search``, score their text similarity) are interleaved with them, evenly, the
+    encoder's pick first. Only matches at least ``min_similarity`` alike (cosine) count, so a search for what
+    the shop does not sell leaves its slots to the encoder. A window without such a search is ranked exactly
+    as without steering; ``share`` 0 turns steering off. A model directory may set its own (metadata
+    ``search_steering``, as ``{"share": 0.5, "recent": 3, "min_similarity": 0.3}``)."""
+
+    share: float = 0.5  # of the k slots, the query's matches take this share, rounded half up
+    recent: int = 3  # a search steers while it is one of the user's newest `recent` window events
+    min_similarity: float = 0.3  # a match's least cosine similarity to the query, in the text space
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.share <= 1.0 or self.recent < 1:
+            raise ValueError(f"search steering needs 0 <= share <= 1 and recent >= 1, not {self}")
+
+    @classmethod
+    def of(cls, metadata: Mapping[str, Any]) -> SearchSteering:
+        """A model's steering: its metadata's ``search_steering``, the defaults for what it does not set."""
+        raw = metadata.get("search_steering") or {}
+        return cls(
+            float(raw.get("share", cls.share)),
+            int(raw.get("recent", cls.recent)),
+            float(raw.get("min_similarity", cls.min_similarity)),
+        )
+
+    def slots(self, k: int) -> int:
+        return min(k, int(self.share * k + 0.5))
+
+    def query_slots(self, k: int) -> np.ndarray:
+        """(k,) bool: the slots of a top k that the query's matches take, spread evenly (slot i is the
+        query's where (i + 1) * slots // k steps up)."""
+        return np.diff(np.arange(k + 1) * self.slots(k) // max(k, 1)) > 0
 
 
 class Recommender(ServesItemMap):
@@ -89,6 +133,13 @@ class Recommender(ServesItemMap):
         self._popularity = pop
         self._popular_order = self._rank_popular()
         self._index = index
+        # The items' texts as the text embedder sees them, for searches to be matched against (None without
+        # a text model). Rows are item indices; an item without text has a zero row and matches nothing.
+        self._text_index: ItemIndex | None = None
+        if self._embedder is not None and art.config.text_dim:
+            texts = self._model.item_text[1:].cpu().numpy().astype(np.float32)
+            self._text_index = ItemIndex.build(texts, np.arange(1, len(texts) + 1, dtype=np.int64))
+        self.search_steering = SearchSteering.of(art.metadata)
         self._lock = threading.RLock()
         self.last_timings: dict[str, float] = {}  # seconds per phase of the last recommend() call
 
@@ -123,15 +174,18 @@ class Recommender(ServesItemMap):
     def item_vector(self, item_id: str) -> np.ndarray:
         return self._vectors[self._index_of[item_id]].copy()
 
-    def _content_vectors(self, items: list[CatalogItem]) -> np.ndarray:
-        """Cold start: a new item is its content (text through the model's text projection), no ID part."""
+    def _content_vectors(self, items: list[CatalogItem]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Cold start: a new item is its content (text through the model's text projection), no ID part.
+        Also the items' text vectors, which searches are matched against (None without a text model)."""
         dim = self._model.config.dim
-        if not items or self._embedder is None or not self._model.config.text_dim:
-            return np.zeros((len(items), dim), dtype=np.float32)
-        text = torch.from_numpy(self._embedder.embed_items([i.text for i in items])).to(self._device)
+        if self._embedder is None or not self._model.config.text_dim:
+            return np.zeros((len(items), dim), dtype=np.float32), None
+        texts = self._embedder.embed_items([i.text for i in items]).astype(np.float32)
         with torch.inference_mode():
-            content = self._model.query_vectors(text) * self._content_scale
-        return content.cpu().numpy().astype(np.float32)
+            content = (
+                self._model.query_vectors(torch.from_numpy(texts).to(self._device)) * self._content_scale
+            )
+        return content.cpu().numpy().astype(np.float32), texts
 
     def upsert_items(self, items: list[CatalogItem]) -> None:
         """Catalogue records, in order. The first one makes the catalogue the only source of recommendable
@@ -139,7 +193,7 @@ class Recommender(ServesItemMap):
         catalogue holds and has in stock. Items new to the model get their content vectors."""
         known = [i for i in items if i.item_id in self._index_of]
         fresh = self._items.unknown(items)
-        vectors = self._content_vectors(fresh)  # slow part, outside the lock
+        vectors, texts = self._content_vectors(fresh)  # slow part, outside the lock
         with self._lock:
             if items and not self._catalogue_seen:
                 self._catalogue_seen = True
@@ -163,6 +217,8 @@ class Recommender(ServesItemMap):
                 self._popularity = np.concatenate([self._popularity, np.zeros(len(new_items), np.float32)])
                 self._popular_order = self._rank_popular()
                 self._index.add(vectors, ids)
+                if self._text_index is not None and texts is not None:
+                    self._text_index.add(texts[np.array(added, dtype=bool)], ids)
 
     # --- recommending ---------------------------------------------------------------------------------
     def recommend(self, users: list[UserState], k: int) -> list[list[RecommendedItem]]:
@@ -213,7 +269,7 @@ class Recommender(ServesItemMap):
         counts: list[int] = []
         reasons: dict[int, Reason] = {}
         if warm:
-            qtable, qspace = self._query_tables(queries)
+            qtable, qspace, qtext = self._query_tables(queries)
             t1 = clock()
             with torch.inference_mode():
                 h = hidden_states(
@@ -231,17 +287,26 @@ class Recommender(ServesItemMap):
             fetch = min(self._index.size, k + most_excluded + 8)
             scores, found = self._index.search(user_vecs, fetch, self._in_stock)  # recommendable items only
             t3 = clock()
-            picked, picked_scores = self._rank(found, scores, [excluded[u] for u in warm], k)
+            warm_excluded = [excluded[u] for u in warm]
+            picked, picked_scores = self._rank(found, scores, warm_excluded, k)
+            t4 = clock()
+            steering = self._steering_queries(qids, qtext)
+            picked, picked_scores, from_query = self._steer(
+                picked, picked_scores, steering, qtext, warm_excluded, k
+            )
+            t5 = clock()
             anchors = self._anchors(picked, items, qids, qspace)
             codes = self._reason_codes(picked, anchors, items, kinds, qids)
+            codes = np.where(from_query, -steering[:, None], codes)  # the query's matches: its reason
             reasons = {c: self._reason(c, queries) for c in np.unique(codes).tolist()}
             counts = (picked != PAD).sum(axis=1).tolist()  # the valid ones come first in every row
-            t4 = clock()
+            t6 = clock()
             self.last_timings = {
                 "inputs": inputs_s + t1 - t0,
                 "encoder": t2 - t1,
                 "search": t3 - t2,
-                "rank": t4 - t3,
+                "steer": t5 - t4,
+                "rank": t4 - t3 + t6 - t5,
             }
         # The popularity fill of every user with fewer than k items ranked (all of a cold user's k).
         fills: list[list[RecommendedItem]] = [[] for _ in range(n_users)]
@@ -254,24 +319,29 @@ class Recommender(ServesItemMap):
                 fills[u] = self._popular(k - n, excluded[u], already)
         return RankedArrays(n_users, warm, counts, picked, picked_scores, codes, reasons, fills)
 
-    def _query_tables(self, queries: list[str]) -> tuple[torch.Tensor | None, np.ndarray]:
-        """Row j + 1 is query j: its text vector (the encoder's input; None without a text model) and its
-        vector in item space (for reasons; zeros without a text model). Row 0 is padding."""
+    def _query_tables(self, queries: list[str]) -> tuple[torch.Tensor | None, np.ndarray, np.ndarray]:
+        """Row j + 1 is query j: its text vector (the encoder's input; None without a text model), its
+        vector in item space (for reasons; zeros without a text model) and its text vector in numpy (for
+        search steering; zeros without a text model). Row 0 is padding."""
         qspace = np.zeros((len(queries) + 1, self._model.config.dim), dtype=np.float32)
-        if not (queries and self._embedder is not None and self._model.config.text_dim):
-            return None, qspace
         text = np.zeros((len(queries) + 1, self._model.config.text_dim), dtype=np.float32)
+        if not (queries and self._embedder is not None and self._model.config.text_dim):
+            return None, qspace, text
         text[1:] = self._embedder.embed_queries(queries)
         qtable = torch.from_numpy(text).to(self._device)
         with torch.inference_mode():
             qspace = self._model.query_vectors(qtable).cpu().numpy()
-        return qtable, qspace
+        return qtable, qspace, text
 
     def _rank(
         self, found: np.ndarray, scores: np.ndarray, excluded: list[set[int]], k: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """The first k candidates of each row, in the index's order, that are real, in stock and not
         excluded; (rows, k) item indices (PAD where fewer) and their scores (0 there)."""
+        return _first(found, scores, self._recommendable(found, excluded), k)
+
+    def _recommendable(self, found: np.ndarray, excluded: list[set[int]]) -> np.ndarray:
+        """Per candidate: real, in stock and not excluded from its row."""
         rows = found.shape[0]
         valid = found > PAD  # FAISS answers -1 when it has fewer than asked
         valid &= self._in_stock[np.where(valid, found, PAD)]  # in_stock[PAD] is False
@@ -285,14 +355,69 @@ class Recommender(ServesItemMap):
             at = np.searchsorted(banned, keys)  # np.isin sorted keys and banned together: ~4x slower
             at[at == len(banned)] = 0
             valid &= banned[at] != keys
-        take = min(k, found.shape[1])
-        order = np.argsort(~valid, axis=1, kind="stable")[:, :take]  # valid first, index order kept
-        kept = np.take_along_axis(valid, order, axis=1)
-        picked = np.full((rows, k), PAD, dtype=np.int64)
-        picked_scores = np.zeros((rows, k), dtype=np.float32)
-        picked[:, :take] = np.where(kept, np.take_along_axis(found, order, axis=1), PAD)
-        picked_scores[:, :take] = np.where(kept, np.take_along_axis(scores, order, axis=1), 0.0)
-        return picked, picked_scores
+        return valid
+
+    def _steering_queries(self, qids: np.ndarray, qtext: np.ndarray) -> np.ndarray:
+        """Per warm row, the id of the query that steers it (``SearchSteering``), 0 for none: the newest
+        search among its ``recent`` newest events, unless its query has no text vector (no known word)."""
+        steering = self.search_steering
+        if steering.share <= 0 or self._text_index is None or not qtext.any():  # off, no text, no search
+            return np.zeros(len(qids), dtype=np.int64)
+        recent = qids[:, -steering.recent :]  # a query id sits at a search's position, 0 elsewhere
+        newest = recent.shape[1] - 1 - np.argmax(recent[:, ::-1] > 0, axis=1)
+        chosen = recent[np.arange(len(recent)), newest]
+        has_text = np.any(qtext != 0, axis=1)  # row 0, no query, is zeros
+        return np.where(has_text[chosen], chosen, 0)
+
+    def _steer(
+        self,
+        picked: np.ndarray,
+        picked_scores: np.ndarray,
+        steering: np.ndarray,
+        qtext: np.ndarray,
+        excluded: list[set[int]],
+        k: int,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rows with a steering query get its best matches in their share of the k slots (see
+        ``SearchSteering``): one search of the items' texts for the batch's distinct steering queries.
+        Returns picked, scores and, per slot, whether the query's search filled it."""
+        from_query = np.zeros(picked.shape, dtype=bool)
+        rows = np.flatnonzero(steering)
+        slots = self.search_steering.slots(k)
+        if not len(rows) or not slots or self._text_index is None:
+            return picked, picked_scores, from_query
+        queries, at = np.unique(steering[rows], return_inverse=True)
+        row_excluded = [excluded[r] for r in rows.tolist()]
+        fetch = min(self._text_index.size, k + max(len(e) for e in row_excluded) + 8)
+        scores, found = self._text_index.search(qtext[queries], fetch, self._in_stock)
+        found, scores = found[at], scores[at]
+        head = picked[rows, : k - slots]  # the encoder's picks that keep their places
+        valid = self._recommendable(found, row_excluded) & (scores >= self.search_steering.min_similarity)
+        valid &= ~(found[:, :, None] == head[:, None, :]).any(axis=2)
+        matches, match_scores = _first(found, scores, valid, slots)
+        # The encoder's picks without the query's matches fill every slot the query's matches do not.
+        others = ~(picked[rows, :, None] == matches[:, None, :]).any(axis=2)
+        encoder, encoder_scores = _first(picked[rows], picked_scores[rows], others & (picked[rows] != PAD), k)
+        # A row with fewer matches than slots gives its later query slots back to the encoder.
+        query_slot = self.search_steering.query_slots(k)[None, :]
+        query_slot = query_slot & (np.cumsum(query_slot, axis=1) <= (matches != PAD).sum(axis=1)[:, None])
+        nth_match = np.maximum(np.cumsum(query_slot, axis=1) - 1, 0)
+        nth_pick = np.maximum(np.cumsum(~query_slot, axis=1) - 1, 0)
+        merged = np.where(
+            query_slot, np.take_along_axis(matches, nth_match, 1), np.take_along_axis(encoder, nth_pick, 1)
+        )
+        merged_scores = np.where(
+            query_slot,
+            np.take_along_axis(match_scores, nth_match, 1),
+            np.take_along_axis(encoder_scores, nth_pick, 1),
+        )
+        # A short encoder row leaves gaps in its slots: close them, the valid ones first as everywhere.
+        order = np.argsort(merged == PAD, axis=1, kind="stable")
+        picked, picked_scores = picked.copy(), picked_scores.copy()
+        picked[rows] = np.take_along_axis(merged, order, 1)
+        picked_scores[rows] = np.take_along_axis(merged_scores, order, 1)
+        from_query[rows] = np.take_along_axis(query_slot, order, 1)
+        return picked, picked_scores, from_query
 
     def _reason_codes(
         self, picked: np.ndarray, anchors: np.ndarray, items: np.ndarray, kinds: np.ndarray, qids: np.ndarray
@@ -347,6 +472,20 @@ class Recommender(ServesItemMap):
                 )
             )
         return out
+
+
+def _first(found: np.ndarray, scores: np.ndarray, valid: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first k valid candidates of each row, in their order: (rows, k) item indices (PAD where fewer)
+    and their scores (0 there)."""
+    rows = found.shape[0]
+    take = min(k, found.shape[1])
+    order = np.argsort(~valid, axis=1, kind="stable")[:, :take]  # valid first, order kept
+    kept = np.take_along_axis(valid, order, axis=1)
+    picked = np.full((rows, k), PAD, dtype=np.int64)
+    picked_scores = np.zeros((rows, k), dtype=np.float32)
+    picked[:, :take] = np.where(kept, np.take_along_axis(found, order, axis=1), PAD)
+    picked_scores[:, :take] = np.where(kept, np.take_along_axis(scores, order, axis=1), 0.0)
+    return picked, picked_scores
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:

@@ -60,11 +60,16 @@ class Settings(BaseSettings):
     assignment_strategy: Literal["range", "roundrobin", "cooperative-sticky"] = Field(
         "range", description="Partition assignment strategy of the event stage's consumer group."
     )
-    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+    output_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "none",
+        description="Compression of what workers write for others to read: recommendations, shadow "
+        "recommendations, dead letters, triggers. none reaches every client: kafkajs reads only none and "
+        "gzip without a plug-in, and gzip cost the worker ~20 us of CPU per event (docs/contracts.md).",
+    )
+    internal_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
         "lz4",
-        description="Compression of every record streamrec's producers write (worker, producer client, "
-        "replay). Clients that read it with no plug-in: librdkafka (Python, Go, .NET, C), the Java client "
-        "and aiokafka read all; kafkajs reads gzip and none only. See docs/contracts.md.",
+        description="Compression of what only streamrec reads: the state changelog, and the events and "
+        "catalogue upserts the Python producer client sends (workers read every codec).",
     )
     embedded_broker: bool = Field(
         True,

@@ -157,7 +157,7 @@ class Worker:
             broker_rebalance_timeout=s.session_timeout_ms / 1000,
             topic_partitions=1,
             topic_allow_declare=True,
-            producer_compression_type=None if s.compression == "none" else s.compression,
+            producer_compression_type=None if s.output_compression == "none" else s.output_compression,
             **extra,
         )
         catalog_topic = app.topic(s.catalog_topic, key_serializer="raw", value_serializer="raw", partitions=1)

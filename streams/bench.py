@@ -407,7 +407,7 @@ def broker_round_trip(
             "enable.idempotence": True,
             "acks": "all",
             "partitioner": "murmur2_random",
-            "compression.type": settings.compression,
+            "compression.type": settings.internal_compression,
             "linger.ms": 5,
         }
     )

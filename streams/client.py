@@ -88,7 +88,7 @@ def _key(value: str | bytes | None) -> bytes | None:
 class EventProducer:
     """Sends validated, Avro-encoded events and catalogue upserts; thread-safe.
 
-    Idempotent (``acks=all``), compressed with ``STREAMREC_COMPRESSION``, and partitioned with
+    Idempotent (``acks=all``), compressed with ``STREAMREC_INTERNAL_COMPRESSION``, and partitioned with
     ``murmur2_random``: the Java client's default and faust's, so a user lands on the same partition
     whichever language the backend is written in. Sending is asynchronous: failures are collected by the
     delivery callback and raised by ``flush()`` (and ``close()``) as ``DeliveryError``; they are logged as
@@ -119,7 +119,7 @@ class EventProducer:
                 "enable.idempotence": True,
                 "acks": "all",
                 "partitioner": "murmur2_random",
-                "compression.type": settings.compression,
+                "compression.type": settings.internal_compression,
                 "linger.ms": 5,  # small batches for a web backend; a few ms add nothing a user notices
                 **(config or {}),
             }

@@ -307,6 +307,7 @@ class EventStage:
         self._partition_count = 0  # of the events topic: a record's key must hash to its partition
         self._max_event_bytes = settings.max_event_bytes
         self._producer: Producer | None = None
+        self._changelog_producer: Producer | None = None  # set when the changelog's compression differs
         # (topic, partition) -> the last offset committed, for the events and the backfill topic
         self._committed: dict[tuple[str, int], TopicPartition] = {}
         self._flights: deque[InFlight] = deque()  # published batches not settled yet, oldest first
@@ -343,7 +344,9 @@ class EventStage:
 
     # --- the loop ---------------------------------------------------------------------------------------
 
-    def _make_clients(self) -> tuple[Consumer, Producer]:
+    def _make_clients(self) -> tuple[Consumer, Producer, Producer | None]:
+        """The consumer, the producer of what others read (recommendations, dead letters), and the
+        changelog's own producer when its compression differs (None: the same producer writes both)."""
         s = self.settings
         consumer = Consumer(
             fetch_config(s)
@@ -357,14 +360,21 @@ class EventStage:
                 "client.id": self.worker_id,
             }
         )
-        producer = Producer(
+        changelog = None
+        if s.internal_compression != s.output_compression:
+            changelog = self._make_producer(s.internal_compression)
+        return consumer, self._make_producer(s.output_compression), changelog
+
+    def _make_producer(self, compression: str) -> Producer:
+        s = self.settings
+        return Producer(
             {
                 "bootstrap.servers": s.bootstrap_servers,
                 **client_logging(),
                 "enable.idempotence": True,
                 "acks": "all",
                 "linger.ms": 2,
-                "compression.type": s.compression,
+                "compression.type": compression,
                 "partitioner": "murmur2_random",
                 "message.max.bytes": s.max_record_bytes,
                 "queue.buffering.max.messages": 1_000_000,  # bounded by bytes instead
@@ -372,7 +382,6 @@ class EventStage:
                 "client.id": self.worker_id,
             }
         )
-        return consumer, producer
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Restore before fetching starts, then take the backfill partitions of the same numbers along.
@@ -448,8 +457,8 @@ class EventStage:
             self.worker_id,
             "compiled (mypyc)" if set(modes.values()) == {"compiled"} else f"Python sources {sorted(modes)}",
         )
-        consumer, producer = self._make_clients()
-        self._consumer, self._producer = consumer, producer
+        consumer, producer, changelog = self._make_clients()
+        self._consumer, self._producer, self._changelog_producer = consumer, producer, changelog
         topics = consumer.list_topics(timeout=10).topics
         counts = {
             name: (len(meta.partitions) if meta.error is None else None)
@@ -489,6 +498,8 @@ class EventStage:
             except DeliveryFailed as exc:
                 log.error("last batch not delivered at stop, it is consumed again: %s", exc)
             producer.flush(10)
+            if changelog is not None:
+                changelog.flush(10)
             self._commit_synchronously(consumer)
             consumer.close()  # leaves the group now, so partitions move without waiting for a timeout
             self.store.close()
@@ -575,16 +586,16 @@ class EventStage:
             if previous is not None:
                 self._publish_ranking(previous, out)
             # 4. the changelog, keyed by user, on the partition of the same number
-            changelog = self.settings.state_changelog_topic
+            changelog, writer = self.settings.state_changelog_topic, self._changelog_producer or producer
             for p, user_changes in changes.items():
                 for user_id, value in user_changes.items():
                     self._produce(
-                        producer, changelog, user_id.encode(), value, flight, p, flight.on_changelog_delivery
+                        writer, changelog, user_id.encode(), value, flight, p, flight.on_changelog_delivery
                     )
             for p, markers in flight.erasures.items():
                 for digest, erased_at in markers.items():
                     self._produce(
-                        producer,
+                        writer,
                         changelog,
                         ERASURE_KEY + digest,
                         erasure_value(erased_at),
@@ -926,6 +937,17 @@ class EventStage:
         self._publish_pending()
         self._settle_flights(keep=0 if wait else len(self._flights), timeout_s=timeout_s)
 
+    def _poll(self, timeout_s: float) -> None:
+        """Serve the producers' delivery reports, waiting up to ``timeout_s`` for one (a few ms per producer
+        when there are two, so neither one's reports wait for the other's)."""
+        assert self._producer is not None
+        if self._changelog_producer is None:
+            self._producer.poll(timeout_s)
+            return
+        step = min(timeout_s, 0.005)
+        self._producer.poll(step)
+        self._changelog_producer.poll(step)
+
     def _settle(self, flight: InFlight, wait: bool, timeout_s: float = 30.0) -> bool:
         """Once ``flight`` is delivered, write its states locally and commit its offsets; whether it is
         settled. Without ``wait`` it only settles a batch whose deliveries are in. Raises DeliveryFailed,
@@ -934,13 +956,13 @@ class EventStage:
         phases = self.metrics.batch_phase_seconds
         t0 = time.perf_counter()
         if not flight.delivered:
-            self._producer.poll(0)  # serve the delivery reports that are in
+            self._poll(0)  # serve the delivery reports that are in
         deadline = time.monotonic() + timeout_s
         while not flight.answered:
             left = deadline - time.monotonic()
             if not wait or left <= 0:
                 break
-            self._producer.poll(min(left, 0.1))
+            self._poll(min(left, 0.1))
         t1 = time.perf_counter()
         phases.labels("flush").inc(t1 - t0)
         if not wait and not flight.answered:

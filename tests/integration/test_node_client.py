@@ -27,8 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.node]
 def node_cluster(model_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     if shutil.which("node") is None or not (NODE_DIR / "node_modules" / "kafkajs").is_dir():
         pytest.skip("Node.js or tests/node/node_modules missing: run `make test-node`")
-    # gzip: the codec kafkajs reads without a plug-in (docs/contracts.md)
-    with running_cluster(model_registry, tmp_path_factory.mktemp("node"), compression="gzip") as c:
+    with running_cluster(model_registry, tmp_path_factory.mktemp("node")) as c:  # the defaults: kafkajs reads
         yield c
 
 
