@@ -1,27 +1,36 @@
 """Does a search steer recommendations, for items the model was trained on and for catalogue items it never
-saw (issue 26, item 8)? Before/after shares with and without search steering (``SearchSteering``).
+saw (issue 26, item 8)? Before/after shares with and without search steering (``SearchSteering`` in
+streamrec.models.serving).
 
 For each text embedder (``--embedders``: hashing, MiniLM), a ``tiny`` model is trained on the sample shoppers
-(``streamrec.sample``: 8 categories, 480 items), and then:
+(``streamrec.sample``: 8 categories, 480 items; ~20 s and ~40 s), and then:
 
 - ``trained_items``: the sample catalogue is published; shoppers who clicked ``--clicks`` items of one
-  category A search for an item of another category C in the sample's words ("hydrating serum"). Per query:
-  the share of their top 10 in C before the search (the clicks only) and after it, and the share of the top
-  10 given as ``matches_search``.
+  category A search for category C in the sample's own words ("hydrating serum"), for every A other than C.
+  The share of their top 10 in C before the search (the clicks only) and after it, over all and per query;
+  the share given as ``matches_search`` after it; and the share in A before it. ``unsold``: searches for
+  what the shop does not sell ("umbrella"), the share given as ``matches_search``.
 - ``new_items``: a second catalogue, six categories the model never saw (outdoor/camping, pets/dogs,
-  garden/tools, baby/nursery, automotive/car care, office/stationery; 60 items each, titles and
+  garden/tools, baby/nursery, automotive/car care, office/stationery; 60 items each, with titles and
   descriptions), is published as the shop's catalogue, so only its items are recommendable, every one of
   them through its content vector. Shoppers who clicked items of new category A search for new category C
   ("camping tent", "dog leash"): the same shares.
-- ``next_item_after_search``: fresh simulated shoppers (another seed) on the trained catalogue; every click
-  or purchase that follows within ``SearchSteering.recent`` events of a search is a case, ranked from the
-  state before it: HR@10 and NDCG@10 of that item. The cases without such a search must be ranked exactly
-  alike with and without steering (``identical``).
-- ``rank_ms``: ``Recommender.rank`` for a batch of ``--batch`` simulated shoppers' states, one torch thread
+- ``next_item``: fresh simulated shoppers (another seed) on the trained catalogue; each of the newest
+  ``--cases`` clicks and purchases is ranked from the state before it (as the worker's ranking process reads
+  it, from the encoded state): HR@10 and NDCG@10 of that item, for the cases with a search among the
+  ``SearchSteering.recent`` events before it and the others. The others must be ranked exactly alike with
+  and without steering (``identical``).
+- ``rank_ms``: ``Recommender.rank`` of a batch of ``--batch`` simulated shoppers' states, one torch thread
   (as the ranking process runs), median of ``--repeats`` runs each way, the two ways alternating.
+- ``share_sweep``: the searched category's share after the search, and the next item after a recent search,
+  for other shares of the k slots (``--sweep``).
 
-"baseline" is this code with steering off (``SearchSteering(share=0)``: the path of a window without a
-search, which is the code before steering); "steering" the defaults. One JSON object on stdout.
+"baseline" is this code with steering off (``SearchSteering(share=0)``, which ranks every window as one
+without a recent search is ranked, as the code before steering did); "steering" the defaults. In the sample
+shoppers' world a search says which category, never which item (the next click is a popular item of the
+category, whatever the query's words), so the next-item figures after a search show what steering costs
+where the query's words carry no more than its category. One JSON object on stdout; the models and data go
+under ``--out``.
 
     .venv/bin/python benchmarks/search_steering.py [--embedders hashing,minilm] [--out var/search_steering]
 """
@@ -31,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import statistics
 import time
@@ -39,6 +49,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from streamrec.models.serving import Recommender, SearchSteering, set_threads
 from streamrec.models.train import TrainConfig, train
 from streamrec.records import CatalogItem, EventKind, HistoryEntry, RecommendedItem, UserState
@@ -46,7 +58,8 @@ from streamrec.sample import CATEGORIES, ShopperSimulator, sample_catalog, title
 from streamrec.state import StateLimits, apply_event, encode_state
 
 K = 10
-OFF = SearchSteering(share=0.0)
+# The two ways every figure is measured: steering off (the code before steering), and the defaults.
+WAYS = {"baseline": SearchSteering(share=0.0), "steering": SearchSteering()}
 
 # Categories the sample shoppers never touch: per category, (noun, what it is) pairs and adjectives.
 NEW_CATEGORIES: dict[str, tuple[list[tuple[str, str]], list[str]]] = {
@@ -175,6 +188,7 @@ def category_shares(
     clicks: int,
     users_per_pair: int,
     seed: int,
+    ways: dict[str, SearchSteering] = WAYS,
 ) -> dict[str, Any]:
     """Shoppers who clicked items of category A search for category C (every A other than C): the share of
     their top K in C before the search and after it, in all and per query, baseline and steering; the share
@@ -196,7 +210,7 @@ def category_shares(
     after_users = [clicks_then_search(items, query) for _, _, query, items in cases]
     out: dict[str, Any] = {"users": len(cases), "queries": sum(len(q) for q in queries.values())}
     per_query: dict[str, dict[str, float]] = {q: {} for _, _, q, _ in cases}
-    for name, steering in (("baseline", OFF), ("steering", SearchSteering())):
+    for name, steering in ways.items():
         rec.search_steering = steering
         before, after = rec.recommend(before_users, K), rec.recommend(after_users, K)
         in_clicked, in_before, in_after, searched = [], [], [], []
@@ -225,7 +239,7 @@ def unsold_searches(rec: Recommender, catalog: list[CatalogItem], clicks: int, s
     ids = [i.item_id for i in catalog]
     users = [clicks_then_search(rng.sample(ids, clicks), q) for q in UNSOLD_QUERIES for _ in range(20)]
     out = {}
-    for name, steering in (("baseline", OFF), ("steering", SearchSteering())):
+    for name, steering in WAYS.items():
         rec.search_steering = steering
         out[f"{name}_matches_search"] = mean(
             [share(r, lambda r: r.reason == "matches_search") for r in rec.recommend(users, K)]
@@ -253,11 +267,16 @@ def simulated_states(
     return cases, list(states.values())
 
 
-def next_item(rec: Recommender, cases: list[tuple[bytes, str, bool]], batch: int = 1000) -> dict[str, Any]:
-    """HR@K and NDCG@K of the next item, for the cases after a recent search and the others, baseline and
-    steering; whether every case without a recent search was ranked exactly alike both ways."""
+def next_item(
+    rec: Recommender,
+    cases: list[tuple[bytes, str, bool]],
+    ways: dict[str, SearchSteering] = WAYS,
+    batch: int = 1000,
+) -> dict[str, Any]:
+    """HR@K and NDCG@K of the next item, for the cases after a recent search and the others, each way;
+    whether every case without a recent search was ranked exactly alike every way."""
     ranked: dict[str, list[list[RecommendedItem]]] = {}
-    for name, steering in (("baseline", OFF), ("steering", SearchSteering())):
+    for name, steering in ways.items():
         rec.search_steering = steering
         ranked[name] = []
         for start in range(0, len(cases), batch):
@@ -274,9 +293,8 @@ def next_item(rec: Recommender, cases: list[tuple[bytes, str, bool]], batch: int
                 "ndcg@10": mean([0.0 if h is None else 1.0 / math.log2(h + 2) for h in hits]),
             }
     quiet = [j for j, case in enumerate(cases) if not case[2]]
-    out["without_a_recent_search"]["identical"] = all(
-        ranked["baseline"][j] == ranked["steering"][j] for j in quiet
-    )
+    first, *others = ranked.values()
+    out["without_a_recent_search"]["identical"] = all(first[j] == o[j] for o in others for j in quiet)
     return out
 
 
@@ -285,14 +303,17 @@ def position(recs: list[RecommendedItem], item_id: str) -> int | None:
 
 
 def rank_ms(rec: Recommender, users: list[UserState], repeats: int) -> dict[str, Any]:
-    """Recommender.rank for one batch, each way, alternating: median milliseconds."""
+    """Recommender.rank for one batch, each way, alternating: median milliseconds, and the median of the
+    steering phase alone (``last_timings["steer"]``)."""
     times: dict[str, list[float]] = {"baseline": [], "steering": []}
+    steer_phase = []
     for _ in range(repeats):
-        for name, steering in (("baseline", OFF), ("steering", SearchSteering())):
+        for name, steering in WAYS.items():
             rec.search_steering = steering
             started = time.perf_counter()
             rec.rank(users, K)
             times[name].append((time.perf_counter() - started) * 1000)
+        steer_phase.append(rec.last_timings["steer"] * 1000)
     steered = sum(
         any(e.kind is EventKind.SEARCH for e in u.history[-SearchSteering().recent :]) for u in users
     )
@@ -300,35 +321,48 @@ def rank_ms(rec: Recommender, users: list[UserState], repeats: int) -> dict[str,
         "users": len(users),
         "users_steered": steered,
         **{name: round(statistics.median(t), 1) for name, t in times.items()},
-        "steer_phase_ms": round(rec.last_timings.get("steer", 0.0) * 1000, 2),
+        "steer_phase_ms": round(statistics.median(steer_phase), 2),
     }
 
 
 def measure(text: str, data: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    started = time.perf_counter()
-    model_dir = train(
-        data, out=out / f"model-{text}", config=TrainConfig.preset("tiny", text=text), progress=False
-    )
-    trained_s = time.perf_counter() - started
-    meta = json.loads((model_dir / "metadata.json").read_text())
-    result: dict[str, Any] = {
-        "training_s": round(trained_s, 1),
-        "valid": meta["metrics"]["valid"],
-    }
-    rec = Recommender.load(model_dir, device="cpu")
-    rec.upsert_items(sample_catalog())
-    result["trained_items"] = category_shares(
-        rec, sample_catalog(), TRAINED_QUERIES, args.clicks, args.users, 1
-    )
-    result["trained_items"]["unsold"] = unsold_searches(rec, sample_catalog(), args.clicks, 2)
-    cases, states = simulated_states(args.events, args.batch, seed=1234, recent=SearchSteering().recent)
-    result["next_item"] = next_item(rec, cases[-args.cases :])
-    result["rank_ms"] = rank_ms(rec, states[: args.batch], args.repeats)
-    rec = Recommender.load(model_dir, device="cpu")
+    model_dir = out / f"model-{text}"
+    result: dict[str, Any] = {}
+    if not (args.reuse and (model_dir / "metadata.json").exists()):
+        started = time.perf_counter()
+        train(data, out=model_dir, config=TrainConfig.preset("tiny", text=text), progress=False)
+        result["training_s"] = round(time.perf_counter() - started, 1)
+        torch.use_deterministic_algorithms(False)  # training's settings; serving has neither
+        set_threads(1)
+    result["valid"] = json.loads((model_dir / "metadata.json").read_text())["metrics"]["valid"]
+    trained = Recommender.load(model_dir, device="cpu")
+    trained.upsert_items(sample_catalog())
+    fresh = Recommender.load(model_dir, device="cpu")
     catalog = new_catalog()
-    rec.upsert_items(catalog)
-    result["new_items"] = category_shares(rec, catalog, NEW_QUERIES, args.clicks, args.users, 3)
-    result["new_items"]["unsold"] = unsold_searches(rec, catalog, args.clicks, 4)
+    fresh.upsert_items(catalog)
+    result["trained_items"] = category_shares(
+        trained, sample_catalog(), TRAINED_QUERIES, args.clicks, args.users, 1
+    )
+    result["trained_items"]["unsold"] = unsold_searches(trained, sample_catalog(), args.clicks, 2)
+    result["new_items"] = category_shares(fresh, catalog, NEW_QUERIES, args.clicks, args.users, 3)
+    result["new_items"]["unsold"] = unsold_searches(fresh, catalog, args.clicks, 4)
+    cases, states = simulated_states(args.events, args.batch, seed=1234, recent=SearchSteering().recent)
+    cases = cases[-args.cases :]
+    result["next_item"] = next_item(trained, cases)
+    result["rank_ms"] = rank_ms(trained, states[: args.batch], args.repeats)
+    # Other shares: what the searched category gains against what the next item loses.
+    ways = {f"share {x}": SearchSteering(share=float(x)) for x in args.sweep.split(",")}
+    on_trained = category_shares(trained, sample_catalog(), TRAINED_QUERIES, args.clicks, args.users, 1, ways)
+    on_new = category_shares(fresh, catalog, NEW_QUERIES, args.clicks, args.users, 3, ways)
+    after_search = next_item(trained, cases, ways)["after_a_recent_search"]
+    result["share_sweep"] = {
+        name: {
+            "trained_items_after": on_trained[name]["share_in_searched_category_after"],
+            "new_items_after": on_new[name]["share_in_searched_category_after"],
+            "next_item_after_a_recent_search": after_search[name],
+        }
+        for name in ways
+    }
     return result
 
 
@@ -344,12 +378,18 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=20_000, help="the newest next_item cases ranked")
     parser.add_argument("--batch", type=int, default=2000, help="users in the timed batch")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--sweep", default="0.2,0.3,0.5,0.7", help="other shares to measure")
+    parser.add_argument("--reuse", action="store_true", help="the models an earlier run left under --out")
     args = parser.parse_args()
     set_threads(1)
-    data = write_sample_dataset(args.out / "data")
-    report: dict[str, Any] = {"k": K, "steering": asdict(SearchSteering())}
+    data = args.out / "data"
+    if not (args.reuse and (data / "events.jsonl").exists()):
+        write_sample_dataset(data)
+    report: dict[str, Any] = {"k": K, "steering": asdict(SearchSteering()), "cpus": os.cpu_count()}
+    load = os.getloadavg()[0]
     for text in args.embedders.split(","):
         report[text] = measure(text, data, args.out, args)
+    report["load_average_1min"] = [round(load, 2), round(os.getloadavg()[0], 2)]  # at the start, at the end
     print(json.dumps(report, indent=1))
 
 

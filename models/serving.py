@@ -54,21 +54,23 @@ class SearchSteering:
     shop of new items). Query and items share one text space, the text embedder's, where the query's words
     meet the items' titles and descriptions whether the model trained on them or not. So when a search is
     among a user's ``recent`` newest window events, the newest such query is also matched against the items'
-    texts (one index search per batch for its distinct queries), and its best matches take ``slots(k)`` of
-    the k slots: the encoder's first k - slots(k) picks keep their order, and the query's best other matches
-    (reason ``matches_search``, score their text similarity) are interleaved with them, evenly, the
-    encoder's pick first. Only matches at least ``min_similarity`` alike (cosine) count, so a search for what
-    the shop does not sell leaves its slots to the encoder. A window without such a search is ranked exactly
-    as without steering; ``share`` 0 turns steering off. A model directory may set its own (metadata
-    ``search_steering``, as ``{"share": 0.5, "recent": 3, "min_similarity": 0.3}``)."""
+    texts (one index search per batch, of its distinct steering queries). Its nearest ``pool`` x k texts that
+    are at least ``min_similarity`` alike (cosine) are its matches, and the user's own scores (the encoder's,
+    as for every pick) choose which of them fill ``slots(k)`` of the k slots, reason ``matches_search``: the
+    encoder's first k - slots(k) picks keep their order, and the matches are interleaved with them, evenly,
+    the encoder's pick first. A search for what the shop does not sell matches nothing and leaves its slots
+    to the encoder; a window without a recent search is ranked exactly as without steering; ``share`` 0
+    turns steering off. A model directory may set its own (metadata ``search_steering``, as
+    ``{"share": 0.3, "recent": 3}``). The figures behind the defaults: ``benchmarks/search_steering.py``."""
 
-    share: float = 0.5  # of the k slots, the query's matches take this share, rounded half up
+    share: float = 0.3  # of the k slots, the query's matches take this share, rounded half up
     recent: int = 3  # a search steers while it is one of the user's newest `recent` window events
-    min_similarity: float = 0.3  # a match's least cosine similarity to the query, in the text space
+    min_similarity: float = 0.4  # a match's least cosine similarity to the query, in the text space
+    pool: int = 3  # the query's nearest pool x k item texts are its candidates
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.share <= 1.0 or self.recent < 1:
-            raise ValueError(f"search steering needs 0 <= share <= 1 and recent >= 1, not {self}")
+        if not 0.0 <= self.share <= 1.0 or self.recent < 1 or self.pool < 1:
+            raise ValueError(f"search steering needs 0 <= share <= 1, recent >= 1 and pool >= 1, not {self}")
 
     @classmethod
     def of(cls, metadata: Mapping[str, Any]) -> SearchSteering:
@@ -78,6 +80,7 @@ class SearchSteering:
             float(raw.get("share", cls.share)),
             int(raw.get("recent", cls.recent)),
             float(raw.get("min_similarity", cls.min_similarity)),
+            int(raw.get("pool", cls.pool)),
         )
 
     def slots(self, k: int) -> int:
@@ -290,9 +293,10 @@ class Recommender(ServesItemMap):
             warm_excluded = [excluded[u] for u in warm]
             picked, picked_scores = self._rank(found, scores, warm_excluded, k)
             t4 = clock()
-            steering = self._steering_queries(qids, qtext)
+            config = self.search_steering  # read once: it may be replaced meanwhile
+            steering = self._steering_queries(qids, qtext, config)
             picked, picked_scores, from_query = self._steer(
-                picked, picked_scores, steering, qtext, warm_excluded, k
+                picked, picked_scores, steering, qtext, user_vecs, warm_excluded, k, config
             )
             t5 = clock()
             anchors = self._anchors(picked, items, qids, qspace)
@@ -357,13 +361,12 @@ class Recommender(ServesItemMap):
             valid &= banned[at] != keys
         return valid
 
-    def _steering_queries(self, qids: np.ndarray, qtext: np.ndarray) -> np.ndarray:
+    def _steering_queries(self, qids: np.ndarray, qtext: np.ndarray, config: SearchSteering) -> np.ndarray:
         """Per warm row, the id of the query that steers it (``SearchSteering``), 0 for none: the newest
         search among its ``recent`` newest events, unless its query has no text vector (no known word)."""
-        steering = self.search_steering
-        if steering.share <= 0 or self._text_index is None or not qtext.any():  # off, no text, no search
+        if config.share <= 0 or self._text_index is None or not qtext.any():  # off, no text, no search
             return np.zeros(len(qids), dtype=np.int64)
-        recent = qids[:, -steering.recent :]  # a query id sits at a search's position, 0 elsewhere
+        recent = qids[:, -config.recent :]  # a query id sits at a search's position, 0 elsewhere
         newest = recent.shape[1] - 1 - np.argmax(recent[:, ::-1] > 0, axis=1)
         chosen = recent[np.arange(len(recent)), newest]
         has_text = np.any(qtext != 0, axis=1)  # row 0, no query, is zeros
@@ -375,49 +378,57 @@ class Recommender(ServesItemMap):
         picked_scores: np.ndarray,
         steering: np.ndarray,
         qtext: np.ndarray,
+        user_vecs: np.ndarray,
         excluded: list[set[int]],
         k: int,
+        config: SearchSteering,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The rows with a steering query get its best matches in their share of the k slots (see
-        ``SearchSteering``): one search of the items' texts for the batch's distinct steering queries.
-        Returns picked, scores and, per slot, whether the query's search filled it."""
+        """The rows with a steering query get its matches in their share of the k slots (see
+        ``SearchSteering``). Returns picked, scores and, per slot, whether the query's search filled it."""
         from_query = np.zeros(picked.shape, dtype=bool)
         rows = np.flatnonzero(steering)
-        slots = self.search_steering.slots(k)
-        if not len(rows) or not slots or self._text_index is None:
+        slots = config.slots(k)
+        if not len(rows) or not slots:
             return picked, picked_scores, from_query
-        queries, at = np.unique(steering[rows], return_inverse=True)
-        row_excluded = [excluded[r] for r in rows.tolist()]
-        fetch = min(self._text_index.size, k + max(len(e) for e in row_excluded) + 8)
-        scores, found = self._text_index.search(qtext[queries], fetch, self._in_stock)
-        found, scores = found[at], scores[at]
-        head = picked[rows, : k - slots]  # the encoder's picks that keep their places
-        valid = self._recommendable(found, row_excluded) & (scores >= self.search_steering.min_similarity)
-        valid &= ~(found[:, :, None] == head[:, None, :]).any(axis=2)
-        matches, match_scores = _first(found, scores, valid, slots)
-        # The encoder's picks without the query's matches fill every slot the query's matches do not.
-        others = ~(picked[rows, :, None] == matches[:, None, :]).any(axis=2)
-        encoder, encoder_scores = _first(picked[rows], picked_scores[rows], others & (picked[rows] != PAD), k)
-        # A row with fewer matches than slots gives its later query slots back to the encoder.
-        query_slot = self.search_steering.query_slots(k)[None, :]
-        query_slot = query_slot & (np.cumsum(query_slot, axis=1) <= (matches != PAD).sum(axis=1)[:, None])
-        nth_match = np.maximum(np.cumsum(query_slot, axis=1) - 1, 0)
-        nth_pick = np.maximum(np.cumsum(~query_slot, axis=1) - 1, 0)
-        merged = np.where(
-            query_slot, np.take_along_axis(matches, nth_match, 1), np.take_along_axis(encoder, nth_pick, 1)
+        kept = picked[rows, : k - slots]  # the encoder's picks that keep their places
+        matches, match_scores = self._query_matches(
+            steering[rows], qtext, user_vecs[rows], [excluded[r] for r in rows.tolist()], kept, k, config
         )
-        merged_scores = np.where(
-            query_slot,
-            np.take_along_axis(match_scores, nth_match, 1),
-            np.take_along_axis(encoder_scores, nth_pick, 1),
-        )
-        # A short encoder row leaves gaps in its slots: close them, the valid ones first as everywhere.
-        order = np.argsort(merged == PAD, axis=1, kind="stable")
         picked, picked_scores = picked.copy(), picked_scores.copy()
-        picked[rows] = np.take_along_axis(merged, order, 1)
-        picked_scores[rows] = np.take_along_axis(merged_scores, order, 1)
-        from_query[rows] = np.take_along_axis(query_slot, order, 1)
+        picked[rows], picked_scores[rows], from_query[rows] = _interleave(
+            picked[rows], picked_scores[rows], matches, match_scores, config.query_slots(k)
+        )
         return picked, picked_scores, from_query
+
+    def _query_matches(
+        self,
+        qids: np.ndarray,
+        qtext: np.ndarray,
+        user_vecs: np.ndarray,
+        excluded: list[set[int]],
+        kept: np.ndarray,
+        k: int,
+        config: SearchSteering,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per steered user (their query id, user vector, bought items, the encoder's kept picks): the
+        query's matches that take its slots, (users, slots) item indices (PAD where fewer) and the user's
+        scores of them. One search of the items' texts for the distinct queries, recommendable items only."""
+        assert self._text_index is not None  # no text model: no steering query
+        queries, at = np.unique(qids, return_inverse=True)
+        fetch = min(self._text_index.size, config.pool * k + max(len(e) for e in excluded))
+        similarity, found = self._text_index.search(qtext[queries], fetch, self._in_stock)
+        found, similarity = found[at], similarity[at]
+        valid = self._recommendable(found, excluded) & (similarity >= config.min_similarity)
+        valid &= ~(found[:, :, None] == kept[:, None, :]).any(axis=2)
+        # Which of them: this user's, as the encoder scores every item for them.
+        mine = (self._vectors[np.maximum(found, PAD)] * user_vecs[:, None, :]).sum(axis=2)
+        order = np.argsort(np.where(valid, -mine, np.inf), axis=1, kind="stable")
+        return _first(
+            np.take_along_axis(found, order, 1),
+            np.take_along_axis(mine, order, 1),
+            np.take_along_axis(valid, order, 1),
+            config.slots(k),
+        )
 
     def _reason_codes(
         self, picked: np.ndarray, anchors: np.ndarray, items: np.ndarray, kinds: np.ndarray, qids: np.ndarray
@@ -486,6 +497,29 @@ def _first(found: np.ndarray, scores: np.ndarray, valid: np.ndarray, k: int) -> 
     picked[:, :take] = np.where(kept, np.take_along_axis(found, order, axis=1), PAD)
     picked_scores[:, :take] = np.where(kept, np.take_along_axis(scores, order, axis=1), 0.0)
     return picked, picked_scores
+
+
+def _interleave(
+    picked: np.ndarray,
+    scores: np.ndarray,
+    matches: np.ndarray,
+    match_scores: np.ndarray,
+    query_slots: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The encoder's picks (rows, k) and a query's matches (rows, slots) in one top k: the matches in the
+    query's slots (``SearchSteering.query_slots``), the encoder's picks without them in the others, in
+    order. A row with fewer matches than slots gives its later query slots back to the encoder; a short row
+    ends with PAD. Returns items, scores and, per slot, whether a match fills it."""
+    take = np.take_along_axis
+    others = ~(picked[:, :, None] == matches[:, None, :]).any(axis=2) & (picked != PAD)
+    encoder, encoder_scores = _first(picked, scores, others, picked.shape[1])
+    query = query_slots[None, :] & (np.cumsum(query_slots)[None, :] <= (matches != PAD).sum(axis=1)[:, None])
+    nth_match = np.maximum(np.cumsum(query, axis=1) - 1, 0)
+    nth_pick = np.maximum(np.cumsum(~query, axis=1) - 1, 0)
+    merged = np.where(query, take(matches, nth_match, 1), take(encoder, nth_pick, 1))
+    merged_scores = np.where(query, take(match_scores, nth_match, 1), take(encoder_scores, nth_pick, 1))
+    order = np.argsort(merged == PAD, axis=1, kind="stable")  # close a short row's gaps: valid ones first
+    return take(merged, order, 1), take(merged_scores, order, 1), take(query, order, 1)
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:

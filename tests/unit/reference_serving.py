@@ -81,15 +81,18 @@ def _query_candidates(
 
 
 def _steered(
-    rec: Recommender, ranked: list[Candidate], matches: list[Candidate], k: int
+    rec: Recommender, ranked: list[Candidate], nearest: list[Candidate], user: np.ndarray, k: int
 ) -> list[tuple[Candidate, bool]]:
-    """Slot by slot: the query's slots take its best matches (alike enough) that are not among the encoder's
-    kept picks (its first k - slots), the other slots the encoder's picks in order; a list that runs out
-    leaves its slots to the other. Per filled slot, the pick and whether it is the query's."""
+    """Slot by slot: the query's slots take its matches (its nearest texts, alike enough, not among the
+    encoder's kept picks, its first k - slots) in the order of the user's scores, the other slots the
+    encoder's picks in order; a list that runs out leaves its slots to the other. Per filled slot, the pick
+    (with the user's score) and whether it is the query's."""
     slots = rec.search_steering.slots(k)
     kept = {idx for idx, _ in ranked[: k - slots]}
     alike = rec.search_steering.min_similarity
-    queue = [m for m in matches if m[0] not in kept and m[1] >= alike][:slots]
+    matches = [idx for idx, similarity in nearest if idx not in kept and similarity >= alike]
+    mine = (rec._vectors[matches] * user).sum(axis=1).tolist() if matches else []
+    queue = sorted(zip(matches, mine, strict=True), key=lambda match: -match[1])[:slots]
     taken = {idx for idx, _ in queue}
     picks = [r for r in ranked if r[0] not in taken]
     out: list[tuple[Candidate, bool]] = []
@@ -124,8 +127,9 @@ def reference_recommend(rec: Recommender, users: list[UserState], k: int) -> lis
         with_text = {q for q, j in qindex.items() if qtext[j].any()}
         steering = [_steering_query(rec, seq, with_text) for seq in warm_steps]
         steered = [excluded[u] for u, q in zip(warm, steering, strict=True) if q]
+        pool = rec.search_steering.pool * k
         text_fetch = (
-            min(rec._text_index.size, k + max(map(len, steered)) + 8) if steered and rec._text_index else 0
+            min(rec._text_index.size, pool + max(map(len, steered))) if steered and rec._text_index else 0
         )
         candidates = _query_candidates(rec, {q for q in steering if q}, qindex, qtext, text_fetch)
         out_of_stock = set(np.flatnonzero(~rec._in_stock).tolist())
@@ -143,7 +147,7 @@ def reference_recommend(rec: Recommender, users: list[UserState], k: int) -> lis
             if query is None or not rec.search_steering.slots(k):
                 rows.append([(pick, False) for pick in ranked])
             else:
-                rows.append(_steered(rec, ranked, usable(candidates[query]), k))
+                rows.append(_steered(rec, ranked, usable(candidates[query]), user_vecs[row], k))
         picked = np.full((len(warm), k), PAD, dtype=np.int64)
         for row, slots in enumerate(rows):
             picked[row, : len(slots)] = [idx for (idx, _), _ in slots]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,7 @@ from hypothesis import strategies as st
 
 from streamrec.models import registry, synthetic
 from streamrec.models.item_map import ItemMap
-from streamrec.models.serving import Recommender
+from streamrec.models.serving import Recommender, SearchSteering
 from streamrec.models.train import TrainConfig, train
 from streamrec.records import CatalogItem, Event, EventKind, HistoryEntry, UserState
 from streamrec.state import StateLimits, apply_event
@@ -198,6 +201,100 @@ def test_upserts_from_another_thread_while_recommending(rec: Recommender) -> Non
     assert rec.index_version.endswith("+31")  # the catalogue, then 30 upserts
 
 
+# Items of a kind the model never saw (the synthetic shoppers know shoes, laptops, coffee, gardens, cameras):
+# each is only its text, through the model's text projection.
+TENTS = [
+    CatalogItem(
+        f"tent-{j}", f"{kind} Camping Tent", "outdoor", 90.0, True, f"a {kind.lower()} tent for camping"
+    )
+    for j, kind in enumerate(["Dome", "Tunnel", "Pop-up", "Family"])
+]
+LEASHES = [CatalogItem("leash-1", "Dog Leash", "pets", 12.0, True, "a nylon leash for walking the dog")]
+
+
+def test_a_search_brings_items_the_model_never_saw_into_the_top_k(rec: Recommender) -> None:
+    publish_catalogue(rec)
+    rec.upsert_items([*TENTS, *LEASHES])
+    history = clicks("coffee-3", "coffee-4", "coffee-5")
+    searcher = UserState("s", [*history, H(EventKind.SEARCH, 9, query="camping tent")])
+    newcomer = UserState("n", [H(EventKind.SEARCH, 1, query="camping tent")])
+    [before] = rec.recommend([UserState("c", history)], 10)
+    assert not {r.item_id for r in before} & {t.item_id for t in TENTS}
+    for recs in rec.recommend([searcher, newcomer], 10):
+        tents = [r for r in recs if r.item_id.startswith("tent-")]
+        assert len(tents) == rec.search_steering.slots(10) == 3
+        assert {(r.reason, r.anchor) for r in tents} == {("matches_search", "camping tent")}
+        assert tents[0].explanation == "Matches your search 'camping tent'"
+        assert len({r.item_id for r in recs}) == 10
+    # The encoder's first picks keep their places; the query's matches are spread among the rest.
+    [with_search] = rec.recommend([searcher], 10)
+    rec.search_steering = SearchSteering(share=0.0)
+    [without] = rec.recommend([searcher], 10)
+    assert [r.item_id for r in with_search[:3]] == [r.item_id for r in without[:3]]
+    assert [r.item_id.startswith("tent-") for r in with_search] == [i in (3, 6, 9) for i in range(10)]
+
+
+def test_a_search_steers_only_while_it_is_recent_and_matches_something(rec: Recommender) -> None:
+    publish_catalogue(rec)
+    rec.upsert_items([*TENTS, *LEASHES])
+    searched = [*clicks("shoes-1", "shoes-2"), H(EventKind.SEARCH, 5, query="camping tent")]
+    users = [
+        UserState("recent", searched),
+        UserState(
+            "later", [*searched, *(H(EventKind.CLICK, 6 + j, item_id=f"shoes-{3 + j}") for j in range(3))]
+        ),
+        UserState("unsold", [*clicks("shoes-1", "shoes-2"), H(EventKind.SEARCH, 5, query="wedding dress")]),
+        UserState("bought", searched, purchased=["tent-0", "tent-1"]),
+    ]
+    steered = rec.recommend(users, 10)
+    rec.search_steering = SearchSteering(share=0.0)
+    unsteered = rec.recommend(users, 10)
+    assert steered[0] != unsteered[0]
+    assert steered[1:3] == unsteered[1:3], "three events after the search, or nothing it matches: no steering"
+    assert {r.item_id for r in steered[3] if r.item_id.startswith("tent-")} == {"tent-2", "tent-3"}, (
+        "never what they bought"
+    )
+    rec.search_steering = SearchSteering()
+    rec.upsert_items([CatalogItem("tent-2", "Pop-up Camping Tent", "outdoor", 90.0, False)])
+    [bought] = rec.recommend(users[3:], 10)
+    assert {r.item_id for r in bought if r.item_id.startswith("tent-")} == {"tent-3"}, "nor out of stock"
+
+
+def test_users_without_a_recent_search_get_what_they_got_before(rec: Recommender) -> None:
+    publish_catalogue(rec)
+    rec.upsert_items(TENTS)
+    quiet = [
+        UserState("a", clicks("laptop-1", "laptop-2"), purchased=["laptop-3"]),
+        UserState(
+            "b", [H(EventKind.SEARCH, 0, query="camping tent"), *clicks("garden-5", "garden-6", "garden-7")]
+        ),
+        UserState("c"),
+        UserState("d", clicks("tent-1")),
+    ]
+    searchers = [
+        UserState(f"s{j}", [H(EventKind.SEARCH, 1, query=q)])
+        for j, q in enumerate(["camping tent", "espresso coffee"])
+    ]
+    steered = rec.recommend([searchers[0], *quiet, searchers[1]], 10)[1:-1]
+    rec.search_steering = SearchSteering(share=0.0)
+    assert steered == rec.recommend(quiet, 10)
+
+
+def test_search_steering_is_the_models_own_and_spreads_its_slots(model_dir: Path, tmp_path: Path) -> None:
+    assert SearchSteering.of({}) == SearchSteering()
+    assert SearchSteering.of({"search_steering": {"share": 0.5}}) == SearchSteering(share=0.5)
+    assert [SearchSteering(share=0.3).slots(k) for k in (1, 3, 5, 10, 40)] == [0, 1, 2, 3, 12]
+    assert SearchSteering(share=0.5).query_slots(4).tolist() == [False, True, False, True]
+    assert SearchSteering(share=1.0).query_slots(3).tolist() == [True, True, True]
+    with pytest.raises(ValueError):
+        SearchSteering(share=1.5)
+    copy_dir = tmp_path / "model"
+    shutil.copytree(model_dir, copy_dir)
+    meta = json.loads((copy_dir / "metadata.json").read_text())
+    (copy_dir / "metadata.json").write_text(json.dumps({**meta, "search_steering": {"share": 0.0}}))
+    assert Recommender.load(copy_dir, device="cpu").search_steering.share == 0.0
+
+
 upsert_batches = st.lists(
     st.lists(
         st.builds(
@@ -238,9 +335,13 @@ def test_an_item_map_alone_gives_every_item_the_index_the_model_gives_it(
     assert all(np.array_equal(a, b) for a, b in zip(mine[1:4], theirs[1:4], strict=True))
 
 
+TENT_IDS = [t.item_id for t in TENTS]
 entries = st.one_of(
     st.builds(
-        H, st.just(EventKind.CLICK), st.integers(0, 99), st.sampled_from([*CATEGORY_ITEMS, "unknown-1"])
+        H,
+        st.just(EventKind.CLICK),
+        st.integers(0, 99),
+        st.sampled_from([*CATEGORY_ITEMS, *TENT_IDS, "unknown-1"]),
     ),
     st.builds(H, st.just(EventKind.PURCHASE), st.integers(0, 99), st.sampled_from(CATEGORY_ITEMS)),
     st.builds(
@@ -248,22 +349,41 @@ entries = st.one_of(
         st.just(EventKind.SEARCH),
         st.integers(0, 99),
         st.none(),
-        st.sampled_from(["", "espresso coffee", "garden hose", "camera lens", "running shoes"]),
+        st.sampled_from(
+            ["", "espresso coffee", "garden hose", "camera lens", "running shoes", "camping tent", "?!"]
+        ),
     ),
 )
 shoppers = st.builds(
     UserState,
     user_id=st.text(min_size=1, max_size=4),
     history=st.lists(entries, max_size=24),
-    purchased=st.lists(st.sampled_from([*CATEGORY_ITEMS, "gone-1"]), max_size=30, unique=True),
+    purchased=st.lists(st.sampled_from([*CATEGORY_ITEMS, *TENT_IDS, "gone-1"]), max_size=30, unique=True),
+)
+
+
+steerings = st.sampled_from(
+    [
+        SearchSteering(),
+        SearchSteering(share=0.0),
+        SearchSteering(share=0.5, recent=1),
+        SearchSteering(share=1.0, min_similarity=0.0, pool=1),
+    ]
 )
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(users=st.lists(shoppers, min_size=1, max_size=8), k=st.sampled_from([1, 5, 10, 40]), stock=st.data())
+@given(
+    users=st.lists(shoppers, min_size=1, max_size=8),
+    k=st.sampled_from([1, 5, 10, 40]),
+    stock=st.data(),
+    steering=steerings,
+)
 def test_the_batched_fast_path_equals_the_per_user_reference(
-    rec: Recommender, users: list[UserState], k: int, stock: st.DataObject
+    rec: Recommender, users: list[UserState], k: int, stock: st.DataObject, steering: SearchSteering
 ) -> None:
-    gone = stock.draw(st.lists(st.sampled_from(CATEGORY_ITEMS), max_size=10, unique=True))
+    gone = stock.draw(st.lists(st.sampled_from([*CATEGORY_ITEMS, *TENT_IDS]), max_size=10, unique=True))
     rec.upsert_items([CatalogItem(i, i.title(), None, 1.0, in_stock=i not in gone) for i in CATEGORY_ITEMS])
+    rec.upsert_items([replace(t, in_stock=t.item_id not in gone) for t in TENTS])
+    rec.search_steering = steering
     assert rec.recommend(users, k) == reference_recommend(rec, users, k)
