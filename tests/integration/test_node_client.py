@@ -58,3 +58,7 @@ def test_a_node_backend_written_from_the_contract_gets_recommendations(node_clus
     assert not [
         d for d in node_cluster.output.dead_letters if run in (d["key"] or b"").decode(errors="replace")
     ]
+    # They searched "camping tent" and clicked a camping item the model never trained on: the search steers
+    # their recommendations to the shop's new camping items (docs/search.md).
+    camping = set(result["catalogue"])
+    assert all(camping & set(items) for items in result["last"].values()), result["last"]

@@ -132,6 +132,8 @@ try {
       users: users.length,
       answered: users.filter((u) => (received[u] || []).some((r) => r.cause === lastEvent[u])).length,
       recommended: Object.values(received).flat().flatMap((r) => r.items),
+      // per user, the items of the recommendation caused by their last event
+      last: Object.fromEntries(users.map((u) => [u, ((received[u] || []).find((r) => r.cause === lastEvent[u]) || {}).items || []])),
       catalogue: [...catalogue],
       latencies_ms: Object.values(received).flat().map((r) => r.latency_ms),
       fingerprints: Object.fromEntries(Object.values(schemas).map((s) => [s.name, s.fingerprint.toString("hex")])),
