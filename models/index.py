@@ -91,10 +91,9 @@ class ItemIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """(scores, item indices), both (n, k), best first; missing results have index -1. ``allowed``: a
         boolean per item index (True: may be found); items beyond its length are not found."""
-        total = self._index.ntotal
-        k = max(1, min(k, total))
+        k = max(1, min(k, self._index.ntotal))
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if self.kind == "flat" and self._gpu_res is None and 0 < total <= DENSE_MAX_ITEMS:
+        if self._dense_search:
             return self._search_dense(queries, k, allowed)
         if allowed is None:
             return self._index.search(queries, k)
@@ -110,6 +109,26 @@ class ItemIndex:
         else:
             params = _faiss.SearchParameters(sel=selector)
         return self._index.search(queries, k, params=params)
+
+    @property
+    def _dense_search(self) -> bool:
+        return self.kind == "flat" and self._gpu_res is None and 0 < self._index.ntotal <= DENSE_MAX_ITEMS
+
+    @property
+    def search_method(self) -> str:
+        """What answers ``search`` now: a torch matrix product and top-k for a small flat index on the CPU,
+        else the FAISS index (its class, and its search parameters)."""
+        if self._dense_search:
+            return "torch matmul + topk (exact)"
+        inner: Any = faiss.downcast_index(self._index)
+        if isinstance(inner, faiss.IndexIDMap):
+            inner = faiss.downcast_index(inner.index)
+        name = f"FAISS {type(inner).__name__}"
+        if self.kind == "hnsw":
+            return f"{name} (M {inner.hnsw.nb_neighbors(1)}, efSearch {inner.hnsw.efSearch})"
+        if self.kind == "ivf":
+            return f"{name} ({inner.nlist} lists, {inner.nprobe} probed)"
+        return f"{name} (exact)"
 
     def _search_dense(
         self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None

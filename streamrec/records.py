@@ -131,10 +131,6 @@ class UserState:
     last_event_time: int = 0
 
     @property
-    def item_history(self) -> list[str]:
-        return [h.item_id for h in self.history if h.item_id is not None]
-
-    @property
     def recent_queries(self) -> list[str]:
         return [h.query for h in self.history if h.query is not None]
 

@@ -2,7 +2,7 @@
 
 Parts: the raw consume ceiling, the worker's sustained throughput on a backlog, event-to-recommendation
 latency at fixed offered loads and at saturation, worker memory and RocksDB bytes per user, and the
-models' serving cost (encoder and recommend() by batch size, FAISS by catalogue size and index kind).
+models' serving cost (encoder and recommend() by batch size, the item index by catalogue size and index kind).
 Timings are reported, never asserted: the machine is shared, so the JSON carries its load.
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from rich.console import Console
 
@@ -43,7 +43,7 @@ from streamrec.streams.client import EventProducer, reader_config
 from streamrec.streams.event_stage import fetch_config
 from streamrec.streams.kafka_logging import client_logging
 from streamrec.streams.process import WorkerProcess
-from streamrec.streams.reading import consume_arrived
+from streamrec.streams.reading import ReadToEnd, consume_arrived
 from streamrec.streams.simulate import publish_catalog, simulate
 from streamrec.streams.state_store import PartitionStore
 from streamrec.streams.topics import create_topics
@@ -559,11 +559,10 @@ class BrokerBench:
             # The backlog is on the topic before the worker starts, so the catalogue agent and the event
             # stage race: the catalogue check is off here (the model knows the sample catalogue anyway).
             worker = WorkerProcess(
-                settings,
+                settings.model_copy(update={"reject_unknown_items": False}),
                 settings.data_dir / "worker-0",
                 "worker-0",
                 workdir / "worker-0.log",
-                env={"STREAMREC_REJECT_UNKNOWN_ITEMS": "false"},
             )
             try:
                 worker.start().wait_ready(timeout_s=180)
@@ -621,18 +620,9 @@ class BrokerBench:
             }
         )
         create_topics(group)
-        env = {
-            "STREAMREC_REJECT_UNKNOWN_ITEMS": "false",
-            "STREAMREC_EVENTS_TOPIC": group.events_topic,
-            "STREAMREC_BACKFILL_TOPIC": group.backfill_topic,
-            "STREAMREC_STATE_CHANGELOG_TOPIC": group.state_changelog_topic,
-            "STREAMREC_EVENTS_GROUP": group.events_group,
-            "STREAMREC_SESSION_TIMEOUT_MS": "60000",
-        }
+        paused = group.model_copy(update={"reject_unknown_items": False, "session_timeout_ms": 60_000})
         workers = [
-            WorkerProcess(
-                group, group.data_dir / f"group-{n}", f"group-{n}", workdir / f"group-{n}.log", env=env
-            )
+            WorkerProcess(paused, group.data_dir / f"group-{n}", f"group-{n}", workdir / f"group-{n}.log")
             for n in range(cfg.group_workers)
         ]
         try:
@@ -814,29 +804,18 @@ class BrokerBench:
             }
         )
         load_before = load_average()
-        consumer.assign([TopicPartition(settings.events_topic, p, 0) for p in range(settings.partitions)])
-        pending = set(range(settings.partitions))
         count, timed, first, last = 0, 0, None, None
-        deadline = time.monotonic() + 120
+        # What has arrived (consume_arrived): consume(n, timeout) would wait out its timeout for the last,
+        # short batch, and that second (through round 12) was most of a 100k-event ceiling's time.
+        starts = dict.fromkeys(range(settings.partitions), 0)
+        events = ReadToEnd(consumer, settings.events_topic, starts, 30.0, settings.batch_size, poll_s=1.0)
         try:
-            while pending and time.monotonic() < deadline:
-                # What has arrived: consume(n, timeout) would wait out its timeout for the last, short
-                # batch, and that second (through round 12) was most of a 100k-event ceiling's time.
-                msgs = consume_arrived(consumer, settings.batch_size, timeout_s=1.0)
-                taken = time.perf_counter()
-                records = 0
-                for msg in msgs:
-                    err = msg.error()
-                    if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            pending.discard(msg.partition())
-                        continue
-                    records += 1
-                count += records
-                if records and first is None:
-                    first = taken  # the clock starts once a first batch is in: connecting is not timed
-                elif records:
-                    timed, last = timed + records, time.perf_counter()
+            for batch in events:
+                count += len(batch)
+                if first is None:
+                    first = time.perf_counter()  # the clock starts once a first batch is in: connecting
+                else:
+                    timed, last = timed + len(batch), time.perf_counter()
         finally:
             consumer.close()
         seconds = last - first if first is not None and last is not None else 0.0
@@ -1050,10 +1029,8 @@ def run_bench(settings: Settings, config: BenchConfig, console: Console) -> dict
     from streamrec.streams.demo import ensure_sample_model
 
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    registry = (
-        settings.model_registry if "STREAMREC_MODEL_REGISTRY" in os.environ else config.out_dir / "models"
-    )
-    settings = settings.model_copy(update={"model_registry": registry})
+    if "model_registry" not in settings.model_fields_set:  # not configured: the bench's own sample model
+        settings = settings.model_copy(update={"model_registry": config.out_dir / "models"})
     model_dir = ensure_sample_model(settings, config.out_dir, console)
     started = time.monotonic()
     result: dict[str, Any] = {
@@ -1068,7 +1045,7 @@ def run_bench(settings: Settings, config: BenchConfig, console: Console) -> dict
         "hot_path": native.active(),  # "compiled" (mypyc, `make install`) or "source" per module
     }
     if BROKER_PARTS & set(config.parts):
-        result |= BrokerBench(settings, config, console).run(registry)
+        result |= BrokerBench(settings, config, console).run(settings.model_registry)
     if "memory" in config.parts:
         console.print(f"RocksDB state size for {', '.join(f'{u:,}' for u in config.state_users)} users ...")
         result["state_size"] = state_size(settings, config.state_users, config.out_dir)
@@ -1078,7 +1055,7 @@ def run_bench(settings: Settings, config: BenchConfig, console: Console) -> dict
     if "index" in config.parts:
         from streamrec.models.perf import index_timings
 
-        console.print(f"FAISS by catalogue size {config.index_items} ...")
+        console.print(f"item index by catalogue size {config.index_items} ...")
         result["index"] = index_timings(config.index_items, ("flat", "ivf", "hnsw"), (1, 100, 2_000))
     result["machine"]["load_at_end"] = load_average()
     result["seconds"] = round(time.monotonic() - started, 1)

@@ -7,7 +7,6 @@ shoppers -> recommendations shown as they are published. Ends with one JSON line
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 import time
@@ -156,8 +155,9 @@ def run_demo(settings: Settings, seconds: float = 60.0, rate: float = 1000.0, us
     workdir = Path("var/demo")
     settings = settings.model_copy(
         update={
+            # a configured registry's promoted model, else the demo's own sample model
             "model_registry": settings.model_registry
-            if "STREAMREC_MODEL_REGISTRY" in os.environ
+            if "model_registry" in settings.model_fields_set
             else workdir / "models",
             "data_dir": workdir / "workers",
         }

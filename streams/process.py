@@ -48,14 +48,12 @@ class WorkerProcess:
         data_dir: Path,
         name: str,
         log_path: Path | None = None,
-        env: dict[str, str] | None = None,
     ) -> None:
         self.settings = settings
         self.data_dir = data_dir
         self.name = name
         self.web_port = free_port()
         self.log_path = log_path or data_dir.parent / f"{name}.log"
-        self.extra_env = env or {}
         self.api_key = secrets.token_urlsafe(24)  # this handle's own key for the user-data routes
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -64,8 +62,8 @@ class WorkerProcess:
         return self.process.pid if self.process is not None else None
 
     def start(self) -> WorkerProcess:
-        """Start ``streamrec worker`` with every one of this object's settings (its own data dir, web port and
-        name), the environment's other variables and ``env`` on top."""
+        """Start ``streamrec worker`` with every one of this object's settings (its own data dir, web port,
+        name and API key on top) and the environment's variables other than streamrec's."""
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")},
             **settings_env(self.settings),
@@ -74,7 +72,6 @@ class WorkerProcess:
             "STREAMREC_WEB_ENABLED": "true",
             "STREAMREC_WORKER_ID": self.name,
             "STREAMREC_API_KEYS": ",".join([self.api_key, *self.settings.api_key_list()]),
-            **self.extra_env,
         }
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:

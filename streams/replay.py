@@ -33,9 +33,10 @@ from streamrec.serde import AvroCodec, Codec, DecodeError, EncodeError
 from streamrec.settings import Settings
 from streamrec.state import event_id_hash
 from streamrec.streams.kafka_logging import client_logging
-from streamrec.streams.reading import consume_arrived
+from streamrec.streams.reading import ReadError, ReadToEnd
 from streamrec.validation import ValidationRules, validate_event
 
+READ_TIMEOUT_S = 30.0  # the longest a read of a Kafka range may go without a record or a partition's end
 FILE = -1  # the "partition" of a record read from a file: its position is a line or record number
 
 
@@ -487,10 +488,10 @@ class KafkaSource:
         return {tp.partition: tp.offset for tp in found}
 
     def records(self, resume: Mapping[int, int]) -> Iterator[SourceRecord]:
-        from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+        from confluent_kafka import OFFSET_BEGINNING
 
         by_time = self._time_starts()
-        positions = []
+        starts = {}
         for p in self.partitions:
             start = max(self.starts.get(p, 0), resume.get(p, 0))
             if by_time.get(p, 0) < 0:
@@ -498,31 +499,23 @@ class KafkaSource:
             start = max(start, by_time.get(p, 0))
             if p in self.ends and start >= self.ends[p]:
                 continue
-            positions.append(TopicPartition(self.topic, p, start or OFFSET_BEGINNING))
-        open_partitions = {tp.partition for tp in positions}
-        if not open_partitions:
-            return
-        self.consumer.assign(positions)
+            starts[p] = start or OFFSET_BEGINNING
+        reader = ReadToEnd(self.consumer, self.topic, starts, READ_TIMEOUT_S)
         try:
-            while open_partitions:
-                for msg in consume_arrived(self.consumer, 1000, timeout_s=1.0):
+            for records in reader:
+                for msg in records:
                     p = msg.partition()
-                    if p not in open_partitions:
+                    if p not in reader.pending:  # finished earlier in this fetch
                         continue
-                    err = msg.error()
-                    if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            open_partitions.discard(p)
-                            continue
-                        raise ReplayError(f"reading {self.topic}[{p}]: {err}")
                     offset = msg.offset() or 0
                     _, record_time = msg.timestamp()
                     past_end = p in self.ends and offset >= self.ends[p]
                     if past_end or (self.until is not None and record_time >= self.until + self.grace_ms):
-                        open_partitions.discard(p)
-                        self.consumer.pause([TopicPartition(self.topic, p)])
+                        reader.finish(p)
                         continue
                     yield SourceRecord(p, offset, self._decode(msg.value()), record_time)
+        except ReadError as exc:
+            raise ReplayError(str(exc)) from exc
         finally:
             self.consumer.close()
 

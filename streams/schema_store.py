@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, Producer
 
 from streamrec.serde import (
     HEADER_LEN,
@@ -30,7 +30,7 @@ from streamrec.serde import (
 )
 from streamrec.settings import Settings
 from streamrec.streams.kafka_logging import client_logging
-from streamrec.streams.reading import consume_arrived
+from streamrec.streams.reading import ReadError, ReadToEnd
 
 log = logging.getLogger(__name__)
 
@@ -145,28 +145,17 @@ class SchemaTopicResolver:
         if metadata is None or metadata.error is not None or not metadata.partitions:
             log.warning("schemas topic %s is not readable: %s", topic, metadata and metadata.error)
             return
-        partitions = sorted(metadata.partitions)
-        # Assigning again (even at the same offsets) makes the client report EOF anew on an idle topic.
-        consumer.assign(
-            [TopicPartition(topic, p, self._next_offsets.get(p, 0)) for p in partitions]  # 0 = beginning
-        )
-        pending = set(partitions)
-        deadline = time.monotonic() + self.read_timeout_s
-        while pending and time.monotonic() < deadline:
-            for msg in consume_arrived(consumer, 500, timeout_s=0.2):
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        pending.discard(msg.partition())
-                    else:
-                        log.warning("reading schemas topic: %s", err)
-                    continue
-                partition, offset = msg.partition(), msg.offset()
-                if partition is not None and offset is not None:
-                    self._next_offsets[partition] = offset + 1
-                self._learn(msg.key(), msg.value())
-        if pending:
-            log.warning("schemas topic: no end of partitions %s within %.1fs", pending, self.read_timeout_s)
+        starts = {p: self._next_offsets.get(p, 0) for p in sorted(metadata.partitions)}  # 0 = beginning
+        schemas = ReadToEnd(consumer, topic, starts, self.read_timeout_s, max_messages=500, poll_s=0.2)
+        try:
+            for records in schemas:
+                for msg in records:
+                    partition, offset = msg.partition(), msg.offset()
+                    if partition is not None and offset is not None:
+                        self._next_offsets[partition] = offset + 1
+                    self._learn(msg.key(), msg.value())
+        except ReadError as exc:  # what was read is kept; a later miss reads from there
+            log.warning("schemas topic: %s", exc)
         self._loaded = True
 
     def _learn(self, key: bytes | None, value: bytes | None) -> None:
@@ -176,10 +165,15 @@ class SchemaTopicResolver:
         except Exception as exc:  # anything a malformed record can make json or fastavro raise
             log.warning("ignoring unreadable record on the schemas topic (key %r): %s", key, exc)
             return
-        if key is not None and key != schema.fingerprint:
-            log.warning("schemas topic: key %s is not the fingerprint of %s", key.hex(), schema.full_name)
         self._schemas.setdefault(schema.fingerprint, schema.json)
         self._last_miss.pop(schema.fingerprint, None)
+        # A producer's library may compute another fingerprint than the specification's (Apache avro for
+        # Python keeps a logical type's {"type": "long"} in its canonical form): records carry the key it
+        # published, so that key finds the schema too. The first schema published under a key keeps it.
+        if key is not None and len(key) == 8 and key != schema.fingerprint:
+            log.info("schemas topic: %s published under %s, not its fingerprint", schema.full_name, key.hex())
+            self._schemas.setdefault(key, schema.json)
+            self._last_miss.pop(key, None)
 
 
 # --- Confluent Schema Registry ---------------------------------------------------------------------------
@@ -213,6 +207,7 @@ def home_topics(settings: Settings) -> dict[str, str]:
         "UserState": settings.state_changelog_topic,
         "FineTuneTrigger": settings.triggers_topic,
         "ModelUpdate": settings.model_updates_topic,
+        "CanaryReport": settings.canary_reports_topic,
     }
 
 

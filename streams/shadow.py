@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from streamrec.catalog import Catalog
 from streamrec.records import CatalogItem, Event, Recommendation, UserState
+from streamrec.serde import DecodeError
 from streamrec.settings import Settings
 from streamrec.state import StateLimits, apply_event
 from streamrec.streams.kafka_logging import client_logging
-from streamrec.streams.reading import consume_arrived
-from streamrec.streams.replay import Deletion, Filters, Invalid, Source, SourceRecord
+from streamrec.streams.reading import ReadError, ReadToEnd
+from streamrec.streams.replay import Deletion, Filters, Invalid, ReplayError, Source, SourceRecord
 
 
 def overlap_at_k(served: Sequence[str], candidate: Sequence[str], k: int) -> float:
@@ -149,56 +150,65 @@ def build_pairs(
     return out
 
 
-def read_served(settings: Settings, topic: str, wanted: set[str]) -> dict[str, Recommendation]:
-    """The served recommendations caused by the wanted events, read from the start of ``topic`` to its end."""
-    from streamrec.streams.client import RecommendationConsumer
-
-    found: dict[str, Recommendation] = {}
-    config = {"enable.partition.eof": True}
-    with RecommendationConsumer(settings, from_beginning=True, topic=topic, config=config) as consumer:
-        for rec in consumer.iterate(idle_timeout_s=3.0):
-            if rec.cause_event_id in wanted:
-                found[rec.cause_event_id] = rec
-    return found
+READ_TIMEOUT_S = 30.0  # the longest a read of a topic to its end may go without a record or an end
 
 
-def read_catalog(settings: Settings) -> list[CatalogItem]:
-    """The catalogue as the workers know it (latest version of each item), so the candidate filters alike."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+def values_to_end(settings: Settings, topic: str) -> Iterator[bytes | None]:
+    """Every record value of ``topic``, from its beginning to its end (ReplayError if it cannot be read)."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer
 
-    from streamrec.streams.schema_store import make_codec
-
-    codec = make_codec(settings)
-    catalog = Catalog()
     consumer = Consumer(
         {
             "bootstrap.servers": settings.bootstrap_servers,
             **client_logging(),
-            "group.id": "streamrec-shadow",
+            "group.id": "streamrec-shadow",  # required by the client; assign() never joins it
             "enable.auto.commit": False,
             "enable.partition.eof": True,
         }
     )
     try:
-        meta = consumer.list_topics(settings.catalog_topic, timeout=10).topics.get(settings.catalog_topic)
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or meta.error is not None:
-            return []
-        pending = set(meta.partitions)
-        consumer.assign([TopicPartition(settings.catalog_topic, p, OFFSET_BEGINNING) for p in pending])
-        while pending:
-            for msg in consume_arrived(consumer, 1000, timeout_s=1.0):
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        pending.discard(msg.partition())
-                    continue
-                try:
-                    _, record = codec.decode(msg.value() or b"", accept={"CatalogItem"})
-                except Exception:  # the workers dead-letter these; here they are simply not items
-                    continue
-                catalog.upsert(CatalogItem.from_avro(record))
+            raise ReplayError(f"topic {topic} is not readable: {meta and meta.error}")
+        starts = dict.fromkeys(meta.partitions, OFFSET_BEGINNING)
+        for records in ReadToEnd(consumer, topic, starts, READ_TIMEOUT_S):
+            for msg in records:
+                yield msg.value()
+    except ReadError as exc:
+        raise ReplayError(str(exc)) from exc
     finally:
         consumer.close()
+
+
+def read_served(settings: Settings, topic: str, wanted: set[str]) -> dict[str, Recommendation]:
+    """The served recommendations caused by the wanted events, read from the start of ``topic`` to its end."""
+    from streamrec.streams.schema_store import make_codec
+
+    codec = make_codec(settings)
+    found: dict[str, Recommendation] = {}
+    for value in values_to_end(settings, topic):
+        try:
+            _, record = codec.decode(value or b"", accept={"Recommendation"})
+        except DecodeError:  # not a recommendation: nothing served to compare with
+            continue
+        rec = Recommendation.from_avro(record)
+        if rec.cause_event_id in wanted:
+            found[rec.cause_event_id] = rec
+    return found
+
+
+def read_catalog(settings: Settings) -> list[CatalogItem]:
+    """The catalogue as the workers know it (latest version of each item), so the candidate filters alike."""
+    from streamrec.streams.schema_store import make_codec
+
+    codec = make_codec(settings)
+    catalog = Catalog()
+    for value in values_to_end(settings, settings.catalog_topic):
+        try:
+            _, record = codec.decode(value or b"", accept={"CatalogItem"})
+        except DecodeError:  # the workers dead-letter these; here they are simply not items
+            continue
+        catalog.upsert(CatalogItem.from_avro(record))
     return catalog.items()
 
 

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer
 from rocksdict import (
     BlockBasedOptions,
     BottommostLevelCompaction,
@@ -31,7 +31,7 @@ from rocksdict import (
 from streamrec.records import UserState
 from streamrec.state import StateBytes
 from streamrec.streams.kafka_logging import client_logging
-from streamrec.streams.reading import consume_arrived
+from streamrec.streams.reading import ReadError, ReadToEnd
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,9 @@ class StateStore:
     def purge(self, partition: int, user_ids: list[str]) -> None:
         self.partitions[partition].purge(user_ids)
 
-    def _restore(self, partitions: list[int], timeout_s: float = 120.0) -> None:
+    def _restore(self, partitions: list[int], timeout_s: float = 60.0) -> None:
+        """Read each partition's changelog from after its checkpoint to its end into RocksDB; a read that
+        makes no progress for ``timeout_s`` fails (StoreError)."""
         started = time.monotonic()
         consumer = Consumer(
             {
@@ -277,35 +279,22 @@ class StateStore:
             }
         )
         try:
-            positions = []
+            starts = {}
             for p in partitions:
                 checkpoint = self.partitions[p].checkpoint
-                start = OFFSET_BEGINNING if checkpoint is None else checkpoint + 1
-                positions.append(TopicPartition(self.changelog_topic, p, start))
-            consumer.assign(positions)
-            pending = set(partitions)
+                starts[p] = OFFSET_BEGINNING if checkpoint is None else checkpoint + 1
             batches: dict[int, dict[str, bytes | None]] = {p: {} for p in partitions}
             markers: dict[int, dict[bytes, int]] = {p: {} for p in partitions}
             erased: dict[int, set[str]] = {p: set() for p in partitions}  # purged once restored
             last_offset: dict[int, int] = {}
-            deadline = time.monotonic() + timeout_s
-            while pending:
-                if time.monotonic() > deadline:
-                    raise StoreError(f"changelog restore of partitions {sorted(pending)} timed out")
-                for msg in consume_arrived(consumer, 10_000, timeout_s=0.5):
-                    err = msg.error()
-                    if err is not None and err.code() != KafkaError._PARTITION_EOF:
-                        raise StoreError(f"changelog restore failed: {err}")  # may name no partition
-                    partition = msg.partition()
-                    assert partition is not None  # a fetched record, or its partition's EOF, names it
-                    if err is not None:
-                        pending.discard(partition)
-                        continue
+            changelog = ReadToEnd(consumer, self.changelog_topic, starts, timeout_s, max_messages=10_000)
+            for records in changelog:
+                for msg in records:
                     key = msg.key()
                     if key is None:
                         continue
-                    offset = msg.offset()
-                    assert offset is not None  # set on every fetched record
+                    partition, offset = msg.partition(), msg.offset()
+                    assert partition is not None and offset is not None  # set on every fetched record
                     value = msg.value()
                     if key.startswith(ERASURE_KEY):
                         markers[partition][key[len(ERASURE_KEY) :]] = erased_at_of(value)
@@ -324,6 +313,8 @@ class StateStore:
                 if p in last_offset:
                     self.partitions[p].write(changes, last_offset[p], markers[p])
                 self.partitions[p].purge(sorted(erased[p]))
+        except ReadError as exc:
+            raise StoreError(f"changelog restore of partitions {partitions}: {exc}") from exc
         finally:
             consumer.close()
         log.info("restored partitions %s in %.2fs", partitions, time.monotonic() - started)

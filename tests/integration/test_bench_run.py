@@ -15,11 +15,12 @@ from rich.console import Console
 from streamrec.settings import Settings
 from streamrec.streams.bench import BenchConfig, run_bench
 
+pytestmark = pytest.mark.integration
+
 
 def test_a_short_bench_run_reports_every_part_and_the_cores_each_process_used(
-    model_registry: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    model_registry: Path, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("STREAMREC_MODEL_REGISTRY", str(model_registry))
     out = tmp_path / "bench"
     config = BenchConfig(
         parts=("ceiling", "throughput", "latency"),

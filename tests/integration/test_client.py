@@ -183,10 +183,15 @@ def test_a_schema_published_after_the_first_read_is_found(settings: Settings) ->
         definition = copy.deepcopy(bundled_schemas()["SearchEvent"].definition)
         definition["fields"].append({"name": "results", "type": "int", "default": 0})
         newer = make_schema(definition)
+        # Apache avro for Python fingerprints schemas with logical types differently: published under its own
+        # key, the schema is found under both.
+        alias = bytes(range(8))
         with EventProducer(settings) as producer:
             producer.send_raw(settings.schemas_topic, b"not-a-fingerprint", b"{not json")  # ignored
-            producer.send_raw(settings.schemas_topic, newer.fingerprint, newer.json.encode())
+            producer.send_raw(settings.schemas_topic, alias, newer.json.encode())
+            producer.send_raw(settings.schemas_topic, newer.fingerprint, b"{}")  # unreadable: ignored
         assert resolver(newer.fingerprint) == newer.json
+        assert resolver(alias) == newer.json
     finally:
         resolver.close()
 

@@ -156,7 +156,12 @@ def test_a_worker_ranking_in_a_child_process_answers_every_shopper_of_a_backlog(
     # make one recommendation, caused by the later), and the last click has one.
     with EmbeddedBroker(log_path=tmp_path / "broker.log") as broker:
         settings = Settings(
-            bootstrap_servers=broker.bootstrap, model_registry=model_registry, data_dir=tmp_path
+            bootstrap_servers=broker.bootstrap,
+            model_registry=model_registry,
+            data_dir=tmp_path,
+            ranking_process=True,
+            batch_size=400,
+            reject_unknown_items=False,
         )
         create_topics(settings)
         producer = EventProducer(settings)
@@ -167,12 +172,7 @@ def test_a_worker_ranking_in_a_child_process_answers_every_shopper_of_a_backlog(
             clicks.setdefault(shopper, []).append(producer.click(shopper, items[(7 * n) % len(items)]))
         producer.flush()
         output = OutputReader(settings)
-        env = {
-            "STREAMREC_RANKING_PROCESS": "true",
-            "STREAMREC_BATCH_SIZE": "400",
-            "STREAMREC_REJECT_UNKNOWN_ITEMS": "false",
-        }
-        worker = WorkerProcess(settings, tmp_path / "worker", "worker", env=env).start()
+        worker = WorkerProcess(settings, tmp_path / "worker", "worker").start()
         try:
             for shopper, event_ids in clicks.items():
                 rec = output.wait_for_cause(shopper, event_ids[-1], timeout_s=180)

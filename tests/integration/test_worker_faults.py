@@ -112,20 +112,31 @@ def test_records_of_a_megabyte_are_dead_lettered_and_the_worker_keeps_going(clus
     for d in too_large:
         assert d["value_size"] is not None and d["value_size"] >= megabyte
         assert 0 < len(d["value"]) < limit and "cut to its first" in d["detail"]
-    assert any(noise.startswith(d["value"]) for d in too_large), "a truncated copy of the original bytes"
+    # Each is the first bytes of one of the originals, and gives that original's size.
+    copies = sorted(
+        name
+        for d in too_large
+        for name, (key, value) in bad.items()
+        if key == u.encode() and value.startswith(d["value"]) and d["value_size"] == len(value)
+    )
+    assert copies == ["a query", "an item id", "random bytes"], copies
     huge = wait_for(
         lambda: [d for d in cluster.output.dead_letters if d["key_size"] == megabyte], 30, what="cut key"
     )
-    assert huge[0]["reason"] == "too_large" and huge[0]["key"] == huge_user.encode()[: len(huge[0]["key"])]
-    small = sorted(d["reason"] for d in mine if d["reason"] != "too_large")
-    assert small == ["invalid_record", "invalid_record", "undecodable"], small
+    huge_key, huge_value = bad["a user id"]
+    assert huge[0]["reason"] == "too_large" and huge_key.startswith(huge[0]["key"])
+    assert huge_value.startswith(huge[0]["value"]) and huge[0]["value_size"] == len(huge_value)
+    small = sorted((d["reason"], d["value"]) for d in mine if d["reason"] != "too_large")
+    originals = [("invalid_record", long_item), ("invalid_record", control), ("undecodable", over_int)]
+    assert small == sorted(originals), "each with its original bytes"
+    assert all(d["key"] == u.encode() and d["value_size"] is None for d in mine if d["reason"] != "too_large")
     assert any("5000 bytes long" in d["detail"] for d in mine)
     assert any("control character" in d["detail"] for d in mine)
     blanks = wait_for(
         lambda: [d for d in cluster.output.dead_letters if d["key"] == b"   "], 30, what="blank user"
     )
-    assert blanks[0]["reason"] == "invalid_record"
-    control = wait_for(
+    assert blanks[0]["reason"] == "invalid_record" and blanks[0]["value"] == blank
+    agents = wait_for(
         lambda: (
             [d for d in mine_now(cluster, u) if d["source_topic"] != cluster.settings.events_topic]
             if len([d for d in mine_now(cluster, u) if d["source_topic"] != cluster.settings.events_topic])
@@ -135,11 +146,12 @@ def test_records_of_a_megabyte_are_dead_lettered_and_the_worker_keeps_going(clus
         30,
         what="dead letters from the catalogue and model-update agents",
     )
-    assert {d["source_topic"] for d in control} == {
+    assert {d["source_topic"] for d in agents} == {
         cluster.settings.catalog_topic,
         cluster.settings.model_updates_topic,
     }
-    assert all(d["reason"] == "undecodable" and d["value_size"] == megabyte for d in control)
+    assert all(d["reason"] == "undecodable" and d["value_size"] == megabyte for d in agents)
+    assert all(noise.startswith(d["value"]) and 0 < len(d["value"]) < limit for d in agents)
     worker.wait_catalog(items_before + 1, timeout_s=30)  # the agent goes on after the bad record
 
 
@@ -154,18 +166,16 @@ def test_events_keyed_otherwise_than_by_their_user_are_dead_lettered(cluster: Cl
     u = user()
     home = partition_of(u.encode(), settings.partitions)
     elsewhere = (home + 1) % settings.partitions
+    deletion = {"event_id": "d1", "user_id": u, "timestamp": now_ms(), "requested_by": None}
+    misplaced = [  # (reason, key, value, partition)
+        ("wrong_key", None, codec.encode("ClickEvent", click_record(u, item)), None),
+        ("wrong_key", b"someone-else", codec.encode("ClickEvent", click_record(u, item)), None),
+        ("wrong_partition", u.encode(), codec.encode("ClickEvent", click_record(u, item)), elsewhere),
+        ("wrong_partition", u.encode(), codec.encode("UserDeletion", deletion), elsewhere),
+    ]
     with EventProducer(settings) as producer:
-        producer.send_raw(settings.events_topic, None, codec.encode("ClickEvent", click_record(u, item)))
-        producer.send_raw(
-            settings.events_topic, "someone-else", codec.encode("ClickEvent", click_record(u, item))
-        )
-        producer.send_raw(
-            settings.events_topic, u, codec.encode("ClickEvent", click_record(u, item)), partition=elsewhere
-        )
-        deletion = {"event_id": "d1", "user_id": u, "timestamp": now_ms(), "requested_by": None}
-        producer.send_raw(
-            settings.events_topic, u, codec.encode("UserDeletion", deletion), partition=elsewhere
-        )
+        for _, key, value, partition in misplaced:
+            producer.send_raw(settings.events_topic, key, value, partition=partition)
     # Many users keyed by the client (librdkafka's murmur2_random): none is refused as misplaced.
     users = [user() for _ in range(200)]
     last = {v: cluster.producer.click(v, item) for v in users}
@@ -176,12 +186,8 @@ def test_events_keyed_otherwise_than_by_their_user_are_dead_lettered(cluster: Cl
     for v in users:
         cluster.output.wait_for_cause(v, last[v])
     mine = wait_for(lambda: len(letters(cluster, u)) >= 4 and letters(cluster, u), 30, what="dead letters")
-    assert sorted(d["reason"] for d in mine) == [
-        "wrong_key",
-        "wrong_key",
-        "wrong_partition",
-        "wrong_partition",
-    ]
+    got = sorted((d["reason"], d["key"] or b"", d["value"]) for d in mine)
+    assert got == sorted((reason, key or b"", value) for reason, key, value, _ in misplaced), "original bytes"
     assert all(d["partition"] == elsewhere for d in mine if d["reason"] == "wrong_partition")
     state = cluster.workers[0].state(u)
     assert state is not None and state["clicks"] == 1, "only the event on the user's own partition counts"
@@ -322,30 +328,43 @@ def test_an_erased_user_leaves_nothing_local_and_old_events_never_bring_them_bac
     assert markers and all(u.encode() not in k for k in markers)
 
 
-def test_catalogue_upserts_are_validated_by_the_worker(cluster: Cluster) -> None:
+def test_catalogue_upserts_and_model_updates_are_validated_by_the_worker(cluster: Cluster) -> None:
+    """Records that decode but are refused: catalogue items against the rules, and a record of another type
+    on the model-updates topic. Each is dead-lettered with its original bytes, and changes nothing."""
+    settings = cluster.settings
     codec = AvroCodec()
-    before = cluster.workers[0].health()["catalog_items"]
+    worker = cluster.workers[0]
+    before = worker.health()
     bad = {"item_id": "sku-negative", "title": "Negative", "category": None, "price": -10.0, "in_stock": True,
            "description": None, "updated_at": now_ms()}  # fmt: skip
     blank = {**bad, "item_id": "sku-blank-title", "title": "  ", "price": 5.0}
-    with EventProducer(cluster.settings) as producer:
-        for record in (bad, blank):
-            producer.send_raw(
-                cluster.settings.catalog_topic, record["item_id"], codec.encode("CatalogItem", record)
-            )
-    wait_for(
-        lambda: (
-            {"sku-negative", "sku-blank-title"}
-            <= {
-                (d["key"] or b"").decode()
-                for d in cluster.output.dead_letters
-                if d["reason"] == "invalid_record"
-            }
-        ),
-        30,
-        what="catalogue dead letters",
+    sent = {
+        (settings.catalog_topic, "sku-negative"): codec.encode("CatalogItem", bad),
+        (settings.catalog_topic, "sku-blank-title"): codec.encode("CatalogItem", blank),
+        # a well-formed catalogue record, where a promoted model's update belongs
+        (settings.model_updates_topic, "not-a-model"): codec.encode("CatalogItem", {**bad, "price": 1.0}),
+    }
+    with EventProducer(settings) as producer:
+        for (topic, key), value in sent.items():
+            producer.send_raw(topic, key, value)
+
+    def refused() -> dict[tuple[str, str], dict]:
+        return {
+            (d["source_topic"], (d["key"] or b"").decode()): d
+            for d in list(cluster.output.dead_letters)
+            if d["source_topic"] != settings.events_topic
+        }
+
+    wait_for(lambda: set(sent) <= set(refused()), 30, what="catalogue and model-update dead letters")
+    got = refused()
+    for (topic, key), value in sent.items():
+        reason = "invalid_record" if topic == settings.catalog_topic else "unknown_schema"
+        assert (got[(topic, key)]["reason"], got[(topic, key)]["value"]) == (reason, value), key
+    health = worker.health()
+    assert (health["catalog_items"], health["model_version"]) == (
+        before["catalog_items"],
+        before["model_version"],
     )
-    assert cluster.workers[0].health()["catalog_items"] == before
 
 
 def test_a_restarted_worker_has_its_catalogue_model_and_erasures_before_it_takes_events(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,6 +16,7 @@ import pytest
 from streamrec.records import CatalogItem
 from streamrec.serde import EncodeError
 from streamrec.settings import Settings
+from streamrec.streams import schema_store
 from streamrec.streams.broker import free_port
 from streamrec.streams.client import EventProducer, InvalidRecordError
 from streamrec.streams.schema_store import SchemaTopicResolver, make_codec, subject_for
@@ -78,7 +82,8 @@ def test_invalid_records_raise_a_value_error_and_queue_nothing(producer: EventPr
 def test_event_ids_are_uuid4_hex_and_timestamps_now() -> None:
     p = EventProducer(Settings(bootstrap_servers=f"127.0.0.1:{free_port()}"))
     ids = {p._event_id(None) for _ in range(100)}
-    assert len(ids) == 100 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert len(ids) == 100
+    assert all(uuid.UUID(hex=i).hex == i and uuid.UUID(hex=i).version == 4 for i in ids)  # 32 hex digits
     assert abs(p._timestamp(None) - time.time() * 1000) < 5_000
     aware = datetime.fromisoformat("2026-05-01T12:00:00+00:00")
     assert p._timestamp(aware) == int(aware.timestamp() * 1000)
@@ -100,7 +105,7 @@ class CountingResolver(SchemaTopicResolver):
         self.on_topic = on_topic
 
     def _read_to_end(self) -> None:
-        self._recent_reads.append(time.monotonic())
+        self._recent_reads.append(schema_store.time.monotonic())
         self.reads += 1
         self._schemas.update(self.on_topic)
         self._loaded = True
@@ -117,8 +122,19 @@ def test_unknown_fingerprints_are_re_read_at_most_once_per_interval() -> None:
     assert resolver(b"late----") == "{}" and resolver.reads == 3  # a new fingerprint is looked up at once
 
 
-def test_a_flood_of_made_up_fingerprints_is_capped_per_second() -> None:
+def test_a_flood_of_made_up_fingerprints_is_capped_per_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(schema_store, "time", SimpleNamespace(monotonic=lambda: now[0]))
     resolver = CountingResolver({}, max_rereads_per_s=5)
-    for i in range(1000):
-        resolver(i.to_bytes(8, "big"))
-    assert resolver.reads <= 6  # the initial load plus five re-reads in this second
+    flood = (i.to_bytes(8, "big") for i in range(10_000))
+    for fp in itertools.islice(flood, 1000):
+        assert resolver(fp) is None
+    assert resolver.reads == 5  # five reads of the topic in this second, the first load among them
+    now[0] += 0.999
+    for fp in itertools.islice(flood, 1000):
+        resolver(fp)
+    assert resolver.reads == 5, "still the same second"
+    now[0] += 0.001
+    for fp in itertools.islice(flood, 1000):
+        resolver(fp)
+    assert resolver.reads == 10, "five more in the next second"

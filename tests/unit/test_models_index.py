@@ -9,6 +9,7 @@ import pytest
 
 from streamrec.models import index as index_module
 from streamrec.models.index import ItemIndex
+from streamrec.models.perf import exact_top_k, index_timings, recall_at_k
 
 
 @pytest.fixture()
@@ -23,8 +24,11 @@ def test_index_finds_the_best_inner_product(kind: str, vectors: np.ndarray, tmp_
     index = ItemIndex.build(vectors, ids, kind)  # type: ignore[arg-type]
     queries = vectors[:20] * 10  # each query points at one item far harder than at any other
     scores, found = index.search(queries, 5)
-    exact = np.argsort(-(queries @ vectors.T), axis=1)[:, 0] + 1
-    assert (found[:, 0] == exact).mean() >= 0.9
+    exact = exact_top_k(vectors, queries, 5) + 1
+    if kind == "flat":  # exact: the same five, in the same order
+        np.testing.assert_array_equal(found, exact)
+    else:  # approximate: the clear best is found for nearly every query
+        assert (found[:, 0] == exact[:, 0]).mean() >= 0.9
     assert np.all(np.diff(scores, axis=1) <= 1e-5)  # best first
 
     index.add(np.full((1, 16), 50.0, dtype=np.float32), np.array([999]))
@@ -58,3 +62,25 @@ def test_a_small_flat_index_answers_as_faiss_does_in_chunks_and_after_adds(
     scores, found = index.search(queries, 10)
     assert found[:5, 0].tolist() == [7001, 7002, 7003, 7004, 7005]
     np.testing.assert_array_equal(found, faiss_answer(10)[1])
+
+
+def test_measured_recall_is_against_an_exact_reference_that_shares_no_code_with_the_index(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rows = index_timings((2_000,), ("flat", "hnsw"), (1, 50), dim=16, recall_queries=50)
+    flat, hnsw = rows
+    assert flat["recall_at_10"] == 1.0 and flat["search"] == "torch matmul + topk (exact)"
+    assert 0 < hnsw["recall_at_10"] <= 1.0 and hnsw["search"].startswith("FAISS IndexHNSWFlat")
+    monkeypatch.setattr(index_module, "DENSE_MAX_ITEMS", 1_000)  # past it, FAISS's own flat search answers
+    assert index_timings((2_000,), ("flat",), (1,), dim=16)[0]["search"] == "FAISS IndexFlatIP (exact)"
+
+    # The check can fail: a flat index that answers wrongly is measured as such.
+    real = ItemIndex.search
+
+    def off_by_one(self: ItemIndex, queries: np.ndarray, k: int, allowed: object = None) -> object:
+        scores, found = real(self, queries, k + 1)
+        return scores[:, 1:], found[:, 1:]  # misses each query's best item
+
+    monkeypatch.setattr(ItemIndex, "search", off_by_one)
+    assert index_timings((2_000,), ("flat",), (1,), dim=16)[0]["recall_at_10"] == 0.9
+    assert recall_at_k(np.array([[1, 2], [3, 4]]), np.array([[2, 1], [3, 5]])) == 0.75

@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 from torch.nn import functional as F
 
 from streamrec.models import synthetic
+from streamrec.models import train as train_module
 from streamrec.models.data import PAD, Step, load
+from streamrec.models.evaluate import evaluate_scorer
 from streamrec.models.sequences import hidden_states, pad_batch
 from streamrec.models.train import (
     TrainConfig,
@@ -184,10 +186,30 @@ def test_novel_only_loss_skips_repeat_targets_and_seen_negatives(data_dir: Path,
     assert float(only_repeats) == 0.0
 
 
-def test_novel_only_training_stops_on_seen_excluded_validation(data_dir: Path, tmp_path: Path) -> None:
-    out = train(data_dir, tmp_path / "m", quick(novel_only=True, epochs=15, patience=15), progress=False)
-    meta = json.loads((out / "metadata.json").read_text())
-    assert meta["metrics"]["filter_seen"] is True  # its figures are the seen-excluded ones
+def test_novel_only_training_selects_and_stops_on_seen_excluded_validation(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """novel_only trains for unseen next items, so every validation that picks the best epoch and stops the
+    training ranks with the user's seen items excluded (and so does its test figure). The kept model is the
+    epoch best by those figures, and the run stopped after `patience` epochs without a gain."""
+    novel_only = True
+    evaluations: list[tuple[bool, dict]] = []  # (filter_seen, figures): each epoch's validation, then test
+
+    def recorded(*args: object, filter_seen: bool = False, **kwargs: object) -> dict:
+        figures = evaluate_scorer(*args, filter_seen=filter_seen, **kwargs)  # type: ignore[arg-type]
+        evaluations.append((filter_seen, figures))
+        return figures
+
+    monkeypatch.setattr(train_module, "evaluate_scorer", recorded)
+    config = quick(novel_only=novel_only, epochs=15, patience=3)
+    meta = json.loads((train(data_dir, tmp_path / "m", config, progress=False) / "metadata.json").read_text())
+    *validations, test = evaluations
+    assert [seen for seen, _ in evaluations] == [novel_only] * (meta["epochs_run"] + 1)
+    ndcg = [figures["ndcg@10"] for _, figures in validations]
+    assert meta["best_epoch"] == ndcg.index(max(ndcg)) + 1
+    assert meta["metrics"]["valid"] == validations[meta["best_epoch"] - 1][1]
+    assert meta["metrics"]["test"] == test[1] and meta["metrics"]["filter_seen"] is novel_only
+    assert meta["epochs_run"] == 15 or meta["epochs_run"] - meta["best_epoch"] == config.patience
     assert meta["metrics"]["valid"]["hr@10"] > 0.8
 
 

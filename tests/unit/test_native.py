@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.machinery
 import json
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,15 @@ def test_the_installed_build_is_what_runs() -> None:
     modules = json.loads(out.stdout)
     compiled = bool(native.extensions()) and native.stale() is None
     assert modules == {m: "compiled" if compiled else "source" for m in native.COMPILED}
+
+
+def test_where_a_c_compiler_is_present_the_hot_path_is_compiled_and_current() -> None:
+    """The performance figures assume the compiled hot path: `make install` builds it, and where it could
+    (a C compiler is on the PATH) a build that failed, or one older than its sources, fails here."""
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler ({compiler}): the Python sources run, as the README says")
+    built, stale = bool(native.extensions()), native.stale()
+    assert built and stale is None, f"not compiled ({stale or 'nothing built'}): `make native` says why"
+    out = _python("import json; from streamrec import native; print(json.dumps(native.active()))")
+    assert json.loads(out.stdout) == dict.fromkeys(native.COMPILED, "compiled")
