@@ -1,4 +1,5 @@
-"""The `streamrec` command line: broker, topics, worker, simulate, train, eval, demo, recs tail, replay."""
+"""The `streamrec` command line: broker, topics, worker, simulate, train, eval, demo, recs tail, replay,
+trainer, and the model registry's commands (models sample, list, show, promote, rollback, canary)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from streamrec.settings import Settings
 app = typer.Typer(help="Streaming, event-driven recommendations on Kafka.", no_args_is_help=True)
 topics_app = typer.Typer(help="Create and inspect streamrec's topics.", no_args_is_help=True)
 recs_app = typer.Typer(help="Read the recommendations output topic.", no_args_is_help=True)
-models_app = typer.Typer(help="The model registry: a first model, what is served.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="The model registry: a first model, the versions, what is served.", no_args_is_help=True
+)
 app.add_typer(topics_app, name="topics")
 app.add_typer(recs_app, name="recs")
 app.add_typer(models_app, name="models")
@@ -29,7 +32,7 @@ def settings_from_env(**overrides: Any) -> Settings:
     """Settings from STREAMREC_* variables, with command-line options (when given) taking precedence; log
     lines (the Kafka clients' too) go to stderr from the settings' log level up."""
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     return settings
 
 
@@ -44,13 +47,15 @@ class StderrHandler(logging.Handler):
             self.handleError(record)
 
 
-def configure_logging(level: str) -> None:
-    """Log lines from ``level`` up on stderr, one a line. `streamrec worker` hands over to faust's logging,
-    at the same level."""
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Log lines from ``level`` up on stderr, one a line, as text or JSON (``STREAMREC_LOG_FORMAT``).
+    `streamrec worker` hands over to faust's logging, at the same level and in the same format."""
+    from streamrec.logs import formatter
+
     if level.upper() not in logging.getLevelNamesMapping():
         raise typer.BadParameter(f"log level {level!r}: use debug, info, warn, error or critical")
     handler = StderrHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
+    handler.setFormatter(formatter(log_format))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
@@ -163,6 +168,52 @@ def worker(
     from streamrec.streams.app import run_worker
 
     run_worker(settings_from_env(data_dir=data_dir, web_port=web_port))
+
+
+@app.command()
+def api(
+    port: int = typer.Option(None, help="Port to listen on (STREAMREC_API_PORT)."),
+    data_dir: Path = typer.Option(None, help="The view's RocksDB directory (STREAMREC_API_DATA_DIR)."),
+) -> None:
+    """Serve each user's newest recommendations and profile over HTTP (docs/api.md), from a view of the
+    recommendations, state changelog and catalogue topics kept in RocksDB; any number of replicas."""
+    from streamrec.streams.api.server import run_api
+    from streamrec.streams.topics import check_broker
+
+    settings = settings_from_env(api_port=port, api_data_dir=data_dir)
+    check_broker(settings)
+    run_api(settings)
+
+
+@app.command()
+def status(
+    interval: float = typer.Option(
+        2.0, help="Seconds between two samples of the workers' metrics (events/s, p99)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    watch: float = typer.Option(None, "--watch", help="Draw again every this many seconds, until Ctrl-C."),
+) -> None:
+    """One view of a running deployment: workers and their partitions, events/s, p99 latency, consumer lag
+    per group, dead letters by reason, model version per worker, trainer state (STREAMREC_WORKER_URLS)."""
+    import json
+
+    from rich.live import Live
+
+    from streamrec.streams.ops.status import collect, render
+
+    settings = settings_from_env()
+    if as_json:
+        print(json.dumps(collect(settings, interval)))
+        return
+    if watch is None:
+        console.print(render(collect(settings, interval)))
+        return
+    with Live(render(collect(settings, interval)), console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                live.update(render(collect(settings, watch)), refresh=True)  # collect takes `watch` s
+        except KeyboardInterrupt:
+            pass
 
 
 @app.command()
@@ -461,6 +512,190 @@ def models_sample(
     console.print(
         "next: `streamrec worker` serves it (beside `streamrec broker`, after `streamrec topics create`)"
     )
+
+
+# --- the learning loop: the trainer and the registry's commands ------------------------------------------
+
+
+@app.command()
+def trainer() -> None:
+    """Run the trainer: answer fine-tuning triggers one run at a time (fine-tune on the events topics'
+    window, judge on its newest slice, promote only a better model); one JSON line per run on stdout,
+    Prometheus metrics on STREAMREC_TRAINER_METRICS_PORT."""
+    from streamrec.streams.trainer.service import run_trainer
+
+    run_trainer(settings_from_env())
+
+
+def _figure(values: dict | None, metric: str = "ndcg@10") -> str:
+    return f"{values[metric]:.4f}" if values and metric in values else "-"
+
+
+@models_app.command("list")
+def models_list(
+    registry: Path = typer.Option(None, help="Model registry (STREAMREC_MODEL_REGISTRY)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per version, a line each."),
+) -> None:
+    """Every version, oldest first: parent, status, trigger, window size and NDCG@10 on its temporal slice
+    (its own, and its parent's on the same slice)."""
+    import json
+
+    from rich.table import Table
+
+    from streamrec.models import registry as model_registry
+
+    settings = settings_from_env(model_registry=registry)
+    rows = model_registry.describe(settings.model_registry)
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    table = Table(title=f"models in {settings.model_registry}", title_justify="left", show_edge=False)
+    for column in ("version", "parent", "status", "trigger", "window", "ndcg@10", "parent's", "reason"):
+        table.add_column(column, justify="right" if column in ("window", "ndcg@10", "parent's") else "left")
+    for row in rows:
+        own = row["candidate"] or row["valid"]
+        table.add_row(
+            row["version"],
+            row["parent_version"] or "-",
+            row["status"],
+            row["trigger"] or "-",
+            f"{row['window_events']:,}" if row["window_events"] is not None else "-",
+            _figure(own),
+            _figure(row["parent"]),
+            row["reason"] or "",
+        )
+    Console(width=200).print(table)
+
+
+@models_app.command("show")
+def models_show(
+    version: str = typer.Argument(..., help="A version in the registry."),
+    registry: Path = typer.Option(None, help="Model registry (STREAMREC_MODEL_REGISTRY)."),
+) -> None:
+    """One version as JSON: its metadata (parent, trigger, data window, training config, figures), its
+    status with every change, and its lineage."""
+    import json
+
+    from streamrec.models import registry as model_registry
+
+    settings = settings_from_env(model_registry=registry)
+    try:
+        path = model_registry.version_dir(settings.model_registry, version)
+    except model_registry.RegistryError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    metadata = model_registry.read_metadata(path)
+    metadata.pop("history", None)  # per-epoch training history of a first model: long, in metadata.json
+    out = {
+        **metadata,
+        "path": str(path.resolve()),
+        "status": model_registry.status_of(path),
+        "lineage": model_registry.lineage(settings.model_registry, version),
+    }
+    print(json.dumps(out, indent=2))
+
+
+@models_app.command("promote")
+def models_promote(
+    version: str = typer.Argument(..., help="A version in the registry."),
+    reason: str = typer.Option("promoted by command", help="Recorded with the change."),
+    registry: Path = typer.Option(None, help="Model registry (STREAMREC_MODEL_REGISTRY)."),
+) -> None:
+    """Serve VERSION: publish its ModelUpdate (workers switch between micro-batches, as after a trainer
+    promotion), then make it the registry's CURRENT."""
+    import json
+
+    from streamrec.models import registry as model_registry
+    from streamrec.streams.trainer import publish
+
+    settings = settings_from_env(model_registry=registry)
+    try:
+        record = publish.promote(settings, version, reason)
+    except model_registry.RegistryError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    print(json.dumps(record))
+
+
+@models_app.command("rollback")
+def models_rollback(
+    reason: str = typer.Option("rolled back by command", help="Recorded with the change."),
+    registry: Path = typer.Option(None, help="Model registry (STREAMREC_MODEL_REGISTRY)."),
+) -> None:
+    """Serve again the version served before the current one: its ModelUpdate, then CURRENT."""
+    import json
+
+    from streamrec.models import registry as model_registry
+    from streamrec.streams.trainer import publish
+
+    settings = settings_from_env(model_registry=registry)
+    try:
+        record = publish.rollback(settings, reason)
+    except model_registry.RegistryError as exc:
+        console.print(f"[red]{exc}[/]", highlight=False)
+        raise typer.Exit(2) from None
+    print(json.dumps(record))
+
+
+@models_app.command("canary")
+def models_canary(
+    version: str = typer.Argument(None, help="The version to serve as a canary (with --share)."),
+    share: float = typer.Option(0.1, help="Share of users (a stable hash of the user id) served the canary."),
+    stop: bool = typer.Option(False, "--stop", help="Roll the running canary back."),
+    status: bool = typer.Option(
+        False, "--status", help="The running canary's live figures, summed over workers."
+    ),
+    reason: str = typer.Option("by command", help="Recorded with the change."),
+    registry: Path = typer.Option(None, help="Model registry (STREAMREC_MODEL_REGISTRY)."),
+) -> None:
+    """Serve VERSION to a share of users beside the current version, compare their online hit rates on live
+    traffic (--status), then `streamrec models promote VERSION` or --stop. The trainer judges a running
+    canary by rule (STREAMREC_CANARY_MIN_OUTCOMES, STREAMREC_CANARY_TOLERANCE)."""
+    import json
+
+    from streamrec.models import registry as model_registry
+    from streamrec.streams.trainer import publish
+
+    settings = settings_from_env(model_registry=registry)
+    try:
+        if status:
+            print(json.dumps(_canary_status(settings)))
+        elif stop:
+            print(json.dumps(publish.stop_canary(settings, reason)))
+        elif version is not None:
+            print(json.dumps(publish.start_canary(settings, version, share, reason)))
+        else:
+            raise typer.BadParameter("give a VERSION to start a canary, --stop or --status")
+    except model_registry.RegistryError as exc:
+        console.print(f"[red]{exc}[/]", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _canary_status(settings: Settings) -> dict[str, Any]:
+    from streamrec.models import registry as model_registry
+    from streamrec.serde import DecodeError
+    from streamrec.streams.canary import CanaryTally, judge
+    from streamrec.streams.schema_store import make_codec
+    from streamrec.streams.shadow import values_to_end
+
+    running = model_registry.canary(settings.model_registry)
+    if running is None:
+        raise model_registry.RegistryError(f"no canary runs in {settings.model_registry}")
+    tally = CanaryTally(running["version"], running["parent_version"])
+    codec = make_codec(settings)
+    for value in values_to_end(settings, settings.canary_reports_topic):
+        try:
+            tally.add(codec.decode(value or b"", accept={"CanaryReport"})[1])
+        except DecodeError:
+            continue
+    serving, canary = tally.figures()
+    decision, why = judge(serving, canary, settings.canary_min_outcomes, settings.canary_tolerance)
+    return {
+        **running,
+        "workers": sorted(tally.reports),
+        "serving": {"hits": serving.hits, "outcomes": serving.outcomes, "hit_rate": serving.rate},
+        "canary": {"hits": canary.hits, "outcomes": canary.outcomes, "hit_rate": canary.rate},
+        "rule": {"decision": decision, "reason": why},
+    }
 
 
 def main() -> None:

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     )
     model_updates_topic: str = Field("streamrec.model-updates", description="Promoted model versions.")
     triggers_topic: str = Field("streamrec.finetune-triggers", description="Fine-tuning triggers.")
+    canary_reports_topic: str = Field(
+        "streamrec.canary-reports", description="Workers' online hit rates of a canary and the serving model."
+    )
     partitions: int = Field(4, description="Partitions of the events, changelog and output topics.")
     retention_hours: int = Field(
         168,
@@ -184,14 +187,26 @@ class Settings(BaseSettings):
     api_keys: SecretStr | None = Field(
         None,
         description="Comma-separated API keys that may read user data over HTTP (the worker's "
-        "/users/{id}/state); sent as `Authorization: Bearer KEY` or `X-API-Key: KEY`. Without any key "
-        "those routes answer 403. Never logged.",
+        "/users/{id}/state, the API's /users/{id}/recommendations and /users/{id}/profile); sent as "
+        "`Authorization: Bearer KEY` or `X-API-Key: KEY`. Without any key those routes answer 403. Never "
+        "logged.",
     )
     api_keys_file: Path | None = Field(
         None, description="A file of API keys, one per line (added to STREAMREC_API_KEYS)."
     )
     log_level: str = Field(
         "warn", description="Log level of the worker and the other commands, Kafka clients' lines included."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines as text, or as JSON: one object a line with time, level, logger and message, "
+        "and the worker id, model version and partition where they apply (docs/operations.md).",
+    )
+    lag_check_s: float = Field(
+        10.0,
+        gt=0,
+        description="How often a worker measures the consumer lag of its event partitions (committed "
+        "offsets against the high watermarks) for /metrics (streamrec_consumer_lag).",
     )
 
     # --- Models ----------------------------------------------------------------------------------------
@@ -222,6 +237,114 @@ class Settings(BaseSettings):
     )
     trigger_check_s: float = Field(10.0, description="How often a worker evaluates the trigger policy.")
 
+    # --- Trainer (`streamrec trainer`) -----------------------------------------------------------------
+    trainer_group: str = Field(
+        "streamrec-trainer",
+        description="Consumer group of the trainer on the triggers topic (one run at a time).",
+    )
+    trainer_window_events: int = Field(
+        200_000,
+        ge=100,
+        description="Training window: the newest this many valid events of the events and backfill topics.",
+    )
+    trainer_window_hours: float | None = Field(
+        None,
+        gt=0,
+        description="Training window by time: only events of the last this many hours (with "
+        "trainer_window_events, the newest that many of them). Unset: no time limit.",
+    )
+    trainer_min_events: int = Field(
+        1_000, ge=1, description="A window with fewer valid events is not trained on (the run is skipped)."
+    )
+    trainer_eval_share: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="The newest share of the window (by events) that is never trained on: candidate and "
+        "serving model are both scored on it.",
+    )
+    trainer_eval_cases: int = Field(
+        5_000, ge=1, description="Most next-item cases scored on that slice (a seeded sample when more)."
+    )
+    trainer_epochs: int = Field(5, ge=1, description="Passes over the window's training part per run.")
+    trainer_max_minutes: float = Field(
+        5.0, gt=0, description="Training time budget of one run (on top: reading the window, scoring)."
+    )
+    trainer_learning_rate: float | None = Field(
+        None, gt=0, description="Fine-tuning learning rate; unset: the serving model's own training rate."
+    )
+    trainer_full_retrain: bool = Field(
+        False,
+        description="Train each candidate from fresh weights (the serving model's architecture) instead of "
+        "from the serving model's weights.",
+    )
+    trainer_preset: Literal["tiny", "small", "full"] = Field(
+        "small", description="Training preset of a first model, when nothing is served yet."
+    )
+    trainer_promotion_metric: Literal["hr@10", "ndcg@10", "kept_hr@10", "kept_ndcg@10"] = Field(
+        "ndcg@10",
+        description="The figure on the newest slice that decides a promotion: seen items excluded, or kept_ "
+        "with them left in the ranking, as the worker serves (for shoppers who return to what they saw).",
+    )
+    trainer_promotion_margin: float = Field(
+        0.01,
+        ge=0,
+        description="A candidate is promoted only if its promotion metric beats the serving model's by this "
+        "share (0.01: 1% better); otherwise it is recorded as rejected, with its figures and the reason.",
+    )
+    trainer_threads: int = Field(2, ge=1, description="CPU threads of a training run (torch).")
+    canary_share: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of users (a stable hash of the user id) a candidate that passed the trainer's "
+        "slice is served to first, as a canary beside the serving model, before the rule below promotes "
+        "or rolls it back; 0: promote at once.",
+    )
+    canary_min_outcomes: int = Field(
+        2_000,
+        ge=1,
+        description="Clicks and purchases each of canary and serving model must have been judged on (live, "
+        "summed over workers) before the canary rule decides.",
+    )
+    canary_tolerance: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="The canary is promoted if its online hit rate is at least the serving model's times "
+        "(1 - this), else rolled back.",
+    )
+    trainer_metrics_port: int = Field(
+        6068, ge=0, description="Port of the trainer's Prometheus metrics (on STREAMREC_WEB_HOST); 0: none."
+    )
+
+    # --- API (`streamrec api`) ---------------------------------------------------------------------------
+    api_host: str = Field("127.0.0.1", description="Address the API listens on; 0.0.0.0 in containers.")
+    api_port: int = Field(8080, description="Port of the recommendation and profile API.")
+    api_data_dir: Path = Field(
+        Path("var/api"),
+        description="The API's RocksDB view of the recommendations, state changelog and catalogue topics; "
+        "one directory per replica (rebuilt from the topics when lost).",
+    )
+
+    # --- Operations (`streamrec status`) -----------------------------------------------------------------
+    worker_urls: str = Field(
+        "http://127.0.0.1:6066",
+        description="Comma-separated web addresses of the workers (STREAMREC_WEB_PORT) that "
+        "`streamrec status` reads /health and /metrics from.",
+    )
+    api_urls: str | None = Field(
+        None,
+        description="Comma-separated addresses of the API replicas (STREAMREC_API_PORT) that "
+        "`streamrec status` shows.",
+    )
+
+    def worker_url_list(self) -> list[str]:
+        return [u.strip().rstrip("/") for u in self.worker_urls.split(",") if u.strip()]
+
+    def api_url_list(self) -> list[str]:
+        return [u.strip().rstrip("/") for u in (self.api_urls or "").split(",") if u.strip()]
+
     def api_key_list(self) -> list[str]:
         """Every configured API key: ``api_keys`` and the lines of ``api_keys_file`` (blank lines skipped)."""
         keys = self.api_keys.get_secret_value().split(",") if self.api_keys is not None else []
@@ -236,6 +359,8 @@ _SECTIONS = {
     "app_id": "Worker",
     "model_registry": "Models",
     "trigger_min_events": "Fine-tuning triggers",
+    "api_host": "API",
+    "worker_urls": "Operations",
 }
 
 

@@ -10,16 +10,20 @@ class OnlineAccuracy:
     """Online hit rate: the share of clicks and purchases on an item in the user's last recommendations.
 
     The first ``window`` outcomes after a model is loaded are its baseline; the rolling rate over the last
-    ``window`` outcomes is compared with it to detect drift.
+    ``window`` outcomes is compared with it to detect drift. Each outcome is also counted for the model
+    version that made the user's last recommendation (``by_version``), so two versions served side by side
+    (a canary) or one after the other can be compared on live traffic.
     """
 
     def __init__(self, window: int = 2_000, max_users: int = 200_000) -> None:
         self.window = window
         self.max_users = max_users
-        self._last: OrderedDict[str, frozenset[str]] = OrderedDict()
+        self._last: OrderedDict[str, tuple[frozenset[str], str]] = OrderedDict()
         self._recent: deque[bool] = deque(maxlen=window)
         self._baseline: list[bool] = []
         self.baseline_rate: float | None = None
+        self.hits: dict[str, int] = {}  # model version -> outcomes that were hits
+        self.outcomes: dict[str, int] = {}  # model version -> outcomes
 
     def reset(self) -> None:
         """A new model: forget its predecessor's baseline."""
@@ -27,17 +31,21 @@ class OnlineAccuracy:
         self._baseline.clear()
         self.baseline_rate = None
 
-    def recommended(self, user_id: str, item_ids: list[str]) -> None:
-        self._last[user_id] = frozenset(item_ids)
+    def recommended(self, user_id: str, item_ids: list[str], model_version: str = "") -> None:
+        self._last[user_id] = (frozenset(item_ids), model_version)
         self._last.move_to_end(user_id)
         while len(self._last) > self.max_users:
             self._last.popitem(last=False)
 
     def interacted(self, user_id: str, item_id: str) -> None:
-        shown = self._last.get(user_id)
-        if shown is None:
+        last = self._last.get(user_id)
+        if last is None:
             return  # nothing was recommended to this user yet: no evidence either way
+        shown, version = last
         hit = item_id in shown
+        self.outcomes[version] = self.outcomes.get(version, 0) + 1
+        if hit:
+            self.hits[version] = self.hits.get(version, 0) + 1
         self._recent.append(hit)
         if self.baseline_rate is None:
             self._baseline.append(hit)
@@ -46,6 +54,11 @@ class OnlineAccuracy:
 
     def forget(self, user_id: str) -> None:
         self._last.pop(user_id, None)
+
+    def by_version(self) -> dict[str, tuple[int, int]]:
+        """(hits, outcomes) per model version, since this worker started."""
+        outcomes = list(self.outcomes.items())  # one C-level copy: the event stage adds versions meanwhile
+        return {v: (self.hits.get(v, 0), n) for v, n in outcomes}
 
     @property
     def rate(self) -> float | None:

@@ -29,6 +29,7 @@ from prometheus_client import generate_latest
 
 from streamrec.catalog import Catalog
 from streamrec.dead_letters import dead_letter
+from streamrec.logs import formatter, set_log_context
 from streamrec.records import CatalogItem
 from streamrec.serde import DecodeError
 from streamrec.settings import Settings
@@ -36,6 +37,7 @@ from streamrec.streams.auth import ApiKeys
 from streamrec.streams.event_stage import EventStage, Recommender, now_ms
 from streamrec.streams.kafka_logging import client_logging
 from streamrec.streams.metrics import WorkerMetrics
+from streamrec.streams.ops.worker import WorkerSampler
 from streamrec.streams.schema_store import make_codec
 from streamrec.triggers import OnlineAccuracy, TriggerPolicy
 from streamrec.validation import Rejection, ValidationRules, validate_item
@@ -43,6 +45,7 @@ from streamrec.validation import Rejection, ValidationRules, validate_item
 log = logging.getLogger(__name__)
 
 CURRENT_MODEL_KEY = b"current"
+CANARY_MODEL_KEY = b"canary"  # a ModelUpdate with canary_share: a candidate beside the current model
 
 
 def load_recommender(settings: Settings, model_dir: Path | None = None) -> Recommender:
@@ -103,6 +106,7 @@ class Worker:
         self.metrics.watch_gc()
         self.catalog = Catalog()
         self.accuracy = OnlineAccuracy()
+        self._canary_base: dict[str, tuple[int, int]] = {}  # each version's figures when the canary started
         self.policy = TriggerPolicy(
             min_events=settings.trigger_min_events,
             interval_s=settings.trigger_interval_s,
@@ -114,6 +118,8 @@ class Worker:
         self.auth = ApiKeys(settings.api_key_list())
         recommender = load_recommender(settings)
         self.metrics.model_info.labels(recommender.model_version).set(1)
+        set_log_context(service="worker", worker_id=self.worker_id, model_version=recommender.model_version)
+        self.sampler = WorkerSampler(settings, self.metrics)  # consumer lag and state size, for /metrics
         self.stage = EventStage(
             settings.model_copy(update={"worker_id": self.worker_id}),
             self.catalog,
@@ -166,6 +172,9 @@ class Worker:
         )
         dead_letters = app.topic(s.dead_letter_topic, key_serializer="raw", value_serializer="raw")
         triggers = app.topic(s.triggers_topic, key_serializer="raw", value_serializer="raw", partitions=1)
+        canary_reports = app.topic(
+            s.canary_reports_topic, key_serializer="raw", value_serializer="raw", partitions=1
+        )
 
         catalog_table = app.GlobalTable(
             "catalog",
@@ -204,6 +213,10 @@ class Worker:
                 except DecodeError as exc:
                     await self._dead_letter(dead_letters, event.message, exc.reason, exc.detail)
                     continue
+                if event.key == CANARY_MODEL_KEY:
+                    models_table[CANARY_MODEL_KEY] = event.value
+                    await self._set_canary(event.value)
+                    continue
                 models_table[CURRENT_MODEL_KEY] = event.value
                 await self._swap_model(event.value)
 
@@ -214,6 +227,12 @@ class Worker:
         @app.timer(interval=s.trigger_check_s)
         async def check_triggers() -> None:
             await self._check_triggers(triggers)
+            await self._report_canary(canary_reports)
+
+        @app.timer(interval=s.lag_check_s)
+        async def sample_operations() -> None:
+            assignment = self.stage.assignment()
+            await asyncio.get_running_loop().run_in_executor(None, self.sampler.sample, assignment)
 
         worker = self
 
@@ -231,6 +250,7 @@ class Worker:
                     "ranking_process": ranking_process_health(worker.stage.recommender),
                     "catalog_items": len(worker.catalog),
                     "recommendable_items": worker.recommendable_items(),
+                    "canary": worker.stage.canary_info(),
                 }
                 return self.json(body, status=200 if alive else 503)
 
@@ -275,24 +295,93 @@ class Worker:
     async def _on_models_changelog(self, event: Any) -> None:
         if event.key == CURRENT_MODEL_KEY and event.value is not None:
             await self._swap_model(event.value)
+        elif event.key == CANARY_MODEL_KEY and event.value is not None:
+            await self._set_canary(event.value)
 
     async def _swap_model(self, value: bytes) -> None:
         _, update = self.codec.decode(value, accept={"ModelUpdate"})
         if update["model_version"] == self.stage.recommender.model_version:
             return
-        loop = asyncio.get_running_loop()
+        canary = self.stage.canary
+        if canary is not None and canary.candidate.model_version == update["model_version"]:
+            recommender = canary.candidate  # a canary promoted: already loaded, and warm
+        else:
+            recommender = await self._load(update)
+            if recommender is None:
+                return
+        self.stage.swap_model(recommender)
+        self.metrics.model_info.clear()
+        self.metrics.model_info.labels(recommender.model_version).set(1)
+        self.metrics.model_updates.inc()
+        set_log_context(model_version=recommender.model_version)
+        with self._events_lock:
+            self.policy.fired(time.time())
+
+    async def _load(self, update: dict[str, Any]) -> Recommender | None:
         try:
-            recommender = await loop.run_in_executor(
+            return await asyncio.get_running_loop().run_in_executor(
                 None, load_recommender, self.settings, Path(update["path"])
             )
         except Exception:
             log.exception("could not load model %s from %s", update["model_version"], update["path"])
+            return None
+
+    async def _set_canary(self, value: bytes) -> None:
+        """Start, change or end a canary: a candidate served to ``canary_share`` of the users beside the
+        current model, which must be the one it was judged against (its ``parent_version``)."""
+        _, update = self.codec.decode(value, accept={"ModelUpdate"})
+        share = update.get("canary_share") or 0.0
+        serving = self.stage.pending_model_version() or self.stage.recommender.model_version
+        running = self.stage.canary
+        if share <= 0 or update.get("parent_version") != serving:
+            self.stage.set_canary(None, 0.0)
+            self.metrics.canary_share.clear()
             return
-        self.stage.swap_model(recommender)
-        self.metrics.model_info.clear()
-        self.metrics.model_info.labels(recommender.model_version).set(1)
-        with self._events_lock:
-            self.policy.fired(time.time())
+        if running is not None and running.candidate.model_version == update["model_version"]:
+            candidate: Recommender | None = running.candidate  # a new share for the same canary
+        else:
+            candidate = await self._load(update)
+            if candidate is None:
+                return
+        same = running is not None and running.candidate is candidate
+        started = running.started_at if running is not None and same else now_ms()
+        if not same:
+            self._canary_base = self.accuracy.by_version()  # its reports count from now
+        self.stage.set_canary(candidate, share, started)
+        self.metrics.canary_share.clear()
+        self.metrics.canary_share.labels(update["model_version"]).set(share)
+
+    async def _report_canary(self, topic: Any) -> None:
+        """While a canary runs: this worker's hit rates of both versions since it started (the trainer, or
+        `streamrec models canary --status`, adds up every worker's newest report)."""
+        canary = self.stage.canary
+        if canary is None:
+            return
+        now = self.accuracy.by_version()
+        base = self._canary_base
+
+        def since(version: str) -> tuple[int, int]:
+            hits, outcomes = now.get(version, (0, 0))
+            hits0, outcomes0 = base.get(version, (0, 0))
+            return hits - hits0, outcomes - outcomes0
+
+        (serving_hits, serving_n), (canary_hits, canary_n) = (
+            since(canary.serving.model_version),
+            since(canary.candidate.model_version),
+        )
+        record = {
+            "worker_id": self.worker_id,
+            "serving_version": canary.serving.model_version,
+            "canary_version": canary.candidate.model_version,
+            "canary_share": canary.share,
+            "serving_hits": serving_hits,
+            "serving_outcomes": serving_n,
+            "canary_hits": canary_hits,
+            "canary_outcomes": canary_n,
+            "started_at": canary.started_at,
+            "created_at": now_ms(),
+        }
+        await topic.send(key=self.worker_id.encode(), value=self.codec.encode("CanaryReport", record))
 
     async def _dead_letter(self, topic: Any, message: Any, reason: str, detail: str) -> None:
         record = dead_letter(
@@ -326,6 +415,7 @@ class Worker:
             "created_at": now_ms(),
         }
         await topic.send(key=self.worker_id.encode(), value=self.codec.encode("FineTuneTrigger", record))
+        self.metrics.finetune_triggers.labels(reason).inc()
         log.info("fine-tuning trigger published: %s", reason)
 
     # --- the event stage thread ----------------------------------------------------------------------------
@@ -350,6 +440,9 @@ class Worker:
         current = self.models_table.get(CURRENT_MODEL_KEY)
         if current is not None:
             await self._swap_model(current)
+        canary = self.models_table.get(CANARY_MODEL_KEY)
+        if canary is not None:
+            await self._set_canary(canary)
         log.info(
             "%s starts with %d catalogue items and model %s",
             self.worker_id,
@@ -463,6 +556,8 @@ def run_worker(settings: Settings) -> None:
             self.spinner = None
             for handler in logger.handlers:
                 handler.addFilter(RepeatedLines())
+                if settings.log_format == "json":
+                    handler.setFormatter(formatter("json"))
 
     wait_for_broker(settings)
     worker = Worker(settings)

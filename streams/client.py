@@ -557,7 +557,7 @@ class RecommendationConsumer:
                 log.warning("consuming %s: %s", self.topic, err)
             return None
         _, timestamp = msg.timestamp()
-        if timestamp < self._skip_before_ms:
+        if timestamp < self._skip_before_ms or msg.value() is None:  # no value: a tombstone (erased user)
             return None
         try:
             _, record = self.codec.decode(msg.value() or b"", accept=("Recommendation",))

@@ -64,6 +64,7 @@ from streamrec.state import (
     encode_state_bytes,
     largest_state_bytes,
 )
+from streamrec.streams.canary import Canary, SplitBatch
 from streamrec.streams.kafka_logging import client_logging
 from streamrec.streams.metrics import WorkerMetrics
 from streamrec.streams.reading import consume_arrived
@@ -82,7 +83,8 @@ from streamrec.validation import Rejection, ValidationRules, shown, validate_del
 log = logging.getLogger(__name__)
 
 ACCEPTED_SCHEMAS = frozenset([*EVENT_SCHEMAS, "UserDeletion"])
-OUTPUT_SCHEMAS = ("Recommendation", "DeadLetter", "FineTuneTrigger")  # what workers write for others to read
+# what workers write for others to read
+OUTPUT_SCHEMAS = ("Recommendation", "DeadLetter", "FineTuneTrigger", "CanaryReport")
 ANY_PARTITION = -1  # librdkafka's RD_KAFKA_PARTITION_UA: the producer's partitioner picks (murmur2 by key)
 THREAD_MIN_USERS = 200  # users to rank from which a batch's ranking runs in the serving thread
 IDLE_POLL_S = 0.002  # with batches in flight, how long an idle loop waits for records before settling them
@@ -111,6 +113,16 @@ class RanksEncoded(Protocol):
     (streamrec.models.ranking_process.ProcessRecommender), so that the busier worker process does not."""
 
     def prepare_encoded(self, states: list[bytes], k: int) -> Callable[[], RankedBatch]: ...
+
+
+def prepare_ranking(
+    recommender: Recommender, users: list[UserState], encoded: list[bytes], k: int
+) -> Callable[[], RankedBatch]:
+    """``recommender.prepare``: the users' states read now (from their bytes, for a recommender that reads
+    those), ranked in the call returned."""
+    if isinstance(recommender, RanksEncoded):
+        return recommender.prepare_encoded(encoded, k)
+    return recommender.prepare(users, k)
 
 
 def fetch_config(settings: Settings) -> dict[str, object]:
@@ -144,6 +156,26 @@ class DeliveryFailed(RuntimeError):
     pass
 
 
+# Errors after which an idempotent producer never delivers again: librdkafka raises the fatal ones, and a
+# broker may fence the producer's id or epoch (the embedded broker answers PRODUCER_FENCED to every write
+# once a delivery has timed out and librdkafka has bumped the epoch). The stage replaces its producers.
+PRODUCER_GONE = frozenset(
+    [
+        KafkaError._FATAL,
+        KafkaError._FENCED,
+        KafkaError.PRODUCER_FENCED,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+        KafkaError.UNKNOWN_PRODUCER_ID,
+        KafkaError.INVALID_PRODUCER_ID_MAPPING,
+    ]
+)
+
+
+def producer_gone(err: KafkaError) -> bool:
+    return bool(err.fatal()) or err.code() in PRODUCER_GONE
+
+
 @dataclass(slots=True)
 class Erasure:
     """A UserDeletion record, decoded: erase the user, and refuse their events up to ``timestamp``."""
@@ -164,8 +196,8 @@ class Ranking:
 
     changed: list[tuple[UserState, Event, bool]]  # (state, cause, caused by backfill), row by row
     flight: InFlight
-    recommender: Recommender
-    result: Future[tuple[RankedBatch, float]]
+    recommender: Recommender | Canary
+    result: Future[tuple[RankedBatch | SplitBatch, float]]
     taken: threading.Event = field(default_factory=threading.Event)  # the states are read: they may change
 
 
@@ -181,6 +213,7 @@ class InFlight:
     erased: dict[int, list[str]] = field(default_factory=dict)  # users erased: purged locally once settled
     changelog_offsets: dict[int, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    producer_gone: bool = False  # a failure the producer cannot recover from (``PRODUCER_GONE``)
     sent: int = 0
     acked: int = 0
     open: bool = False  # its recommendations are still being ranked: not settled before they are published
@@ -199,6 +232,7 @@ class InFlight:
         self.acked += 1
         if err is not None:
             self.failures.append(f"{msg.topic()}[{msg.partition()}]: {err}")
+            self.producer_gone = self.producer_gone or producer_gone(err)
 
     def on_changelog_delivery(self, err: KafkaError | None, msg: Message) -> None:
         """A changelog record's report (``on_delivery``), which also moves its partition's offset."""
@@ -299,6 +333,10 @@ class EventStage:
         self.cache = StateCache(settings.state_cache_users, settings.state_cache_mb << 20)
         self.rec_writer = RecommendationWriter()  # byte for byte codec.encode("Recommendation", ...), faster
         self._pending_model: Recommender | None = None
+        # A candidate served beside the model to a share of users (streams/canary.py), and one to come:
+        # (candidate or None to end it, share, started at)
+        self.canary: Canary | None = None
+        self._pending_canary: tuple[Recommender | None, float, int] | None = None
         self._lock = threading.Lock()
         self.ready = threading.Event()  # set once partitions are assigned and restored
         self.error: BaseException | None = None
@@ -308,6 +346,7 @@ class EventStage:
         self._max_event_bytes = settings.max_event_bytes
         self._producer: Producer | None = None
         self._changelog_producer: Producer | None = None  # set when the changelog's compression differs
+        self._producers_gone = False  # a delivery failed in a way the producers cannot recover from
         # (topic, partition) -> the last offset committed, for the events and the backfill topic
         self._committed: dict[tuple[str, int], TopicPartition] = {}
         self._flights: deque[InFlight] = deque()  # published batches not settled yet, oldest first
@@ -325,6 +364,16 @@ class EventStage:
         """Serve a newly promoted model from the next micro-batch on (encoder and its index together)."""
         with self._lock:
             self._pending_model = recommender
+
+    def set_canary(self, candidate: Recommender | None, share: float, started_at: int = 0) -> None:
+        """Serve ``candidate`` to ``share`` of the users beside the model from the next micro-batch on; None
+        ends the canary. A newly promoted model ends it too (it was judged against the one before)."""
+        with self._lock:
+            self._pending_canary = (candidate, share, started_at)
+
+    def canary_info(self) -> dict[str, object] | None:
+        canary = self.canary
+        return canary.info() if canary is not None else None
 
     def pending_model_version(self) -> str | None:
         """The version of a model swapped in but not served yet."""
@@ -360,10 +409,28 @@ class EventStage:
                 "client.id": self.worker_id,
             }
         )
+        return consumer, *self._make_producers()
+
+    def _make_producers(self) -> tuple[Producer, Producer | None]:
+        """The producer of what others read, and the changelog's own when its compression differs."""
+        s = self.settings
         changelog = None
         if s.internal_compression != s.output_compression:
             changelog = self._make_producer(s.internal_compression)
-        return consumer, self._make_producer(s.output_compression), changelog
+        return self._make_producer(s.output_compression), changelog
+
+    def _replace_producers(self) -> tuple[Producer, Producer | None]:
+        """New producers for ones that can deliver no more (a new producer id and epoch); whatever the old
+        ones still held belongs to batches that are consumed again."""
+        for old in (self._producer, self._changelog_producer):
+            if old is not None:
+                old.purge()
+                old.flush(0)
+        self._producer, self._changelog_producer = self._make_producers()
+        self._producers_gone = False
+        self.metrics.producer_restarts.inc()
+        log.warning("%s: the producers could deliver no more; replaced them", self.worker_id)
+        return self._producer, self._changelog_producer
 
     def _make_producer(self, compression: str) -> Producer:
         s = self.settings
@@ -491,6 +558,8 @@ class EventStage:
                 except DeliveryFailed as exc:
                     # Nothing of the failed batches was committed or written locally; they are consumed again.
                     log.error("batch not delivered, retrying: %s", exc)
+                    if self._producers_gone:
+                        producer, changelog = self._replace_producers()
                     stop.wait(1.0)
         finally:
             try:
@@ -525,15 +594,32 @@ class EventStage:
     def _between_batches(self) -> None:
         with self._lock:
             pending, self._pending_model = self._pending_model, None
+            canary, self._pending_canary = self._pending_canary, None
         if pending is not None:
             pending.upsert_items(self.catalog.items())
             self.recommender = pending
             self.accuracy.reset()
+            self.canary = None
             log.info("now serving model %s", pending.model_version)
+        if canary is not None:
+            self._start_canary(*canary)
         changes = self.catalog.drain_changes()
         if changes:
             self.recommender.upsert_items(changes)
+            if self.canary is not None:
+                self.canary.upsert_items(changes)
             self.metrics.catalog_items.set(len(self.catalog))
+
+    def _start_canary(self, candidate: Recommender | None, share: float, started_at: int) -> None:
+        if candidate is None or share <= 0:
+            if self.canary is not None:
+                log.info("canary %s ended", self.canary.candidate.model_version)
+            self.canary = None
+            return
+        if self.canary is None or self.canary.candidate is not candidate:
+            candidate.upsert_items(self.catalog.items())
+        self.canary = Canary(self.recommender, candidate, share, started_at)
+        log.info("serving canary %s to %.1f%% of users", candidate.model_version, 100 * share)
 
     # --- one micro-batch --------------------------------------------------------------------------------
 
@@ -576,12 +662,12 @@ class EventStage:
             self._publish_ranking(previous, out)
             previous = None
         ranking: Ranking | None = None
-        ranked_here: tuple[RankedBatch | None, float] = (None, 0.0)
+        ranked_here: tuple[RankedBatch | SplitBatch | None, float] = (None, 0.0)
         flight.open = bool(changed)
         if threaded:
             ranking = self._rank_in_thread(changed, to_rank, changed_bytes, flight)
         elif to_rank:
-            ranked_here = self._timed_rank(self.recommender, to_rank, changed_bytes, k)
+            ranked_here = self._timed_rank(self.canary or self.recommender, to_rank, changed_bytes, k)
         try:
             if previous is not None:
                 self._publish_ranking(previous, out)
@@ -628,7 +714,7 @@ class EventStage:
         elif ranking is not None:
             self._publish_ranking(ranking, out)
         elif to_rank:
-            self._publish(changed, *ranked_here, self.recommender, flight, out)
+            self._publish(changed, *ranked_here, self.canary or self.recommender, flight, out)
 
         # 6. the same after publishing, with this batch counted: at most the pipeline's depth stay in flight
         # (none when it is 0: each batch waits for its own delivery)
@@ -807,20 +893,21 @@ class EventStage:
 
     def _timed_rank(
         self,
-        recommender: Recommender,
+        recommender: Recommender | Canary,
         users: list[UserState],
         encoded: list[bytes],
         k: int,
         taken: threading.Event | None = None,
-    ) -> tuple[RankedBatch, float]:
+    ) -> tuple[RankedBatch | SplitBatch, float]:
         """Rank the users (``encoded``: their states' bytes, for a recommender that reads those) and how long
-        it took; ``taken`` is set once the states are read."""
+        it took; ``taken`` is set once the states are read. A canary ranks each of its groups in one call."""
         started = time.perf_counter()
+        finish: Callable[[], RankedBatch | SplitBatch]
         try:
-            if isinstance(recommender, RanksEncoded):
-                finish = recommender.prepare_encoded(encoded, k)
+            if isinstance(recommender, Canary):
+                finish = recommender.prepare_split(users, encoded, k, prepare_ranking)
             else:
-                finish = recommender.prepare(users, k)
+                finish = prepare_ranking(recommender, users, encoded, k)
         finally:
             if taken is not None:
                 taken.set()
@@ -835,10 +922,9 @@ class EventStage:
     ) -> Ranking:
         """Rank ``changed``'s users (their states and encodings, row by row) in the serving thread."""
         taken = threading.Event()
-        result = self._serving.submit(
-            self._timed_rank, self.recommender, users, encoded, self.settings.top_k, taken
-        )
-        return Ranking(changed, flight, self.recommender, result, taken)
+        ranker = self.canary or self.recommender
+        result = self._serving.submit(self._timed_rank, ranker, users, encoded, self.settings.top_k, taken)
+        return Ranking(changed, flight, ranker, result, taken)
 
     def _publish_pending(self, out: BatchOutcome | None = None) -> None:
         """Publish the recommendations the serving thread is ranking (the newest batch's), once it is done."""
@@ -854,14 +940,14 @@ class EventStage:
     def _publish(
         self,
         changed: list[tuple[UserState, Event, bool]],
-        ranked: RankedBatch | None,
+        ranked: RankedBatch | SplitBatch | None,
         rank_s: float,
-        recommender: Recommender,
+        recommender: Recommender | Canary,
         flight: InFlight,
         out: BatchOutcome,
     ) -> None:
         """Produce a batch's recommendations, caused by their events, with the flight of that batch, which
-        may then be settled."""
+        may then be settled. Each carries the versions of the model that ranked it (a canary's rows too)."""
         started = time.perf_counter()
         phases = self.metrics.batch_phase_seconds
         phases.labels("recommend").inc(rank_s)  # its own time: it overlapped other work
@@ -873,9 +959,13 @@ class EventStage:
                 (state.user_id, cause.event_id, cause.timestamp, "backfill" if backfill else "live")
                 for state, cause, backfill in changed
             ]
-            bodies = self.rec_writer.bodies(
-                ranked, heads, recommender.model_version, recommender.index_version, publish
-            )
+            split = ranked if isinstance(ranked, SplitBatch) else None  # a canary's: versions per row
+            model = recommender.serving if isinstance(recommender, Canary) else recommender
+            version = model.model_version
+            if split is not None:
+                bodies = split.bodies(self.rec_writer, heads, publish)
+            else:
+                bodies = self.rec_writer.bodies(ranked, heads, version, model.index_version, publish)
             header = self.codec.header("Recommendation")
             live, shadow_topic = self.settings.recommendations_topic, self.settings.shadow_topic
             latency = self.metrics.latency
@@ -883,7 +973,8 @@ class EventStage:
                 key = state.user_id.encode()
                 self._produce(producer, shadow_topic if backfill else live, key, header + body, flight)
                 if not backfill:
-                    self.accuracy.recommended(state.user_id, ranked.ids(u))
+                    made_by = split.model_version(u) if split is not None else version
+                    self.accuracy.recommended(state.user_id, ranked.ids(u), made_by)
                     out.latencies_ms.append(publish - cause.timestamp)
                     latency.observe((publish - cause.timestamp) / 1000)
             out.recommendations += len(changed)
@@ -921,6 +1012,7 @@ class EventStage:
                 offsets: dict[tuple[str, int], int] = {}
                 for flight in reversed(flights):  # the oldest batch's offset wins for each partition
                     offsets.update(flight.first_offsets)
+                self._producers_gone = self._producers_gone or any(f.producer_gone for f in flights)
                 flights.clear()
                 if self._ranking is not None:  # its batch is consumed again: nothing of it is published
                     self._ranking.result.exception()
@@ -1056,6 +1148,7 @@ class EventStage:
             except KafkaException as exc:
                 size = len(key) + len(value or b"")
                 flight.failures.append(f"{topic}[{partition}]: not queued ({size} bytes): {exc}")
+                flight.producer_gone = flight.producer_gone or producer_gone(exc.args[0])
                 self.metrics.produce_errors.labels(topic).inc()
                 log.error("a record for %s could not be queued (%d bytes): %s", topic, size, exc)
                 return
@@ -1117,5 +1210,9 @@ class EventStage:
         rate = self.accuracy.rate
         if rate is not None:
             m.online_hit_rate.set(rate)
+        for version, (hits, outcomes) in self.accuracy.by_version().items():  # one or two versions
+            m.online_outcomes.labels(version, "hit").set(hits)
+            m.online_outcomes.labels(version, "miss").set(outcomes - hits)
+            m.online_hit_rate_by_version.labels(version).set(hits / outcomes)
         if self.on_events is not None and out.events:
             self.on_events(out.events)

@@ -31,6 +31,11 @@ class WorkerMetrics:
             registry=r,
         )
         self.erased_users = Counter("streamrec_erased_users", "Users erased on request", registry=r)
+        self.producer_restarts = Counter(
+            "streamrec_producer_restarts",
+            "Event-stage producers replaced after a failure they cannot recover from (fenced, fatal)",
+            registry=r,
+        )
         self.batches = Counter("streamrec_batches", "Micro-batches processed", registry=r)
         self.batch_seconds = Histogram(
             "streamrec_batch_seconds", "Micro-batch processing time", buckets=LATENCY_BUCKETS_S, registry=r
@@ -48,6 +53,15 @@ class WorkerMetrics:
             registry=r,
         )
         self.users = Gauge("streamrec_users", "Users held in local state", registry=r)
+        self.state_bytes = Gauge(
+            "streamrec_state_bytes", "Bytes of the worker's RocksDB state files on disk", registry=r
+        )
+        self.consumer_lag = Gauge(
+            "streamrec_consumer_lag",
+            "Records of the event stage's partitions not yet committed by its group (STREAMREC_EVENTS_GROUP)",
+            ["topic", "partition"],
+            registry=r,
+        )
         self.partitions = Gauge("streamrec_partitions", "Event partitions owned", registry=r)
         self.catalog_items = Gauge("streamrec_catalog_items", "Catalogue items known", registry=r)
         self.online_hit_rate = Gauge(
@@ -55,7 +69,32 @@ class WorkerMetrics:
             "Share of clicks/purchases on an item recommended to that user",
             registry=r,
         )
+        self.online_outcomes = Gauge(
+            "streamrec_online_outcomes",
+            "Clicks/purchases of users who had a recommendation, since the worker started, by the model "
+            "version that made it and whether it held the item (outcome hit|miss; sum over workers)",
+            ["model_version", "outcome"],
+            registry=r,
+        )
+        self.online_hit_rate_by_version = Gauge(
+            "streamrec_online_hit_rate_by_version",
+            "This worker's hit rate of each model version since it started (streamrec_online_outcomes)",
+            ["model_version"],
+            registry=r,
+        )
+        self.canary_share = Gauge(
+            "streamrec_canary_share",
+            "Share of users served a canary, by its version",
+            ["model_version"],
+            registry=r,
+        )
         self.model_info = Gauge("streamrec_model_info", "Model being served", ["model_version"], registry=r)
+        self.model_updates = Counter(
+            "streamrec_model_updates", "Promoted model versions this worker has taken", registry=r
+        )
+        self.finetune_triggers = Counter(
+            "streamrec_finetune_triggers", "Fine-tuning triggers published", ["reason"], registry=r
+        )
         self.gc_seconds = Counter(
             "streamrec_gc_seconds", "Time in Python's cyclic garbage collector", ["generation"], registry=r
         )

@@ -47,6 +47,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(settings.schemas_topic, 1, compacted=True),
         TopicSpec(settings.model_updates_topic, 1),
         TopicSpec(settings.triggers_topic, 1),
+        TopicSpec(settings.canary_reports_topic, 1),
     ]
 
 

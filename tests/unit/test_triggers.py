@@ -47,3 +47,18 @@ def test_model_swap_resets_baseline() -> None:
     feed(acc, hits=4, misses=0)
     acc.reset()
     assert acc.baseline_rate is None and acc.rate is None
+
+
+def test_hits_are_counted_for_the_version_that_made_the_users_last_recommendation() -> None:
+    acc = OnlineAccuracy(window=10)
+    acc.recommended("u1", ["a", "b"], "v1")
+    acc.recommended("u2", ["c"], "v2")
+    acc.interacted("u1", "a")  # hit for v1
+    acc.interacted("u2", "a")  # miss for v2
+    acc.interacted("u2", "c")  # hit for v2
+    acc.recommended("u1", ["z"], "v2")  # u1 is now shown v2's list
+    acc.interacted("u1", "b")  # miss for v2, not v1
+    acc.interacted("stranger", "a")  # nothing shown: no outcome
+    assert acc.by_version() == {"v1": (1, 1), "v2": (1, 3)}
+    acc.reset()  # a new model resets the drift baseline, not what each version scored
+    assert acc.by_version() == {"v1": (1, 1), "v2": (1, 3)}

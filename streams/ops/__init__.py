@@ -1,0 +1,1 @@
+"""The operator's view of a running deployment: consumer lag, and `streamrec status`."""
