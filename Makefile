@@ -38,7 +38,7 @@ NATIVE_TESTS := tests/unit/test_serde_properties.py tests/unit/test_state.py tes
 	tests/unit/test_triggers.py tests/unit/test_windows.py
 test: install lint typecheck
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -m "not slow and not node" -q
+	$(BIN)/python -m pytest -m "not slow and not node" -q --durations=15
 	$(BIN)/python -m pytest -q --pure-python $(NATIVE_TESTS)
 
 # A Node.js backend and reader (kafkajs + avsc, tests/node) written from docs/contracts.md, against a real

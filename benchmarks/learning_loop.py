@@ -146,8 +146,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.plot(x, [r["frozen"]["hr@10"] for r in rows], "o-", color="grey", label="loop off (first model)")
     ax.plot(x, [r["loop"]["hr@10"] for r in rows], "o-", color="tab:blue", label="loop on (fine-tuned)")
     promoted = [r for r in rows if r["loop_version"] != result["initial"]["version"]]
-    if result.get("oracle"):
-        test = [r for r in rows if r["period"] == "test"]
+    test = [r for r in rows if r["period"] == "test" and r.get("oracle")]
+    if test:
         ax.plot(
             [r["events_before"] / 1000 for r in test],
             [r["oracle"]["hr@10"] for r in test],
@@ -160,7 +160,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.axvline(start, color="black", lw=0.8, ls=":")
         ax.text(start, ax.get_ylim()[1], " later period (test sessions)", va="top", fontsize=8)
     ax.set_xlabel(
-        f"clicks replayed after the first model ({len(promoted)} chunks served by a fine-tuned version)"
+        f"clicks replayed after the first model, thousands ({len(promoted)} chunks served fine-tuned)"
     )
     ax.set_ylabel("online HR@10 of the chunk")
     ax.set_title("Tmall replayed in time order: the learning loop on and off")
@@ -184,7 +184,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--initial-minutes", type=float, default=10.0, help="first model's training budget")
     parser.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--limit", type=int, default=0, help="use only this many training sessions (smoke)")
+    parser.add_argument("--replot", type=Path, help="only draw the plot again from a run's JSON")
     args = parser.parse_args(argv)
+    if args.replot is not None:
+        result = json.loads(args.replot.read_text())
+        plot(result, args.replot.with_suffix(".png"))
+        return result
     torch.set_num_threads(2)
     out: Path = args.out
     shutil.rmtree(out / "registry", ignore_errors=True)

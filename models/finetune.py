@@ -36,7 +36,7 @@ from streamrec.models.train import (
     resolve_device,
     seed_everything,
     text_embedder,
-    train_step_loss,
+    train_epoch,
     training_windows,
 )
 from streamrec.records import CatalogItem, Event, EventKind
@@ -286,20 +286,8 @@ def _train(
     history = []
     for epoch in range(1, config.epochs + 1):
         model.train()
-        total, steps = 0.0, 0
-        for batch in length_batches(windows, config.batch_size, rng):
-            loss = train_step_loss(
-                model, batch, qindex, qtable, None, config.negatives, config.bf16, config.novel_only
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
-            opt.step()
-            total += loss.item()
-            steps += 1
-            if time.perf_counter() > stop_at:
-                break
+        batches = length_batches(windows, config.batch_size, rng)
+        total, steps = train_epoch(model, opt, batches, qindex, qtable, None, config, stop_at)
         history.append({"epoch": epoch, "loss": round(total / max(steps, 1), 4), "steps": steps})
         if time.perf_counter() > stop_at:
             break

@@ -8,6 +8,7 @@ import logging
 import random
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,35 @@ def length_batches(seqs: list[list[Step]], batch_size: int, rng: random.Random) 
     batches = [[seqs[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def train_epoch(
+    model: SequenceEncoder,
+    opt: torch.optim.Optimizer,
+    batches: Iterable[list[list[Step]]],
+    qindex: dict[str, int],
+    qtable: torch.Tensor | None,
+    blocked: torch.Tensor | None,
+    config: TrainConfig,
+    deadline: float,
+) -> tuple[float, int]:
+    """One pass of optimiser steps over ``batches``, cut at ``deadline`` (perf_counter); (summed loss,
+    steps). Training from scratch and fine-tuning share it."""
+    total, steps = 0.0, 0
+    for batch in batches:
+        loss = train_step_loss(
+            model, batch, qindex, qtable, blocked, config.negatives, config.bf16, config.novel_only
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+        opt.step()
+        total += loss.item()
+        steps += 1
+        if time.perf_counter() > deadline:
+            break
+    return total, steps
 
 
 def train_step_loss(
@@ -402,21 +432,8 @@ def fit(
     for epoch in range(1, config.epochs + 1):
         model.train()
         batches = length_batches(train_seqs, config.batch_size, rng)
-        total, steps = 0.0, 0
         bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False, unit="batch")
-        for batch in bar:
-            loss = train_step_loss(
-                model, batch, qindex, qtable, blocked, config.negatives, config.bf16, config.novel_only
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
-            opt.step()
-            total += loss.item()
-            steps += 1
-            if time.perf_counter() > deadline:
-                break
+        total, steps = train_epoch(model, opt, bar, qindex, qtable, blocked, config, deadline)
         metrics = _validate(model, valid, qindex, qtable, config.novel_only)
         entry = {"epoch": epoch, "loss": total / max(steps, 1), **metrics, "lr": opt.param_groups[0]["lr"]}
         if plateau is not None:

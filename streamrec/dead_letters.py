@@ -26,6 +26,9 @@ REASONS: dict[str, str] = {
     "wrong_key": "an event whose Kafka key is missing or is not its user_id in UTF-8",
     "wrong_partition": "an event on another partition than Kafka's default partitioner (murmur2) puts its "
     "key on: one user's events must all reach the worker that holds that user's state",
+    "unloadable_model": "a ModelUpdate on the model-updates topic whose model this worker cannot load (no "
+    "model directory at its path, another version's files, unreadable weights); it is not passed on to the "
+    "other workers and the model served so far stays",
     "erased_user": "an event of a user erased by a later UserDeletion, timed no later than the erasure "
     "(redelivered, retried or replayed); its key and value are left out of the dead letter",
 }

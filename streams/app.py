@@ -213,12 +213,15 @@ class Worker:
                 except DecodeError as exc:
                     await self._dead_letter(dead_letters, event.message, exc.reason, exc.detail)
                     continue
-                if event.key == CANARY_MODEL_KEY:
-                    models_table[CANARY_MODEL_KEY] = event.value
-                    await self._set_canary(event.value)
+                key = CANARY_MODEL_KEY if event.key == CANARY_MODEL_KEY else CURRENT_MODEL_KEY
+                apply = self._set_canary if key == CANARY_MODEL_KEY else self._swap_model
+                failed = await apply(event.value)
+                if failed is not None:
+                    # Not written to the table: no worker is told to serve a model this one cannot load,
+                    # and no restart tries it again. The model served so far stays.
+                    await self._dead_letter(dead_letters, event.message, "unloadable_model", failed)
                     continue
-                models_table[CURRENT_MODEL_KEY] = event.value
-                await self._swap_model(event.value)
+                models_table[key] = event.value
 
         @app.task
         async def run_event_stage() -> None:
@@ -298,17 +301,19 @@ class Worker:
         elif event.key == CANARY_MODEL_KEY and event.value is not None:
             await self._set_canary(event.value)
 
-    async def _swap_model(self, value: bytes) -> None:
+    async def _swap_model(self, value: bytes) -> str | None:
+        """Serve the model a ModelUpdate names; what went wrong if it cannot be loaded, else None."""
         _, update = self.codec.decode(value, accept={"ModelUpdate"})
         if update["model_version"] == self.stage.recommender.model_version:
-            return
+            return None
         canary = self.stage.canary
         if canary is not None and canary.candidate.model_version == update["model_version"]:
             recommender = canary.candidate  # a canary promoted: already loaded, and warm
         else:
-            recommender = await self._load(update)
-            if recommender is None:
-                return
+            loaded, failed = await self._load(update)
+            if loaded is None:
+                return failed
+            recommender = loaded
         self.stage.swap_model(recommender)
         self.metrics.model_info.clear()
         self.metrics.model_info.labels(recommender.model_version).set(1)
@@ -316,19 +321,29 @@ class Worker:
         set_log_context(model_version=recommender.model_version)
         with self._events_lock:
             self.policy.fired(time.time())
+        return None
 
-    async def _load(self, update: dict[str, Any]) -> Recommender | None:
+    async def _load(self, update: dict[str, Any]) -> tuple[Recommender | None, str]:
+        """The model of a ModelUpdate, loaded beside the one served; or None and why not."""
+        version, path = update["model_version"], update["path"]
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                None, load_recommender, self.settings, Path(update["path"])
+            recommender = await asyncio.get_running_loop().run_in_executor(
+                None, load_recommender, self.settings, Path(path)
             )
-        except Exception:
-            log.exception("could not load model %s from %s", update["model_version"], update["path"])
-            return None
+        except Exception as exc:
+            log.exception("could not load model %s from %s", version, path)
+            return None, f"model {version} could not be loaded from {path}: {type(exc).__name__}: {exc}"
+        if recommender.model_version != version:
+            close = getattr(recommender, "close", None)  # a ranking process ends with it
+            if close is not None:
+                close()
+            return None, f"{path} holds model {recommender.model_version}, not {version}"
+        return recommender, ""
 
-    async def _set_canary(self, value: bytes) -> None:
+    async def _set_canary(self, value: bytes) -> str | None:
         """Start, change or end a canary: a candidate served to ``canary_share`` of the users beside the
-        current model, which must be the one it was judged against (its ``parent_version``)."""
+        current model, which must be the one it was judged against (its ``parent_version``). What went wrong
+        if the candidate cannot be loaded, else None."""
         _, update = self.codec.decode(value, accept={"ModelUpdate"})
         share = update.get("canary_share") or 0.0
         serving = self.stage.pending_model_version() or self.stage.recommender.model_version
@@ -336,13 +351,13 @@ class Worker:
         if share <= 0 or update.get("parent_version") != serving:
             self.stage.set_canary(None, 0.0)
             self.metrics.canary_share.clear()
-            return
+            return None
         if running is not None and running.candidate.model_version == update["model_version"]:
             candidate: Recommender | None = running.candidate  # a new share for the same canary
         else:
-            candidate = await self._load(update)
+            candidate, failed = await self._load(update)
             if candidate is None:
-                return
+                return failed
         same = running is not None and running.candidate is candidate
         started = running.started_at if running is not None and same else now_ms()
         if not same:
@@ -350,6 +365,7 @@ class Worker:
         self.stage.set_canary(candidate, share, started)
         self.metrics.canary_share.clear()
         self.metrics.canary_share.labels(update["model_version"]).set(share)
+        return None
 
     async def _report_canary(self, topic: Any) -> None:
         """While a canary runs: this worker's hit rates of both versions since it started (the trainer, or

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -17,50 +13,38 @@ from typing import Any
 
 from streamrec.settings import Settings
 from streamrec.streams.broker import free_port
-from streamrec.streams.process import settings_env
+from streamrec.streams.process import ChildProcess
 
 
 class ApiNotReady(RuntimeError):
     pass
 
 
-class ApiProcess:
+class ApiProcess(ChildProcess):
     """One API replica with its own view directory, port and API key; its output goes to ``log_path``."""
 
+    command = "api"
+
     def __init__(self, settings: Settings, data_dir: Path, log_path: Path | None = None) -> None:
-        self.settings = settings
+        super().__init__(settings, data_dir.name, log_path or data_dir.parent / f"{data_dir.name}.log")
         self.data_dir = data_dir
         self.port = free_port()
-        self.log_path = log_path or data_dir.parent / f"{data_dir.name}.log"
         self.api_key = secrets.token_urlsafe(24)
-        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> ApiProcess:
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")},
-            **settings_env(self.settings),
-            "STREAMREC_API_DATA_DIR": str(self.data_dir),
-            "STREAMREC_API_PORT": str(self.port),
-            "STREAMREC_API_HOST": "127.0.0.1",
-            "STREAMREC_API_KEYS": ",".join([self.api_key, *self.settings.api_key_list()]),
-        }
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "streamrec.cli", "api"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self._spawn(
+            {
+                "STREAMREC_API_DATA_DIR": str(self.data_dir),
+                "STREAMREC_API_PORT": str(self.port),
+                "STREAMREC_API_HOST": "127.0.0.1",
+                "STREAMREC_API_KEYS": ",".join([self.api_key, *self.settings.api_key_list()]),
+            }
+        )
         return self
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
     def request(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
         """(status, decoded JSON or text) of a GET; status 0 while the server does not answer."""
@@ -82,12 +66,6 @@ class ApiProcess:
         quoted = urllib.parse.quote(user_id, safe="")
         return self.request(f"/users/{quoted}/{what}", {"X-API-Key": self.api_key})
 
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
     def wait_ready(self, timeout_s: float = 60.0) -> dict:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -101,16 +79,3 @@ class ApiProcess:
                     f"streamrec api not ready in {timeout_s:.0f} s ({body}):\n{self.log_tail()}"
                 )
             time.sleep(0.1)
-
-    def stop(self, timeout_s: float = 20.0) -> int | None:
-        """SIGTERM and wait; returns the exit code."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode

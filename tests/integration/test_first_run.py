@@ -1,6 +1,6 @@
 """A backend developer's first run with no dataset: a worker without a model says which command gives it one,
-and that command promotes a model in the registry the worker reads (README "A first run for a backend
-team")."""
+and that command promotes a model in the registry the worker reads (README "Quickstart: a backend that
+sends events")."""
 
 from __future__ import annotations
 

@@ -333,6 +333,34 @@ def test_a_promoted_model_is_swapped_in_live_with_its_index(cluster: Cluster, tm
     assert rec.index_version.startswith(read_metadata(candidate)["index_version"])
 
 
+def test_a_model_update_no_worker_can_load_is_dead_lettered_and_the_served_model_stays(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A ModelUpdate naming a directory that holds no model (a typo, a volume not mounted) goes to the dead
+    letters with the reason; it is not written to the models table, so no worker is told to serve it."""
+    served = {w.name: (w.get("/health") or {}).get("model_version") for w in cluster.workers}
+    update = {
+        "model_version": "never-trained",
+        "path": str(tmp_path / "no-such-model"),
+        "parent_version": None,
+        "metrics": {},
+        "promoted_at": int(time.time() * 1000),
+    }
+    cluster.producer.send("ModelUpdate", update, key="current", topic=cluster.settings.model_updates_topic)
+    cluster.producer.flush()
+    letter = wait_for(
+        lambda: next((d for d in cluster.output.dead_letters if d["reason"] == "unloadable_model"), None),
+        60,
+        what="the unloadable model update's dead letter",
+    )
+    assert letter["source_topic"] == cluster.settings.model_updates_topic and "never-trained" in letter["detail"]
+    assert {w.name: (w.get("/health") or {}).get("model_version") for w in cluster.workers} == served
+    u = user()
+    event_id = cluster.producer.click(u, items_in(cluster, "sports/running", 1)[0])
+    cluster.producer.flush()
+    assert cluster.output.wait_for_cause(u, event_id).model_version in set(served.values())
+
+
 def test_a_backend_using_the_apache_avro_library_with_each_schema_file_alone_is_understood(
     cluster: Cluster,
 ) -> None:

@@ -2,7 +2,7 @@
 
 Amazon Beauty from ../shared/data, trained and evaluated exactly as `benchmarks/quality.py` does it (its
 recipe, its time limit, leave-one-out with full ranking over every item): the model must beat the published
-SASRec figures and the item-kNN baseline of the same run, seen items excluded, as the README's quality table
+SASRec figures and the item-kNN baseline of the same run, seen items excluded, as docs/quality.md's table
 claims; and items held out of training entirely must be found through their content far above chance. About
 45 minutes on 2 cores; on a busy machine the time limit cuts the training short, so run it alone.
 """
