@@ -353,7 +353,8 @@ def test_a_model_update_no_worker_can_load_is_dead_lettered_and_the_served_model
         60,
         what="the unloadable model update's dead letter",
     )
-    assert letter["source_topic"] == cluster.settings.model_updates_topic and "never-trained" in letter["detail"]
+    assert letter["source_topic"] == cluster.settings.model_updates_topic
+    assert "never-trained" in letter["detail"]
     assert {w.name: (w.get("/health") or {}).get("model_version") for w in cluster.workers} == served
     u = user()
     event_id = cluster.producer.click(u, items_in(cluster, "sports/running", 1)[0])
