@@ -47,7 +47,8 @@ test-node: install
 	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
 	$(BIN)/python -m pytest -m node -q
 
-# Training on real data (tests/slow: Amazon Beauty from ../shared/data, the quality benchmark's recipe), about
+# The bench harness end to end (tests/integration/test_bench_run.py, a minute) and training on real data
+# (tests/slow: Amazon Beauty from ../shared/data, the quality benchmark's recipe), about
 # 45 minutes on 2 cores: run it on a quiet machine, since its training is time-limited.
 test-slow: install
 	$(BIN)/python -m pytest -m slow -q

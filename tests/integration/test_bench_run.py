@@ -15,7 +15,8 @@ from rich.console import Console
 from streamrec.settings import Settings
 from streamrec.streams.bench import BenchConfig, run_bench
 
-pytestmark = pytest.mark.integration
+# slow: a minute of a 2-core machine for an operator's tool; `make test-slow` runs it, `make test` does not
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_a_short_bench_run_reports_every_part_and_the_cores_each_process_used(
