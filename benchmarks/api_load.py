@@ -49,7 +49,7 @@ from streamrec.state import StateLimits, apply_event, encode_state
 from streamrec.streams.api.process import ApiProcess
 from streamrec.streams.broker import EmbeddedBroker
 from streamrec.streams.client import EventProducer, reader_config
-from streamrec.streams.kafka_logging import client_logging
+from streamrec.streams.kafka_security import client_config, on_embedded_broker
 from streamrec.streams.ops.status import Samples, histogram_quantile, interval_buckets, parse_metrics
 from streamrec.streams.reading import consume_arrived
 from streamrec.streams.simulate import publish_catalog
@@ -101,9 +101,7 @@ def fill(settings: Settings, users: int, codec: AvroCodec) -> int:
     start = int(time.time() * 1000) - 3_600_000
     for event in simulator.history(users * 20, start, spacing_ms=1):
         states[event.user_id], _ = apply_event(states.get(event.user_id), event, StateLimits())
-    producer = Producer(
-        {"bootstrap.servers": settings.bootstrap_servers, **client_logging(), "linger.ms": 20}
-    )
+    producer = Producer({**client_config(settings), "linger.ms": 20})
 
     def send(topic: str, key: bytes, value: bytes, partition: int) -> None:
         while True:
@@ -154,8 +152,7 @@ class Traffic:
             t.join()
 
     def _producer(self, linger_ms: int) -> Producer:
-        config = {"bootstrap.servers": self.settings.bootstrap_servers, "linger.ms": linger_ms}
-        return Producer(config | client_logging())
+        return Producer({**client_config(self.settings), "linger.ms": linger_ms})
 
     def _publish(self) -> None:
         # Batched as the worker's producer batches (linger 2 ms there): one request per record would make the
@@ -308,7 +305,7 @@ def main() -> None:
         tempfile.TemporaryDirectory(prefix="streamrec-api-bench-") as tmp,
         EmbeddedBroker(log_path=Path(tmp) / "broker.log") as broker,
     ):
-        settings = Settings(bootstrap_servers=broker.bootstrap, log_level="warn")
+        settings = on_embedded_broker(Settings(log_level="warn"), broker.bootstrap)
         create_topics(settings)
         started = time.monotonic()
         records = fill(settings, args.users, codec)

@@ -1,5 +1,7 @@
 """Reading and writing a model directory: state_dict + JSON config + metadata + item table + popularity +
-the item index and query-word vectors. Never pickled modules."""
+the item index and query-word vectors. Never pickled modules, and nothing read can run code: a worker loads
+whatever directory a ModelUpdate record names, so tensors load with ``weights_only`` and arrays without
+pickle (tests/unit/test_untrusted_files.py)."""
 
 from __future__ import annotations
 
@@ -77,6 +79,6 @@ def load(directory: Path, device: str = "cpu") -> Artifacts:
         train_config=raw.get("train", {}),
         metadata=json.loads((directory / "metadata.json").read_text()),
         items=items,
-        popularity=np.load(directory / "popularity.npy"),
+        popularity=np.load(directory / "popularity.npy", allow_pickle=False),
         embedder=embedder_for(config, directory / "query_words.npz"),
     )

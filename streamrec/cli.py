@@ -1,5 +1,6 @@
 """The `streamrec` command line: broker, topics, worker, simulate, train, eval, demo, recs tail, replay,
-trainer, and the model registry's commands (models sample, list, show, promote, rollback, canary)."""
+trainer, the model registry's commands (models sample, list, show, promote, rollback, canary), and users
+pseudonym."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from streamrec.pseudonym import pseudonym
 from streamrec.settings import Settings
 
 app = typer.Typer(help="Streaming, event-driven recommendations on Kafka.", no_args_is_help=True)
@@ -22,9 +24,11 @@ recs_app = typer.Typer(help="Read the recommendations output topic.", no_args_is
 models_app = typer.Typer(
     help="The model registry: a first model, the versions, what is served.", no_args_is_help=True
 )
+users_app = typer.Typer(help="User ids: the pseudonym of a raw id (docs/privacy.md).", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
 app.add_typer(recs_app, name="recs")
 app.add_typer(models_app, name="models")
+app.add_typer(users_app, name="users")
 console = Console()
 
 
@@ -60,14 +64,18 @@ def configure_logging(level: str, log_format: str = "text") -> None:
 
 
 def failure_message(exc: Exception) -> str | None:
-    """One line for a failure that is not a bug (the broker unreachable, records not delivered, a worker or
-    broker that did not start); None for anything else, which keeps its traceback."""
+    """One line for a failure that is not a bug (settings that cannot work, the broker unreachable, records
+    not delivered, a worker or broker that did not start); None for anything else, which keeps its
+    traceback."""
     from confluent_kafka import KafkaError, KafkaException
+    from pydantic import ValidationError
 
     from streamrec.streams.broker import BrokerError
     from streamrec.streams.client import DeliveryError, TopicNotReadable
     from streamrec.streams.process import WorkerNotReady
 
+    if isinstance(exc, ValidationError):  # each problem and its variable; never the values given
+        return "settings: " + "; ".join(settings_problem(e["loc"], e["msg"]) for e in exc.errors())
     if isinstance(exc, KafkaException) and isinstance(exc.args[0], KafkaError):
         error: KafkaError = exc.args[0]
         unreachable = (
@@ -82,6 +90,13 @@ def failure_message(exc: Exception) -> str | None:
     if isinstance(exc, (KafkaException, DeliveryError, TopicNotReadable, BrokerError, WorkerNotReady)):
         return str(exc)
     return None
+
+
+def settings_problem(location: tuple[int | str, ...], message: str) -> str:
+    """One problem of a settings error, by its variable (the settings' own checks name theirs)."""
+    variable = "_".join(str(part) for part in location).upper()
+    message = message.removeprefix("Value error, ")
+    return f"STREAMREC_{variable}: {message}" if variable else message
 
 
 @app.command()
@@ -115,7 +130,11 @@ def topics_create(bootstrap: str = typer.Option(None, help="Overrides STREAMREC_
 @recs_app.command("tail")
 def recs_tail(
     from_beginning: bool = typer.Option(False, "--from-beginning", help="Read the topic from its start."),
-    user: str = typer.Option(None, "--user", help="Only this user's recommendations."),
+    user: str = typer.Option(
+        None,
+        "--user",
+        help="Only this user's recommendations (a raw id or its pseudonym, see users pseudonym).",
+    ),
     limit: int = typer.Option(None, "--limit", min=1, help="Stop after this many recommendations."),
     idle_timeout: float = typer.Option(None, help="Stop after this many seconds without one."),
     topic: str = typer.Option(None, help="Another recommendations topic, e.g. the shadow topic."),
@@ -127,11 +146,14 @@ def recs_tail(
     from streamrec.streams.client import RecommendationConsumer
 
     settings = settings_from_env(bootstrap_servers=bootstrap)
+    wanted = None if user is None else {user}
+    if user is not None and settings.pseudonym_key is not None:  # a raw id, or a pseudonym already
+        wanted = {user, pseudonym(settings.pseudonym_key.get_secret_value().encode(), user)}
     shown = 0
     with RecommendationConsumer(settings, from_beginning=from_beginning, topic=topic) as consumer:
         try:
             for rec in consumer.iterate(idle_timeout_s=idle_timeout):
-                if user is not None and rec.user_id != user:
+                if wanted is not None and rec.user_id not in wanted:
                     continue
                 latency_ms = rec.publish_time - rec.event_time
                 table = Table(
@@ -427,7 +449,8 @@ def replay(
         topic = settings.backfill_topic if to == "backfill" else settings.events_topic
         if not dry_run:
             check_broker(settings)
-        sink: rp.Sink = rp.DryRunSink(topic) if dry_run else rp.KafkaSink(settings, topic)
+        raw_ids = not isinstance(src, rp.KafkaSource)  # files: a backend's raw ids; Kafka: already sent once
+        sink: rp.Sink = rp.DryRunSink(topic) if dry_run else rp.KafkaSink(settings, topic, raw_ids=raw_ids)
         options = rp.ReplayOptions(filters, rate, checkpoint, resume, reject_file, strict)
         with _replay_progress(src.total(), enabled=progress) as on_progress:
             try:
@@ -696,6 +719,22 @@ def _canary_status(settings: Settings) -> dict[str, Any]:
         "canary": {"hits": canary.hits, "outcomes": canary.outcomes, "hit_rate": canary.rate},
         "rule": {"decision": decision, "reason": why},
     }
+
+
+@users_app.command("pseudonym")
+def users_pseudonym(
+    user_ids: list[str] = typer.Argument(
+        None, help="Raw user ids; none: one a line on stdin (which keeps them out of the shell's history)."
+    ),
+) -> None:
+    """Print the pseudonym the producer client sends for each raw user id (STREAMREC_PSEUDONYM_KEY), one a
+    line: what /users/{id}/..., `recs tail --user` and the topics know the user by."""
+    settings = settings_from_env()
+    if settings.pseudonym_key is None:
+        raise typer.BadParameter("STREAMREC_PSEUDONYM_KEY (or STREAMREC_PSEUDONYM_KEY_FILE) is not set")
+    key = settings.pseudonym_key.get_secret_value().encode()
+    for user_id in user_ids or (line.rstrip("\r\n") for line in sys.stdin):
+        print(pseudonym(key, user_id))
 
 
 def main() -> None:

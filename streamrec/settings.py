@@ -5,8 +5,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SASL_PROTOCOLS = ("SASL_PLAINTEXT", "SASL_SSL")
+TLS_PROTOCOLS = ("SSL", "SASL_SSL")
+PSEUDONYM_BYTES = 34  # "p-" + 32 hex digits (streamrec/pseudonym.py)
+# Secrets that may come from a file instead; the validator reads the file into the secret's own field.
+SECRET_FILES = {
+    "ssl_key_password": "ssl_key_password_file",
+    "sasl_password": "sasl_password_file",
+    "pseudonym_key": "pseudonym_key_file",
+}
+SECURITY_FIELDS = (
+    "ssl_ca_location",
+    "ssl_certificate_location",
+    "ssl_key_location",
+    "ssl_key_password",
+    "ssl_key_password_file",
+    "sasl_mechanism",
+    "sasl_username",
+    "sasl_password",
+    "sasl_password_file",
+)
 
 
 class Settings(BaseSettings):
@@ -15,7 +36,10 @@ class Settings(BaseSettings):
     Each field maps to an environment variable: ``bootstrap_servers`` <- ``STREAMREC_BOOTSTRAP_SERVERS``.
     """
 
-    model_config = SettingsConfigDict(env_prefix="STREAMREC_", env_file=None, extra="ignore")
+    # hide_input_in_errors: a validation error would otherwise quote every value given, passwords included.
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMREC_", env_file=None, extra="ignore", hide_input_in_errors=True
+    )
 
     # --- Kafka -----------------------------------------------------------------------------------------
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers.")
@@ -79,6 +103,48 @@ class Settings(BaseSettings):
         description="The broker is the embedded Tansu broker: works around its defects (faust producer "
         "batch size 1; recommendation readers fetch with a 20 ms wait, as it holds a fetch for up to half "
         "its wait). Set false on Apache Kafka.",
+    )
+
+    # --- Security and privacy --------------------------------------------------------------------------
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT",
+        description="How every Kafka client of streamrec (workers, faust, producer client, readers, trainer, "
+        "API, tools) talks to the brokers: SSL is TLS, SASL_SSL is TLS with a SASL login, SASL_PLAINTEXT a "
+        "login without TLS (librdkafka security.protocol).",
+    )
+    ssl_ca_location: Path | None = Field(
+        None,
+        description="PEM file (or directory) of the CA certificates that verify the brokers' certificates; "
+        "unset: the system's CAs. The broker's host name is checked against its certificate.",
+    )
+    ssl_certificate_location: Path | None = Field(
+        None, description="PEM client certificate, for brokers that authenticate clients by TLS (mutual TLS)."
+    )
+    ssl_key_location: Path | None = Field(None, description="PEM private key of that client certificate.")
+    ssl_key_password: SecretStr | None = Field(
+        None, description="Password of that private key, when it is encrypted. Never logged."
+    )
+    ssl_key_password_file: Path | None = Field(
+        None, description="A file holding that password (instead of STREAMREC_SSL_KEY_PASSWORD)."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None,
+        description="SASL login of SASL_PLAINTEXT and SASL_SSL. PLAIN sends the password itself: use it "
+        "over SASL_SSL only.",
+    )
+    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password. Never logged.")
+    sasl_password_file: Path | None = Field(
+        None, description="A file holding the SASL password (instead of STREAMREC_SASL_PASSWORD)."
+    )
+    pseudonym_key: SecretStr | None = Field(
+        None,
+        description="Key of the producer client's pseudonyms: when set, every user id it is given is sent "
+        "as p- and the first 32 hex digits of HMAC-SHA256(key, id), so raw ids never enter Kafka "
+        "(docs/privacy.md); at least 32 bytes. Never logged.",
+    )
+    pseudonym_key_file: Path | None = Field(
+        None, description="A file holding the pseudonym key (instead of STREAMREC_PSEUDONYM_KEY)."
     )
 
     # --- Worker ----------------------------------------------------------------------------------------
@@ -339,6 +405,67 @@ class Settings(BaseSettings):
         "`streamrec status` shows.",
     )
 
+    @model_validator(mode="after")
+    def _secrets_and_security(self) -> Settings:
+        """Secrets from their files, then a configuration a Kafka client could not connect with is refused
+        here, at start-up, naming the variables, instead of by each client later."""
+        for name, file_field in SECRET_FILES.items():
+            path = getattr(self, file_field)
+            if path is None:
+                continue
+            if getattr(self, name) is not None:
+                raise ValueError(f"set STREAMREC_{name.upper()} or STREAMREC_{name.upper()}_FILE, not both")
+            try:
+                secret = Path(path).read_text().rstrip("\r\n")
+            except OSError as exc:
+                raise ValueError(f"STREAMREC_{name.upper()}_FILE: {exc.strerror}: {path}") from None
+            setattr(self, name, SecretStr(secret))
+        problems = self._security_problems()
+        if self.pseudonym_key is not None:
+            if len(self.pseudonym_key.get_secret_value().encode()) < 32:
+                problems.append(
+                    "STREAMREC_PSEUDONYM_KEY is shorter than 32 bytes (make one with `openssl rand -hex 32`)"
+                )
+            if self.max_id_bytes < PSEUDONYM_BYTES:
+                problems.append(f"STREAMREC_MAX_ID_BYTES must be at least {PSEUDONYM_BYTES} for pseudonyms")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _security_problems(self) -> list[str]:
+        protocol = f"STREAMREC_SECURITY_PROTOCOL={self.security_protocol}"
+        problems = []
+        if self.security_protocol in SASL_PROTOCOLS:
+            missing = [
+                f"STREAMREC_{name.upper()}"
+                for name in ("sasl_mechanism", "sasl_username", "sasl_password")
+                if not _given(getattr(self, name))
+            ]
+            if missing:
+                problems.append(f"{protocol} needs {', '.join(missing)}")
+        else:
+            given = [
+                f"STREAMREC_{n.upper()}"
+                for n in ("sasl_mechanism", "sasl_username", "sasl_password")
+                if getattr(self, n) is not None
+            ]
+            if given:
+                problems.append(f"{', '.join(given)} set, but {protocol} logs in without SASL")
+        tls = ("ssl_ca_location", "ssl_certificate_location", "ssl_key_location", "ssl_key_password")
+        if self.security_protocol not in TLS_PROTOCOLS:
+            given = [f"STREAMREC_{n.upper()}" for n in tls if getattr(self, n) is not None]
+            if given:
+                problems.append(f"{', '.join(given)} set, but {protocol} does not use TLS")
+        if (self.ssl_certificate_location is None) != (self.ssl_key_location is None):
+            problems.append("STREAMREC_SSL_CERTIFICATE_LOCATION and STREAMREC_SSL_KEY_LOCATION go together")
+        if self.ssl_key_password is not None and self.ssl_key_location is None:
+            problems.append("STREAMREC_SSL_KEY_PASSWORD without STREAMREC_SSL_KEY_LOCATION")
+        for name in tls[:3]:
+            path = getattr(self, name)
+            if path is not None and not Path(path).exists():
+                problems.append(f"STREAMREC_{name.upper()}: no such file: {path}")
+        return problems
+
     def worker_url_list(self) -> list[str]:
         return [u.strip().rstrip("/") for u in self.worker_urls.split(",") if u.strip()]
 
@@ -353,9 +480,17 @@ class Settings(BaseSettings):
         return [k.strip() for k in keys if k.strip()]
 
 
+def _given(value: object) -> bool:
+    """Set and not blank (an empty variable, or a secret file with nothing in it, counts as not given)."""
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    return value is not None and str(value).strip() != ""
+
+
 # Where each group of settings starts, in the class's order (docs/settings.md has a heading for each).
 _SECTIONS = {
     "bootstrap_servers": "Kafka",
+    "security_protocol": "Security and privacy",
     "app_id": "Worker",
     "model_registry": "Models",
     "trigger_min_events": "Fine-tuning triggers",

@@ -35,7 +35,7 @@ from streamrec.serde import DecodeError
 from streamrec.settings import Settings
 from streamrec.streams.auth import ApiKeys
 from streamrec.streams.event_stage import EventStage, Recommender, now_ms
-from streamrec.streams.kafka_logging import client_logging
+from streamrec.streams.kafka_security import client_config, faust_credentials
 from streamrec.streams.metrics import WorkerMetrics
 from streamrec.streams.ops.worker import WorkerSampler
 from streamrec.streams.schema_store import make_codec
@@ -152,6 +152,7 @@ class Worker:
         app = WorkerApp(
             s.app_id,
             broker=f"kafka://{s.bootstrap_servers}",
+            broker_credentials=faust_credentials(s),  # TLS and SASL as every other client (kafka_security)
             store="rocksdb://",
             datadir=str(s.data_dir / "faust"),
             web_enabled=s.web_enabled,
@@ -545,7 +546,7 @@ def wait_for_broker(settings: Settings, quiet_s: float = 5.0, timeout_s: float =
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers, **client_logging()})
+    admin = AdminClient(client_config(settings))
     try:
         admin.list_topics(timeout=quiet_s)
         return

@@ -41,7 +41,7 @@ from streamrec.state import StateLimits, apply_event, encode_state
 from streamrec.streams.broker import EmbeddedBroker
 from streamrec.streams.client import EventProducer, reader_config
 from streamrec.streams.event_stage import fetch_config
-from streamrec.streams.kafka_logging import client_logging
+from streamrec.streams.kafka_security import client_config, on_embedded_broker
 from streamrec.streams.process import WorkerProcess
 from streamrec.streams.reading import ReadToEnd, consume_arrived
 from streamrec.streams.simulate import publish_catalog, simulate
@@ -396,14 +396,13 @@ def broker_round_trip(
     event-to-recommendation latency at that load. The clients are configured as a web backend's
     EventProducer and as the event stage's consumer (group member, same fetch wait and queue); records are
     the size of an event. Latency: consumer's receive time minus the producer's clock at send."""
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers, **client_logging()})
+    admin = AdminClient(client_config(settings))
     if topic not in admin.list_topics(timeout=10).topics:
         new_topic = NewTopic(topic, settings.partitions, settings.replication_factor)
         admin.create_topics([new_topic])[topic].result(timeout=15)
     producer = Producer(
         {
-            "bootstrap.servers": settings.bootstrap_servers,
-            **client_logging(),
+            **client_config(settings),
             "enable.idempotence": True,
             "acks": "all",
             "partitioner": "murmur2_random",
@@ -543,12 +542,8 @@ class BrokerBench:
         workdir = cfg.out_dir
         shutil.rmtree(workdir / "workers", ignore_errors=True)
         with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
-            settings = self.settings.model_copy(
-                update={
-                    "bootstrap_servers": broker.bootstrap,
-                    "model_registry": model_registry,
-                    "data_dir": workdir / "workers",
-                }
+            settings = on_embedded_broker(self.settings, broker.bootstrap).model_copy(
+                update={"model_registry": model_registry, "data_dir": workdir / "workers"}
             )
             create_topics(settings)
             with EventProducer(settings) as producer:
@@ -795,8 +790,7 @@ class BrokerBench:
         """A plain consumer over the same events: no decoding, no work, no group."""
         consumer = Consumer(
             {
-                "bootstrap.servers": settings.bootstrap_servers,
-                **client_logging(),
+                **client_config(settings),
                 "group.id": "streamrec-bench-ceiling",
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,

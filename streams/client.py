@@ -25,15 +25,17 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from streamrec.pseudonym import pseudonym
 from streamrec.records import EVENT_SCHEMAS, CatalogItem, Event, EventKind, Recommendation
 from streamrec.serde import Codec, DecodeError, EncodeError, RecordSchema
 from streamrec.settings import Settings
-from streamrec.streams.kafka_logging import client_logging
+from streamrec.streams.kafka_security import client_config
 from streamrec.streams.reading import consume_arrived
 from streamrec.streams.schema_store import RegistryCodec, make_codec, publish_schema
 from streamrec.validation import (
     ValidationRules,
     currency_problem,
+    id_problem,
     price_problem,
     quantity_problem,
     validate_deletion,
@@ -68,7 +70,8 @@ class DeliveryError(RuntimeError):
     def __init__(self, failures: list[DeliveryFailure], undelivered: int = 0) -> None:
         self.failures = failures
         self.undelivered = undelivered
-        shown = "; ".join(f"{f.topic}[{f.partition}] key={f.key!r}: {f.error}" for f in failures[:5])
+        # Without the keys: they are user ids, and this message ends up in logs (``failures`` has them).
+        shown = "; ".join(f"{f.topic}[{f.partition}]: {f.error}" for f in failures[:5])
         more = f" (+{len(failures) - 5} more)" if len(failures) > 5 else ""
         parts = [f"{len(failures)} record(s) not delivered: {shown}{more}"] if failures else []
         if undelivered:
@@ -96,6 +99,11 @@ class EventProducer:
 
     Without a schema registry, each writer schema is published to the schemas topic, and acknowledged,
     before the first record written with it, so a worker can always resolve what it receives.
+
+    With ``STREAMREC_PSEUDONYM_KEY`` set (or ``pseudonymise=True``), every user id given to ``click``,
+    ``search``, ``purchase``, ``send_event`` and ``delete_user`` is checked as a raw id, then sent as its
+    pseudonym (streamrec/pseudonym.py): record and key both, so raw ids never enter Kafka.
+    ``pseudonymise=False`` sends ids as they are given (ids that are pseudonyms already).
     """
 
     def __init__(
@@ -105,16 +113,22 @@ class EventProducer:
         codec: Codec | None = None,
         config: Mapping[str, Any] | None = None,
         schema_timeout_s: float = 10.0,
+        pseudonymise: bool | None = None,
     ) -> None:
         self.settings = settings
+        key = settings.pseudonym_key
+        if pseudonymise is None:
+            pseudonymise = key is not None
+        if pseudonymise and key is None:
+            raise ValueError("pseudonymise=True needs STREAMREC_PSEUDONYM_KEY (or _FILE)")
+        self._pseudonym_key = key.get_secret_value().encode() if pseudonymise and key is not None else None
         self.rules = ValidationRules.from_settings(settings)
         self.history_rules = ValidationRules.from_settings(settings, historical=True)
         self.codec = codec or make_codec(settings, resolve_from_topic=False)
         self.schema_timeout_s = schema_timeout_s
         self._producer = Producer(
             {
-                "bootstrap.servers": settings.bootstrap_servers,
-                **client_logging(),
+                **client_config(settings),
                 "client.id": "streamrec-producer",
                 "enable.idempotence": True,
                 "acks": "all",
@@ -221,7 +235,9 @@ class EventProducer:
         timestamp: int | datetime | None = None,
         event_id: str | None = None,
     ) -> str:
-        """Erase a user (privacy request): keyed by user, so it is ordered after that user's events."""
+        """Erase a user (privacy request): keyed by user, so it is ordered after that user's events. The id
+        is the one given to ``click`` and the others: a pseudonymising producer erases its pseudonym."""
+        user_id = self.sent_user_id(user_id)
         record = {
             "event_id": self._event_id(event_id),
             "user_id": user_id,
@@ -253,6 +269,19 @@ class EventProducer:
         record = item.to_avro()
         self.send("CatalogItem", record, key=item.item_id, topic=self.settings.catalog_topic)
         return item.item_id
+
+    @property
+    def pseudonymises(self) -> bool:
+        return self._pseudonym_key is not None
+
+    def sent_user_id(self, user_id: str) -> str:
+        """The id this producer sends for ``user_id``: its pseudonym when pseudonymising, else ``user_id``.
+        A raw id is checked first (InvalidRecordError): a blank or oversized one must not hide behind a
+        well-formed hash."""
+        if self._pseudonym_key is None:
+            return user_id
+        _check(id_problem("user_id", user_id, self.settings.max_id_bytes))
+        return pseudonym(self._pseudonym_key, user_id)
 
     # --- lower level ---------------------------------------------------------------------------------
 
@@ -338,6 +367,7 @@ class EventProducer:
         historical: bool = False,
         **fields: Any,
     ) -> str:
+        user_id = self.sent_user_id(user_id)
         try:  # the compiled Event checks its field types itself
             event = Event(
                 event_id=self._event_id(event_id),
@@ -439,8 +469,11 @@ class EventProducer:
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is None or err.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT):
             return  # purged by close(), after flush() reported it
-        failure = DeliveryFailure(msg.topic() or "", msg.partition() or -1, msg.key(), str(err))
-        log.error("record not delivered: %s", failure)
+        partition = msg.partition()
+        failure = DeliveryFailure(
+            msg.topic() or "", -1 if partition is None else partition, msg.key(), str(err)
+        )
+        log.error("record not delivered to %s[%d]: %s", failure.topic, failure.partition, failure.error)
         with self._failures_lock:
             self._failures.append(failure)
 
@@ -457,8 +490,7 @@ def reader_config(settings: Settings, group_id: str | None, from_beginning: bool
     """librdkafka settings of a recommendation reader: without ``group_id`` one that never joins a group
     (it is assign()ed every partition and commits nothing), with one a group member."""
     config: dict[str, Any] = {
-        "bootstrap.servers": settings.bootstrap_servers,
-        **client_logging(),
+        **client_config(settings),
         "client.id": "streamrec-recommendation-consumer",
         "auto.offset.reset": "earliest" if from_beginning else "latest",
     }

@@ -27,7 +27,7 @@ from streamrec.serde import AvroCodec, DecodeError
 from streamrec.settings import Settings
 from streamrec.streams.broker import EmbeddedBroker
 from streamrec.streams.client import EventProducer
-from streamrec.streams.kafka_logging import client_logging
+from streamrec.streams.kafka_security import client_config, on_embedded_broker
 from streamrec.streams.process import WorkerProcess
 from streamrec.streams.reading import consume_arrived
 from streamrec.streams.simulate import TrafficStats, publish_catalog, simulate
@@ -82,8 +82,7 @@ def follow(settings: Settings, figures: DemoFigures, stop: threading.Event) -> N
     codec = AvroCodec()
     consumer = Consumer(
         {
-            "bootstrap.servers": settings.bootstrap_servers,
-            **client_logging(),
+            **client_config(settings),
             "group.id": "streamrec-demo",
             "enable.auto.commit": False,
             "fetch.wait.max.ms": 10,  # the embedded broker holds a fetch for the whole wait
@@ -175,7 +174,7 @@ def run_demo(settings: Settings, seconds: float = 60.0, rate: float = 1000.0, us
     worker: WorkerProcess | None = None
     threads: list[threading.Thread] = []
     try:
-        settings = settings.model_copy(update={"bootstrap_servers": broker.bootstrap})
+        settings = on_embedded_broker(settings, broker.bootstrap)
         create_topics(settings)
         console.print(f"embedded broker at {broker.bootstrap}; topics created")
         worker = WorkerProcess(settings, settings.data_dir / "worker-0", "worker-0", workdir / "worker-0.log")

@@ -65,7 +65,7 @@ from streamrec.state import (
     largest_state_bytes,
 )
 from streamrec.streams.canary import Canary, SplitBatch
-from streamrec.streams.kafka_logging import client_logging
+from streamrec.streams.kafka_security import client_config
 from streamrec.streams.metrics import WorkerMetrics
 from streamrec.streams.reading import consume_arrived
 from streamrec.streams.schema_store import RegistryCodec, publish_schema
@@ -129,8 +129,7 @@ def fetch_config(settings: Settings) -> dict[str, object]:
     """How the event stage's consumer fetches (librdkafka settings): its broker, fetch wait and prefetch
     queue. Also the bench's broker round trip, which measures a consumer configured as the stage's."""
     return {
-        "bootstrap.servers": settings.bootstrap_servers,
-        **client_logging(),
+        **client_config(settings),
         "fetch.wait.max.ms": max(1, settings.batch_wait_ms),
         "queued.max.messages.kbytes": settings.consumer_queue_kbytes,
         "queued.min.messages": settings.consumer_queue_messages,
@@ -323,13 +322,7 @@ class EventStage:
         self.events_topic = settings.events_topic
         self.backfill_topic = settings.backfill_topic
         self.cooperative = settings.assignment_strategy == "cooperative-sticky"
-        self.store = StateStore(
-            settings.data_dir,
-            settings.state_changelog_topic,
-            settings.bootstrap_servers,
-            memtable_mb=settings.state_memtable_mb,
-            block_cache_mb=settings.state_block_cache_mb,
-        )
+        self.store = StateStore(settings)
         self.cache = StateCache(settings.state_cache_users, settings.state_cache_mb << 20)
         self.rec_writer = RecommendationWriter()  # byte for byte codec.encode("Recommendation", ...), faster
         self._pending_model: Recommender | None = None
@@ -436,8 +429,7 @@ class EventStage:
         s = self.settings
         return Producer(
             {
-                "bootstrap.servers": s.bootstrap_servers,
-                **client_logging(),
+                **client_config(s),
                 "enable.idempotence": True,
                 "acks": "all",
                 "linger.ms": 2,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from streamrec.settings import Settings
+from streamrec.settings import SECRET_FILES, Settings
 from streamrec.streams.broker import free_port
 
 
@@ -30,7 +30,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
     env = {}
     for name in type(settings).model_fields:
         value = getattr(settings, name)
-        if value is None:
+        if value is None or name in SECRET_FILES.values():  # the secret read from it is passed itself
             continue
         if isinstance(value, SecretStr):
             value = value.get_secret_value()

@@ -32,7 +32,7 @@ from streamrec.records import EVENT_SCHEMAS, Event, EventKind
 from streamrec.serde import AvroCodec, Codec, DecodeError, EncodeError
 from streamrec.settings import Settings
 from streamrec.state import event_id_hash
-from streamrec.streams.kafka_logging import client_logging
+from streamrec.streams.kafka_security import client_config
 from streamrec.streams.reading import ReadError, ReadToEnd
 from streamrec.validation import ValidationRules, validate_event
 
@@ -454,8 +454,7 @@ class KafkaSource:
         self.codec = codec or make_codec(settings)
         self.consumer = Consumer(
             {
-                "bootstrap.servers": settings.bootstrap_servers,
-                **client_logging(),
+                **client_config(settings),
                 "group.id": "streamrec-replay",  # required by the client; assign() never joins it
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,
@@ -736,25 +735,33 @@ class Sink(Protocol):
 
 
 class KafkaSink:
-    """Sends through `EventProducer` (validated, idempotent, murmur2 partitioner, like any backend)."""
+    """Sends through `EventProducer` (validated, idempotent, murmur2 partitioner, like any backend).
 
-    def __init__(self, settings: Settings, topic: str) -> None:
+    ``raw_ids``: the source holds raw user ids (files), which are sent as pseudonyms when
+    ``STREAMREC_PSEUDONYM_KEY`` is set. Records read from Kafka passed a producer already and keep their ids.
+    """
+
+    def __init__(self, settings: Settings, topic: str, *, raw_ids: bool = True) -> None:
         from streamrec.streams.client import EventProducer
 
         self.target = topic
         self.historical = topic == settings.backfill_topic
-        self.producer = EventProducer(settings, config={"linger.ms": 20})
+        pseudonymise = None if raw_ids else False  # None: as the settings say
+        self.producer = EventProducer(settings, config={"linger.ms": 20}, pseudonymise=pseudonymise)
 
     def send(self, item: Event | Deletion) -> None:
         if isinstance(item, Deletion):
+            user_id = self.producer.sent_user_id(item.user_id)
             record = {
                 "event_id": item.event_id,
-                "user_id": item.user_id,
+                "user_id": user_id,
                 "timestamp": item.timestamp,
                 "requested_by": item.requested_by,
             }
-            self.producer.send("UserDeletion", record, key=item.user_id, topic=self.target)
+            self.producer.send("UserDeletion", record, key=user_id, topic=self.target)
         else:
+            if self.producer.pseudonymises:
+                item = pseudonymous_content_id(item, self.producer.sent_user_id(item.user_id))
             self.producer.send_event(item, topic=self.target, historical=self.historical)
 
     def flush(self) -> None:
@@ -762,6 +769,27 @@ class KafkaSink:
 
     def close(self) -> None:
         self.producer.close(60)
+
+
+def pseudonymous_content_id(event: Event, user_pseudonym: str) -> Event:
+    """``event`` with an id derived from its pseudonym instead of its raw user id, when its id was derived
+    (a row without one): kind, item and time travel in the record, so an id hashed from the raw user id
+    would let anyone test a guessed id against it. The same row still gives the same id in every run."""
+    subject = (event.query if event.kind is EventKind.SEARCH else event.item_id) or ""
+    if event.event_id != content_id(event.user_id, event.kind, subject, event.timestamp):
+        return event
+    return Event(
+        event_id=content_id(user_pseudonym, event.kind, subject, event.timestamp),
+        user_id=event.user_id,
+        kind=event.kind,
+        timestamp=event.timestamp,
+        item_id=event.item_id,
+        query=event.query,
+        session_id=event.session_id,
+        price=event.price,
+        quantity=event.quantity,
+        context=event.context,
+    )
 
 
 class DryRunSink:

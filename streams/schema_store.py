@@ -29,7 +29,7 @@ from streamrec.serde import (
     registry_schema_id,
 )
 from streamrec.settings import Settings
-from streamrec.streams.kafka_logging import client_logging
+from streamrec.streams.kafka_security import client_config
 from streamrec.streams.reading import ReadError, ReadToEnd
 
 log = logging.getLogger(__name__)
@@ -126,8 +126,7 @@ class SchemaTopicResolver:
         if self._consumer is None:
             self._consumer = Consumer(
                 {
-                    "bootstrap.servers": self.settings.bootstrap_servers,
-                    **client_logging(),
+                    **client_config(self.settings),
                     "group.id": "streamrec-schema-resolver",  # required by the client; never joined (assign)
                     "enable.auto.commit": False,
                     "enable.partition.eof": True,

@@ -22,7 +22,7 @@ from streamrec.records import CatalogItem, Event, Recommendation, UserState
 from streamrec.serde import DecodeError
 from streamrec.settings import Settings
 from streamrec.state import StateLimits, apply_event
-from streamrec.streams.kafka_logging import client_logging
+from streamrec.streams.kafka_security import client_config
 from streamrec.streams.reading import ReadError, ReadToEnd
 from streamrec.streams.replay import Deletion, Filters, Invalid, ReplayError, Source, SourceRecord
 
@@ -159,8 +159,7 @@ def values_to_end(settings: Settings, topic: str) -> Iterator[bytes | None]:
 
     consumer = Consumer(
         {
-            "bootstrap.servers": settings.bootstrap_servers,
-            **client_logging(),
+            **client_config(settings),
             "group.id": "streamrec-shadow",  # required by the client; assign() never joins it
             "enable.auto.commit": False,
             "enable.partition.eof": True,

@@ -29,8 +29,9 @@ from rocksdict import (
 )
 
 from streamrec.records import UserState
+from streamrec.settings import Settings
 from streamrec.state import StateBytes
-from streamrec.streams.kafka_logging import client_logging
+from streamrec.streams.kafka_security import client_config
 from streamrec.streams.reading import ReadError, ReadToEnd
 
 log = logging.getLogger(__name__)
@@ -205,19 +206,14 @@ class StateCache:
 class StateStore:
     """The partitions this worker currently owns, restored from and written through to the changelog."""
 
-    def __init__(
-        self,
-        data_dir: Path,
-        changelog_topic: str,
-        bootstrap_servers: str,
-        memtable_mb: int = 8,
-        block_cache_mb: int = 32,
-    ) -> None:
-        self.data_dir = data_dir
-        self.memtable_mb = memtable_mb
-        self.block_cache = Cache(block_cache_mb * 1024 * 1024)  # one for all partitions
-        self.changelog_topic = changelog_topic
-        self.bootstrap_servers = bootstrap_servers
+    def __init__(self, settings: Settings) -> None:
+        """Under ``STREAMREC_DATA_DIR``/state, with the changelog topic, memtable and block cache of the
+        settings, restored through a client that connects as all of streamrec's do."""
+        self.settings = settings
+        self.data_dir = settings.data_dir
+        self.memtable_mb = settings.state_memtable_mb
+        self.block_cache = Cache(settings.state_block_cache_mb * 1024 * 1024)  # one for all partitions
+        self.changelog_topic = settings.state_changelog_topic
         self.partitions: dict[int, PartitionStore] = {}
         self.restored_records = 0
 
@@ -269,8 +265,7 @@ class StateStore:
         started = time.monotonic()
         consumer = Consumer(
             {
-                "bootstrap.servers": self.bootstrap_servers,
-                **client_logging(),
+                **client_config(self.settings),
                 "group.id": "streamrec-restore",  # required by the client; assign() never joins it
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,

@@ -8,7 +8,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streamrec.settings import Settings
-from streamrec.streams.kafka_logging import client_logging
+from streamrec.streams.kafka_security import client_config
 
 
 @dataclass(frozen=True)
@@ -58,14 +58,12 @@ def topic_config(spec: TopicSpec) -> dict[str, str]:
 def check_broker(settings: Settings, timeout_s: float = 10.0) -> None:
     """Raise ``KafkaException`` unless the cluster answers a metadata request within ``timeout_s``: a tool
     that is about to send says so at once, instead of after its records' delivery timeout."""
-    AdminClient({"bootstrap.servers": settings.bootstrap_servers, **client_logging()}).list_topics(
-        timeout=timeout_s
-    )
+    AdminClient(client_config(settings)).list_topics(timeout=timeout_s)
 
 
 def create_topics(settings: Settings, admin: AdminClient | None = None, timeout_s: float = 15.0) -> list[str]:
     """Create every missing topic; returns the names created. Existing topics are left as they are."""
-    admin = admin or AdminClient({"bootstrap.servers": settings.bootstrap_servers, **client_logging()})
+    admin = admin or AdminClient(client_config(settings))
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     new = [
         NewTopic(

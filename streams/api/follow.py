@@ -21,7 +21,7 @@ from streamrec.settings import Settings
 from streamrec.streams.api.metrics import ApiMetrics
 from streamrec.streams.api.view import Record, View, ViewTopics, ViewUpdater
 from streamrec.streams.client import EMBEDDED_FETCH_WAIT_MS, TopicNotReadable
-from streamrec.streams.kafka_logging import client_logging
+from streamrec.streams.kafka_security import client_config
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,7 @@ class ViewFollower:
         self.metrics = metrics
         self.topics = view_topics(settings)
         self.updater = ViewUpdater(view, codec, self.topics)
-        config = {
-            "bootstrap.servers": settings.bootstrap_servers,
+        config: dict[str, object] = {
             "group.id": "streamrec-api",  # required by the client; assign() never joins it
             "client.id": "streamrec-api",
             "enable.auto.commit": False,
@@ -48,7 +47,7 @@ class ViewFollower:
         }
         if settings.embedded_broker:
             config["fetch.wait.max.ms"] = EMBEDDED_FETCH_WAIT_MS  # it holds an empty fetch for half the wait
-        self.consumer = Consumer(config | client_logging())
+        self.consumer = Consumer(client_config(settings) | config)
         self.partitions: list[tuple[str, int]] = []
         self.not_caught_up: set[tuple[str, int]] = set()
         self.started = time.monotonic()

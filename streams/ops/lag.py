@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from streamrec.streams.kafka_logging import client_logging
+from streamrec.settings import Settings
+from streamrec.streams.kafka_security import client_config
 from streamrec.streams.reading import consume_arrived
 
 TP = tuple[str, int]  # (topic, partition)
@@ -102,13 +103,12 @@ class LagProbe:
     """An admin client and a group-less consumer kept for repeated measurements (a worker's /metrics every
     ``STREAMREC_LAG_CHECK_S``, `streamrec status --watch`). Not thread-safe: one caller at a time."""
 
-    def __init__(self, bootstrap_servers: str, timeout_s: float = 10.0) -> None:
+    def __init__(self, settings: Settings, timeout_s: float = 10.0) -> None:
         self.timeout_s = timeout_s
-        self.admin = AdminClient({"bootstrap.servers": bootstrap_servers, **client_logging()})
+        self.admin = AdminClient(client_config(settings))
         self.consumer = Consumer(
             {
-                "bootstrap.servers": bootstrap_servers,
-                **client_logging(),
+                **client_config(settings),
                 "group.id": "streamrec-lag-probe",  # required by the client; assign() never joins it
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,

@@ -183,7 +183,7 @@ def newest_record(probe: LagProbe, codec: Codec, partitions: Iterable[TP]) -> di
 
 def kafka_summary(settings: Settings) -> dict[str, Any]:
     """Consumer groups and their lag, the dead-letter topic's records, the trainer's topics."""
-    probe = LagProbe(settings.bootstrap_servers)
+    probe = LagProbe(settings)
     try:
         probe.admin.list_topics(timeout=5.0)  # an unreachable broker: one clear error, at once
         groups = []

@@ -51,7 +51,7 @@ class WorkerSampler:
         found = []
         if partitions:  # none while the group assigns them
             if self._probe is None:
-                self._probe = LagProbe(self.settings.bootstrap_servers)
+                self._probe = LagProbe(self.settings)
             found = self._probe.measure(self.settings.events_group, partitions)
         self.metrics.consumer_lag.clear()  # partitions revoked since the last sample go
         for lag in found:

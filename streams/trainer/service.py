@@ -28,7 +28,7 @@ from streamrec.models import registry
 from streamrec.serde import Codec, DecodeError
 from streamrec.settings import Settings
 from streamrec.streams.canary import CanaryTally, judge
-from streamrec.streams.kafka_logging import client_logging
+from streamrec.streams.kafka_security import client_config
 from streamrec.streams.reading import consume_arrived
 from streamrec.streams.schema_store import make_codec
 from streamrec.streams.trainer import publish
@@ -177,8 +177,7 @@ class TrainerService:
         s = self.settings
         consumer = Consumer(
             {
-                "bootstrap.servers": s.bootstrap_servers,
-                **client_logging(),
+                **client_config(s),
                 "group.id": s.trainer_group,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",

@@ -18,7 +18,7 @@ from streamrec.records import CatalogItem, Event
 from streamrec.serde import Codec, DecodeError
 from streamrec.settings import Settings
 from streamrec.streams.event_stage import ACCEPTED_SCHEMAS
-from streamrec.streams.kafka_logging import client_logging
+from streamrec.streams.kafka_security import client_config
 from streamrec.streams.reading import ReadError, ReadToEnd
 from streamrec.streams.shadow import values_to_end
 from streamrec.validation import Rejection, ValidationRules, validate_deletion, validate_event, validate_item
@@ -222,8 +222,7 @@ def read_topics(settings: Settings, rules: RecordRules) -> TopicsRead:
 
     consumer = Consumer(
         {
-            "bootstrap.servers": settings.bootstrap_servers,
-            **client_logging(),
+            **client_config(settings),
             "group.id": settings.trainer_group,  # required by the client; assign() never joins it
             "enable.auto.commit": False,
             "enable.partition.eof": True,

@@ -34,7 +34,7 @@ def snapshot(store: StateStore, p: int, users: list[str]) -> dict[str, bytes | N
 
 def test_lost_disk_and_lagging_checkpoint_both_restore_exactly(settings: Settings, tmp_path: Path) -> None:
     producer = Producer({"bootstrap.servers": settings.bootstrap_servers})
-    store = StateStore(tmp_path / "a", settings.state_changelog_topic, settings.bootstrap_servers)
+    store = StateStore(settings.model_copy(update={"data_dir": tmp_path / "a"}))
     store.assign([0, 1])
     users = [f"user-{n}" for n in range(3000)]
     for round_ in range(3):
@@ -45,7 +45,7 @@ def test_lost_disk_and_lagging_checkpoint_both_restore_exactly(settings: Setting
     assert expected[0][users[0]] is None and expected[0][users[2]] == b"user-2:2"
 
     # A second worker with an empty disk takes over: it must restore everything from the changelog.
-    other = StateStore(tmp_path / "b", settings.state_changelog_topic, settings.bootstrap_servers)
+    other = StateStore(settings.model_copy(update={"data_dir": tmp_path / "b"}))
     other.assign([0, 1])
     assert {p: snapshot(other, p, users) for p in (0, 1)} == expected
     assert other.restored_records == 3 * 3000 + 1
@@ -67,13 +67,13 @@ def test_an_erased_user_is_restored_as_a_marker_and_no_file_keeps_their_id(
     """A worker that held a user's state and catches up with the changelog's tail, where the user was erased
     meanwhile (a restart after kill -9), ends with the marker and no trace of the id in its files."""
     producer = Producer({"bootstrap.servers": settings.bootstrap_servers})
-    source = StateStore(tmp_path / "a", settings.state_changelog_topic, settings.bootstrap_servers)
+    source = StateStore(settings.model_copy(update={"data_dir": tmp_path / "a"}))
     source.assign([0])
     erased = "erased-user-0042"
     others = {f"user-{n}": f"state of user-{n}".encode() for n in range(3000)}
     write_through(source, producer, settings, 0, {erased: f"state of {erased}".encode(), **others})
 
-    restarted = StateStore(tmp_path / "b", settings.state_changelog_topic, settings.bootstrap_servers)
+    restarted = StateStore(settings.model_copy(update={"data_dir": tmp_path / "b"}))
     restarted.assign([0])
     assert restarted.get_many(0, [erased]) == [f"state of {erased}".encode()]
     restarted.revoke([0])  # down for a while: the user is erased meanwhile

@@ -14,6 +14,7 @@ from streamrec.streams.broker import free_port
 from streamrec.streams.client import reader_config
 from streamrec.streams.event_stage import fetch_config
 from streamrec.streams.kafka_logging import CLIENT_LOG, ClientLog, client_log_level, client_logging
+from streamrec.streams.kafka_security import client_config
 
 REFUSED = (
     "[thrd:127.0.0.1:44603/bootstrap]: 127.0.0.1:44603/bootstrap: Connect to ipv4#127.0.0.1:44603 failed: "
@@ -69,12 +70,12 @@ def test_a_client_without_a_broker_logs_through_python_not_stderr(
 
 ROOT = Path(__file__).resolve().parents[2]
 KAFKA_CLIENTS = ("Producer", "Consumer", "AdminClient")
-CONFIG_HELPERS = ("client_logging()", "fetch_config(", "reader_config(")
+CONFIG_HELPERS = ("client_logging()", "client_config(", "fetch_config(", "reader_config(")
 
 
 def test_every_kafka_client_streamrec_creates_logs_through_python() -> None:
     """Each Producer, Consumer and AdminClient built in streamrec's code takes ``client_logging()``, directly
-    or through the config helpers that include it."""
+    or through the config helpers that include it (client_config, and those built on it)."""
     unrouted = []
     for folder in ("streamrec", "streams", "benchmarks"):
         for path in sorted((ROOT / folder).glob("**/*.py")):
@@ -89,3 +90,4 @@ def test_every_kafka_client_streamrec_creates_logs_through_python() -> None:
     settings = Settings()
     assert fetch_config(settings)["logger"] is CLIENT_LOG
     assert reader_config(settings, None, from_beginning=False)["logger"] is CLIENT_LOG
+    assert client_config(settings)["logger"] is CLIENT_LOG
