@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import gzip
 import hashlib
 import io
@@ -23,7 +22,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -778,18 +777,7 @@ def pseudonymous_content_id(event: Event, user_pseudonym: str) -> Event:
     subject = (event.query if event.kind is EventKind.SEARCH else event.item_id) or ""
     if event.event_id != content_id(event.user_id, event.kind, subject, event.timestamp):
         return event
-    return Event(
-        event_id=content_id(user_pseudonym, event.kind, subject, event.timestamp),
-        user_id=event.user_id,
-        kind=event.kind,
-        timestamp=event.timestamp,
-        item_id=event.item_id,
-        query=event.query,
-        session_id=event.session_id,
-        price=event.price,
-        quantity=event.quantity,
-        context=event.context,
-    )
+    return replace(event, event_id=content_id(user_pseudonym, event.kind, subject, event.timestamp))
 
 
 class DryRunSink:
@@ -830,9 +818,7 @@ class ReplayOptions:
 def _rules(settings: Settings, historical: bool) -> ValidationRules:
     # The worker's own rules, less the catalogue (the replay tool does not read it): an event the worker
     # would dead-letter for its shape or time is reported here instead of being sent.
-    return dataclasses.replace(
-        ValidationRules.from_settings(settings, historical=historical), reject_unknown_items=False
-    )
+    return replace(ValidationRules.from_settings(settings, historical=historical), reject_unknown_items=False)
 
 
 def run_replay(
