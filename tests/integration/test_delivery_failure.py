@@ -22,7 +22,7 @@ import contextlib
 import socket
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,7 +30,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from streamrec.catalog import Catalog
-from streamrec.records import CatalogItem, RankedBatch, RecommendedItem, UserState
+from streamrec.records import CatalogItem
 from streamrec.serde import AvroCodec
 from streamrec.settings import Settings
 from streamrec.streams import event_stage
@@ -40,6 +40,7 @@ from streamrec.streams.event_stage import EventStage
 from streamrec.streams.reading import ReadToEnd
 from streamrec.streams.topics import create_topics
 from tests.conftest import wait_for
+from tests.integration.test_event_stage_pipeline import Echo  # recommends each user's newest item
 
 pytestmark = pytest.mark.integration
 
@@ -154,24 +155,6 @@ def _answers(admin: AdminClient) -> bool:
         return False
 
 
-class Newest:
-    """A recommender that recommends the user's newest item: enough to publish one record per user."""
-
-    model_version = "newest"
-    index_version = "newest.0"
-
-    def upsert_items(self, items: list[CatalogItem]) -> None:
-        pass
-
-    def rank(self, users: list[UserState], k: int) -> RankedBatch:
-        return self.prepare(users, k)()
-
-    def prepare(self, users: list[UserState], k: int) -> Callable[[], RankedBatch]:
-        newest = [u.history[-1].item_id or ITEMS[0] for u in users]
-        lists = [[RecommendedItem(item, 1.0, "similar_to_recent", "newest")] for item in newest]
-        return lambda: RankedBatch.of(lists)
-
-
 def test_a_batch_whose_delivery_fails_is_consumed_again_from_the_broker_and_applied_once(
     cutter: WriteCutter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -190,7 +173,7 @@ def test_a_batch_whose_delivery_fails_is_consumed_again_from_the_broker_and_appl
     for item in ITEMS:
         catalog.upsert(CatalogItem(item_id=item, title=item))
     applied: list[int] = []  # events applied by each batch, delivered or not
-    stage = EventStage(settings, catalog, Newest(), AvroCodec(), on_events=applied.append)
+    stage = EventStage(settings, catalog, Echo(), AvroCodec(), on_events=applied.append)
     stop = threading.Event()
     thread = threading.Thread(target=stage.run, args=(stop,), daemon=True)
     thread.start()
