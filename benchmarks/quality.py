@@ -17,51 +17,20 @@ import torch
 
 from streamrec.models.data import load
 from streamrec.models.evaluate import evaluate
-from streamrec.models.train import TrainConfig, train
+from streamrec.models.train import DataShape, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 
 # Published full-ranking figures (HR@10 / NDCG@10) this project is measured against.
 TARGETS: dict[str, dict[str, object]] = {
-    "amazon-beauty": {"sasrec": (0.0605, 0.0318), "best": ("eSASRec", 0.0928, 0.0523), "minutes": 28},
-    "ml-1m": {"sasrec": (0.2500, 0.1341), "best": ("SASRec+", 0.3159, 0.1857), "minutes": 55},
-    "yelp": {"sasrec": (0.0274, 0.0136), "best": ("ICLRec", 0.0409, 0.0207), "minutes": 28},
+    "amazon-beauty": {"sasrec": (0.0605, 0.0318), "best": ("eSASRec", 0.0928, 0.0523)},
+    "ml-1m": {"sasrec": (0.2500, 0.1341), "best": ("SASRec+", 0.3159, 0.1857)},
+    "yelp": {"sasrec": (0.0274, 0.0136), "best": ("ICLRec", 0.0409, 0.0207)},
 }
-# Per-dataset settings (from the probes described in models/MODEL_CARD.md).
-# Full softmax on Beauty converged (early stop) in 17 minutes on a quiet machine and beat sampled softmax;
-# Yelp (20k items) was measured with 2048 sampled uniform negatives, which are cheaper on busy cores.
-# bf16 needs native bfloat16 products (a CPU with avx512_bf16 or AMX, or a GPU) to be faster.
-OVERRIDES: dict[str, dict[str, object]] = {
-    # AdamW weight decay 0.1 against the overfitting after epoch 14: valid NDCG@10 .0494 -> .0503, test
-    # .0910/.0526 -> .0926/.0538 seen excluded. Width 128 at half the learning rate (as for ML-1M): valid
-    # .0503 -> .0514, test .0947/.0556 seen excluded in 23 minutes (2 threads, fp32). bf16 is left off: it
-    # is faster only with native bfloat16 products, which the AVX2-only machine of that run lacks.
-    "amazon-beauty": {"weight_decay": 0.1, "dim": 128, "lr": 5e-4},
-    # Width 128 at half the learning rate, weight decay 0.1 (the Beauty and ML-1M recipe): test .0375/.0190
-    # -> .0375/.0195 seen excluded, .0569/.0355 -> .0596/.0368 kept, in 29 minutes (2 threads, fp32).
-    # Trained for new items (novel_only: Yelp's many repeat visits left out of the loss, a position's
-    # earlier items no negatives): .0375/.0195 -> .0389/.0203 seen excluded, 27 minutes; with 4,096
-    # negatives .0400/.0205 in 21 minutes, with 8,192 .0416/.0218 (past ICLRec's .0409/.0207) in 26.
-    "yelp": {"negatives": 8192, "weight_decay": 0.1, "dim": 128, "lr": 5e-4, "novel_only": True},
-    # Learning rate x0.3 after 2 epochs without validation gain: the loss otherwise rose after epoch 17.
-    # All windows: a history longer than max_len trains on its older events too (test .2897/.1665 ->
-    # .3003/.1733 seen excluded; max_len 200 instead gave .2858/.1649).
-    "ml-1m": {
-        "max_len": 100,
-        "dropout": 0.2,
-        "batch_size": 64,
-        "lr_decay": 0.3,
-        "lr_decay_patience": 1,
-        "all_windows": True,
-        # bfloat16 products: 1.96x faster training steps, same validation NDCG@10 after 3 epochs (.0847).
-        "bf16": True,
-        # Width 128 at half the learning rate: valid NDCG@10 .1223 -> .1386, test .2988/.1715 -> .3217/.1871
-        # seen excluded in 46 minutes (2 threads). Width 128 at lr 1e-3 diverged after epoch 7.
-        "dim": 128,
-        "lr": 5e-4,
-    },
-}
+# No per-dataset settings: every dataset trains with the default recipe, `streamrec train --data D` with
+# no options (TrainConfig.for_data: settings picked from the data's shape, time budget included; the probes
+# that chose them are in models/MODEL_CARD.md). `--preset full` and `--set` measure anything else.
 
 
 def run(
@@ -87,9 +56,11 @@ def run(
     for name in datasets:
         path = DATA / name
         data = load(path)
-        overrides = dict(OVERRIDES.get(name, {})) | (extra or {})
-        limit = minutes if minutes is not None else float(TARGETS.get(name, {}).get("minutes", 25))  # type: ignore[arg-type]
-        config = TrainConfig.preset(preset, seed=seed, max_minutes=limit, threads=threads, **overrides)
+        given = {"seed": seed, "max_minutes": minutes, "threads": threads} | (extra or {})
+        if preset == "auto":
+            config = TrainConfig.for_data(data, **given)
+        else:
+            config = TrainConfig.preset(preset, **given)
         model_dir = out_dir / "models" / name
         start = time.perf_counter()
         train(data, model_dir, config, progress=sys.stderr.isatty())
@@ -98,6 +69,7 @@ def run(
         excluded = evaluate(data, model_dir, filter_seen=True)
         meta = json.loads((model_dir / "metadata.json").read_text())
         results["datasets"][name] = {  # type: ignore[index]
+            "shape": asdict(DataShape.of(data)),
             "config": asdict(config),
             "training_seconds": round(train_s, 1),
             "best_epoch": meta["best_epoch"],
@@ -117,8 +89,8 @@ def run_cold_start(
 
     results: dict[str, object] = {"command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])}
     for name in datasets:
-        overrides = dict(OVERRIDES.get(name, {})) | extra
-        config = TrainConfig.preset("full", seed=seed, max_minutes=minutes, threads=threads, **overrides)
+        given = {"seed": seed, "max_minutes": minutes, "threads": threads} | extra
+        config = TrainConfig.for_data(load(DATA / name), **given)
         results[name] = cold_start(DATA / name, config, share=0.05, seed=seed) | {"config": asdict(config)}
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "cold_start.json").write_text(json.dumps(results, indent=2))
@@ -170,8 +142,10 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=list(TARGETS))
     parser.add_argument("--out", type=Path, default=ROOT / "var" / "quality")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--minutes", type=float, default=None, help="training time limit per dataset")
-    parser.add_argument("--preset", default="full")
+    parser.add_argument(
+        "--minutes", type=float, default=None, help="training time limit per dataset (default: the recipe's)"
+    )
+    parser.add_argument("--preset", default="auto", help="auto: the default recipe (TrainConfig.for_data)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per training")
     parser.add_argument("--set", nargs="*", default=[], help="TrainConfig overrides, e.g. negatives=2048")
     parser.add_argument(

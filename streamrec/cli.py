@@ -330,7 +330,11 @@ def train_cmd(
     data: Path = typer.Option(..., help="Dataset dir or file (shared/data or events+catalog)."),
     out: Path = typer.Option(None, help="Model directory to write; default: a new version in the registry."),
     registry: Path = typer.Option(None, help="Model registry (STREAMREC_MODEL_REGISTRY)."),
-    preset: str = typer.Option("full", help="tiny (seconds, demo/tests) | small | full."),
+    preset: str = typer.Option(
+        "auto",
+        help="auto (the default recipe: settings picked from the data's shape, docs/quality.md) | "
+        "tiny (seconds, demo/tests) | small | full.",
+    ),
     epochs: int = typer.Option(None, help="Most epochs (early stopping may stop sooner)."),
     max_minutes: float = typer.Option(None, help="Training time limit."),
     seed: int = typer.Option(None, help="Random seed (STREAMREC_SEED)."),
@@ -341,13 +345,17 @@ def train_cmd(
     import json
 
     from streamrec.models import registry as model_registry
+    from streamrec.models.data import load
     from streamrec.models.train import TrainConfig, train
 
     settings = settings_from_env(model_registry=registry, seed=seed, device=device)
-    config = TrainConfig.preset(
-        preset, epochs=epochs, max_minutes=max_minutes, seed=settings.seed, device=settings.device
-    )
-    path = train(data, out, config, registry_dir=None if out else settings.model_registry)
+    given = {"epochs": epochs, "max_minutes": max_minutes, "seed": settings.seed, "device": settings.device}
+    dataset = load(data)
+    if preset == "auto":
+        config = TrainConfig.for_data(dataset, **given)
+    else:
+        config = TrainConfig.preset(preset, **given)
+    path = train(dataset, out, config, registry_dir=None if out else settings.model_registry)
     promoted = model_registry.promote(path, settings.model_registry) if promote else False
     meta = model_registry.read_metadata(path)
     summary = {"model_dir": str(path), "version": meta["version"], "promoted": promoted}
@@ -359,7 +367,11 @@ def train_cmd(
 def eval_cmd(
     data: Path = typer.Option(..., help="Dataset dir or file (shared/data or events+catalog)."),
     model: Path = typer.Option(None, help="Model directory; default: the registry's current model, if any."),
-    filter_seen: bool = typer.Option(False, "--filter-seen", help="Exclude seen items from the ranking."),
+    filter_seen: bool = typer.Option(
+        True,
+        "--filter-seen/--keep-seen",
+        help="Exclude the user's earlier items from the ranking (the literature's protocol) or keep them.",
+    ),
     baselines: str = typer.Option("popular,itemknn", help="Comma-separated baselines (popular, itemknn)."),
     split: str = typer.Option("test", help="test | valid."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object only."),

@@ -14,12 +14,14 @@ from torch.nn import functional as F
 
 from streamrec.models import synthetic
 from streamrec.models import train as train_module
-from streamrec.models.data import PAD, Step, load
+from streamrec.models.data import PAD, Interactions, Step, load
 from streamrec.models.evaluate import evaluate_scorer
 from streamrec.models.sequences import hidden_states, pad_batch
 from streamrec.models.train import (
+    DataShape,
     TrainConfig,
     build_model,
+    recipe,
     softmax_cross_entropy,
     train,
     train_step_loss,
@@ -223,3 +225,69 @@ def test_bf16_training_is_deterministic_and_learns(data_dir: Path, tmp_path: Pat
     assert all(v.dtype != torch.bfloat16 for v in sa.values())  # weights stay fp32
     valid = json.loads((a / "metadata.json").read_text())["metrics"]["valid"]
     assert valid["hr@10"] > 0.8
+
+
+# --- the default recipe (`streamrec train --data D` with no options) ----------------------------------------
+
+# The settings behind docs/quality.md's figures, as benchmarks/quality.py set them per dataset before the
+# recipe became a rule on the data's shape, with the shapes of ../shared/data's files (items, median history,
+# repeat share) and the time budgets they ran in.
+MEASURED = {
+    "amazon-beauty": (
+        DataShape(12_101, 6.0, 0.0),
+        {"weight_decay": 0.1, "dim": 128, "lr": 5e-4, "max_minutes": 28.0},
+    ),
+    "ml-1m": (
+        DataShape(3_416, 96.0, 0.0),
+        {
+            "max_len": 100,
+            "dropout": 0.2,
+            "batch_size": 64,
+            "lr_decay": 0.3,
+            "lr_decay_patience": 1,
+            "all_windows": True,
+            "bf16": True,
+            "dim": 128,
+            "lr": 5e-4,
+            "max_minutes": 55.0,
+        },
+    ),
+    "yelp": (
+        DataShape(20_033, 7.0, 0.037),
+        {
+            "negatives": 8192,
+            "weight_decay": 0.1,
+            "dim": 128,
+            "lr": 5e-4,
+            "novel_only": True,
+            "max_minutes": 28.0,
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MEASURED))
+def test_the_default_recipe_is_the_one_that_measured_each_datasets_figures(name: str) -> None:
+    """The README's quality figures describe what a user gets with no options (bfloat16 where native)."""
+    shape, measured = MEASURED[name]
+    assert TrainConfig.preset("full", **recipe(shape, bf16_native=True)) == TrainConfig.preset(
+        "full", **measured
+    )
+
+
+def test_the_recipe_trains_in_fp32_where_bfloat16_is_not_native() -> None:
+    assert recipe(MEASURED["ml-1m"][0], bf16_native=False)["bf16"] is False
+    assert "bf16" not in recipe(MEASURED["amazon-beauty"][0], bf16_native=True)
+
+
+def test_the_data_shape_is_measured_from_the_histories() -> None:
+    histories = {"a": [1, 2, 1, 3], "b": [4], "c": [2, 2]}
+    sequences = {user: [Step(1, item) for item in items] for user, items in histories.items()}
+    sequences["d"] = [Step(2, PAD, "a search"), Step(1, 3)]  # a search is no item event
+    shape = DataShape.of(Interactions(item_ids=["w", "x", "y", "z"], sequences=sequences))
+    assert shape == DataShape(items=4, median_length=2.0, repeat_share=2 / 8)
+
+
+def test_given_settings_win_over_the_recipe(data_dir: Path) -> None:
+    config = TrainConfig.for_data(load(data_dir), dim=16, max_minutes=None)
+    assert config.dim == 16 and config.max_minutes == 28.0 and config.weight_decay == 0.1
