@@ -149,17 +149,21 @@ def bundled_schemas() -> dict[str, RecordSchema]:
 # --- hand-written Avro reader for the worker's hot path (tests hold it to fastavro) ------------------------
 
 # Field kinds of a read plan; OPTIONAL marks the union ["null", kind] (branch 0 is null, 1 the value).
-_STRING, _LONG, _DOUBLE, _RECORD, _INT = 1, 2, 3, 4, 5
+# ARRAY marks an array of the kind it is combined with.
+_STRING, _LONG, _DOUBLE, _RECORD, _INT, _SINGLE = 1, 2, 3, 4, 5, 6  # _SINGLE: an Avro float
 _OPTIONAL = 8
-_PRIMITIVES = {"string": _STRING, "long": _LONG, "int": _INT, "double": _DOUBLE}
+_ARRAY = 16
+_PRIMITIVES = {"string": _STRING, "long": _LONG, "int": _INT, "double": _DOUBLE, "float": _SINGLE}
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 _DOUBLE_AT = struct.Struct("<d").unpack_from
+_FLOAT_AT = struct.Struct("<f").unpack_from
 _LONG_BITS = (1 << 64) - 1
 
 
 def read_plan(definition: Any) -> ReadPlan | None:
-    """The plan of a record made of strings, longs, ints, doubles, nested records and their ["null", X]
-    unions, the events topic's records; None for anything else, which fastavro reads."""
+    """The plan of a record made of strings, longs, ints, floats, doubles, nested records, arrays of any of
+    them and ["null", X] unions: every record but one with a boolean (CatalogItem); None for anything
+    else, which fastavro reads."""
     if not isinstance(definition, dict) or definition.get("type") != "record":
         return None
     names: list[str] = []
@@ -171,6 +175,9 @@ def read_plan(definition: Any) -> ReadPlan | None:
             if len(kind) != 2 or kind[0] != "null":
                 return None
             kind, optional = kind[1], _OPTIONAL
+        array = 0
+        if isinstance(kind, dict) and kind.get("type") == "array":
+            kind, array = kind["items"], _ARRAY
         sub = read_plan(kind) if isinstance(kind, dict) else None
         if sub is not None:
             code = _RECORD
@@ -179,7 +186,7 @@ def read_plan(definition: Any) -> ReadPlan | None:
         else:
             return None
         names.append(f["name"])
-        kinds.append(code | optional)
+        kinds.append(code | array | optional)
         nested.append(sub)
     return ReadPlan(names, kinds, nested)
 
@@ -226,6 +233,45 @@ class _Body:
         value: float = _DOUBLE_AT(self.data, start)[0]
         return value
 
+    def single(self) -> float:
+        start = self.pos
+        if start + 4 > len(self.data):
+            raise ValueError("truncated float")
+        self.pos = start + 4
+        value: float = _FLOAT_AT(self.data, start)[0]
+        return value
+
+    def value(self, name: str, kind: int, sub: ReadPlan | None) -> Any:
+        if kind == _STRING:
+            return self.string()
+        if kind == _LONG:
+            return self.long()
+        if kind == _INT:
+            value = self.long()
+            if not _INT_MIN <= value <= _INT_MAX:
+                raise ValueError(f"{name} {value} is outside an Avro int's range")
+            return value
+        if kind == _DOUBLE:
+            return self.double()
+        if kind == _SINGLE:
+            return self.single()
+        assert sub is not None
+        return self.record(sub)
+
+    def array(self, name: str, kind: int, sub: ReadPlan | None) -> list[Any]:
+        """Blocks of items, each a count (negative: its absolute value, then the block's size in bytes),
+        until a count of 0."""
+        out = []
+        count = self.long()
+        while count:
+            if count < 0:
+                count = -count
+                self.long()  # the block's size in bytes: a reader may skip with it; this one reads on
+            for _ in range(count):
+                out.append(self.value(name, kind, sub))
+            count = self.long()
+        return out
+
     def record(self, plan: ReadPlan) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name, kind, sub in zip(plan.names, plan.kinds, plan.nested, strict=True):
@@ -237,20 +283,10 @@ class _Body:
                 if branch != 1:
                     raise ValueError(f"union branch {branch} of {name}")
                 kind ^= _OPTIONAL
-            if kind == _STRING:
-                out[name] = self.string()
-            elif kind == _LONG:
-                out[name] = self.long()
-            elif kind == _INT:
-                value = self.long()
-                if not _INT_MIN <= value <= _INT_MAX:
-                    raise ValueError(f"{name} {value} is outside an Avro int's range")
-                out[name] = value
-            elif kind == _DOUBLE:
-                out[name] = self.double()
+            if kind & _ARRAY:
+                out[name] = self.array(name, kind ^ _ARRAY, sub)
             else:
-                assert sub is not None
-                out[name] = self.record(sub)
+                out[name] = self.value(name, kind, sub)
         return out
 
 
