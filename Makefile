@@ -5,10 +5,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # The event stage's modules that `streamrec native build` compiles with mypyc (streamrec/native.py).
 NATIVE_SRC := streamrec/records.py streamrec/serde.py streamrec/state.py streamrec/triggers.py \
-	streamrec/windows.py streamrec/validation.py streamrec/partitioner.py
+	streamrec/windows.py streamrec/validation.py streamrec/partitioner.py streamrec/abuse.py
 NATIVE := streamrec/_native.json
 
-.PHONY: install native native-clean demo test test-all test-node test-slow lint typecheck bench quality lock docs clean
+.PHONY: install native native-clean demo test test-all test-node test-slow test-reliability lint typecheck bench quality lock docs clean
 
 install: $(STAMP) $(NATIVE)
 
@@ -35,10 +35,10 @@ demo: install
 # Lint, import contracts, types, then unit tests, contracts and the integration suite against a real embedded
 # broker; slow suites excluded. The compiled modules' own tests run once more on their Python sources.
 NATIVE_TESTS := tests/unit/test_serde_properties.py tests/unit/test_state.py tests/unit/test_state_cache.py \
-	tests/unit/test_triggers.py tests/unit/test_windows.py
+	tests/unit/test_triggers.py tests/unit/test_windows.py tests/unit/test_abuse.py
 test: install lint typecheck
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -m "not slow and not node" -q --durations=15
+	$(BIN)/python -m pytest -m "not slow and not node and not reliability" -q --durations=15
 	$(BIN)/python -m pytest -q --pure-python $(NATIVE_TESTS)
 
 # A Node.js backend and reader (kafkajs + avsc, tests/node) written from docs/contracts.md, against a real
@@ -52,6 +52,12 @@ test-node: install
 # 45 minutes on 2 cores: run it on a quiet machine, since its training is time-limited.
 test-slow: install
 	$(BIN)/python -m pytest -m slow -q
+
+# Faults, fuzz and abuse against a real broker and real worker processes (tests/reliability,
+# docs/reliability.md): a broker restart under load, scaling out and in with a kill -9, a slow consumer's
+# memory and backlog. Minutes on 2 cores; benchmarks/reliability.py prints the figures.
+test-reliability: install
+	$(BIN)/python -m pytest -m reliability -q
 
 lint: install
 	$(BIN)/ruff check streamrec streams models tests benchmarks

@@ -29,6 +29,8 @@ REASONS: dict[str, str] = {
     "unloadable_model": "a ModelUpdate on the model-updates topic whose model this worker cannot load (no "
     "model directory at its path, another version's files, unreadable weights); it is not passed on to the "
     "other workers and the model served so far stays",
+    "rate_limited": "a live event beyond its user's rate limit (STREAMREC_USER_RATE_LIMIT events per second "
+    "after a burst of STREAMREC_USER_RATE_BURST, by the events' timestamps); the user's other events apply",
     "erased_user": "an event of a user erased by a later UserDeletion, timed no later than the erasure "
     "(redelivered, retried or replayed); its key and value are left out of the dead letter",
 }

@@ -3,8 +3,9 @@ matches its sources.
 
 `make install` runs ``streamrec native build`` (also ``make native``): the modules in ``COMPILED`` (state
 encoding and decoding, the record types, the Avro writers, the online-accuracy counters, the encoder's
-input windows) become C extensions beside their sources, ~25% less CPU per event in the event stage. They
-are optional: without a C compiler the build fails with a message and the sources run unchanged. An
+input windows, the rate limit and bot detector) become C extensions beside their sources, ~25% less CPU per
+event in the event stage. They are optional: without a C compiler the build fails with a message and the
+sources run unchanged. An
 extension is only imported while ``_native.json`` records the hash of the very source it was built from;
 after an edit of any of them, all of them load from source (they are one compiled group that calls itself
 natively, so they cannot be mixed) until the next build, so a stale build never runs.
@@ -37,6 +38,7 @@ COMPILED = (
     "streamrec.windows",
     "streamrec.validation",
     "streamrec.partitioner",
+    "streamrec.abuse",
 )
 STATUS = "import sys; from streamrec import native; sys.exit(native.main(['status']))"
 GROUP = "streamrec._native"  # the shared library of the group: streamrec/_native__mypyc.*.so

@@ -129,6 +129,14 @@ class UserState:
     purchases: int = 0
     last_event_id: str | None = None
     last_event_time: int = 0
+    # abuse control (streamrec/abuse.py): the rate limit's theoretical arrival time (microseconds), the bot
+    # detector's signals, and the flag once raised (a reason, and the time of the event that raised it)
+    rate_tat: int = 0
+    fast_streak: int = 0
+    repeat_item: str | None = None
+    repeat_count: int = 0
+    flagged: str | None = None
+    flagged_at: int = 0
 
     @property
     def recent_queries(self) -> list[str]:

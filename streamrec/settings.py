@@ -98,6 +98,20 @@ class Settings(BaseSettings):
         description="Compression of what only streamrec reads: the state changelog, and the events and "
         "catalogue upserts the Python producer client sends (workers read every codec).",
     )
+    producer_buffer_messages: int = Field(
+        100_000,
+        ge=1,
+        description="Most records the producer client (EventProducer) holds while the broker is away or "
+        "slow (librdkafka queue.buffering.max.messages); a send beyond it waits up to 10 s for room, then "
+        "raises BufferError.",
+    )
+    producer_delivery_timeout_ms: int = Field(
+        120_000,
+        ge=1000,
+        description="How long the producer client keeps retrying a record before it reports it as not "
+        "delivered (librdkafka message.timeout.ms): the longest broker outage a backend rides out "
+        "without an error.",
+    )
     embedded_broker: bool = Field(
         True,
         description="The broker is the embedded Tansu broker: works around its defects (faust producer "
@@ -209,6 +223,33 @@ class Settings(BaseSettings):
     history_length: int = Field(50, description="Events kept per user (and encoder window).")
     max_purchased: int = Field(200, description="Purchased items remembered per user (never re-recommended).")
     dedupe_window: int = Field(64, description="Recent event ids remembered per user for de-duplication.")
+    user_rate_limit: float = Field(
+        20.0,
+        ge=0,
+        description="Live events per second one user may sustain, by the events' timestamps; the excess "
+        "beyond the burst is dead-lettered as rate_limited (0: no limit). A person clicks far slower.",
+    )
+    user_rate_burst: int = Field(
+        200, ge=1, description="Live events one user may send at once before the rate limit applies."
+    )
+    bot_min_gap_ms: int = Field(
+        250,
+        ge=0,
+        description="Clicks and searches closer together than this are faster than a person can click "
+        "(purchases are not counted: the items of one order arrive together).",
+    )
+    bot_fast_streak: int = Field(
+        30,
+        ge=0,
+        description="That many such events in a row flag the user as a bot (inhuman_speed): kept in their "
+        "state, counted by streamrec_flagged_users, left out of training (0: never).",
+    )
+    bot_item_repeats: int = Field(
+        1000,
+        ge=0,
+        description="One item clicked this many times more than all other items together flags the user "
+        "(repeated_item; 0: never).",
+    )
     max_event_age_days: int = Field(
         3650, description="Older live events are dead-lettered as absurd timestamps (backfill: no limit)."
     )

@@ -10,6 +10,7 @@ from typing import Any
 
 import fastavro
 
+from streamrec.abuse import FLAG_REASONS, AbuseRules, admit, observe
 from streamrec.records import Event, EventKind, HistoryEntry, UserState
 from streamrec.serde import NULL, RecordSchema, avro_long, avro_optional, avro_string, bundled_schemas
 
@@ -47,6 +48,11 @@ def apply_event(state: UserState | None, event: Event, limits: StateLimits) -> t
     digest = event_id_hash(event.event_id)
     if digest in state.seen_event_ids:
         return state, False
+    return _apply_new(state, event, limits, digest), True
+
+
+def _apply_new(state: UserState, event: Event, limits: StateLimits, digest: int) -> UserState:
+    """``apply_event`` of an event whose id (``digest``) the state does not remember."""
     state.seen_event_ids.append(digest)
     del state.seen_event_ids[: -limits.dedupe_window]
     entry = HistoryEntry(kind=event.kind, timestamp=event.timestamp, item_id=event.item_id, query=event.query)
@@ -70,7 +76,34 @@ def apply_event(state: UserState | None, event: Event, limits: StateLimits) -> t
     if event.timestamp >= state.last_event_time:
         state.last_event_time = event.timestamp
         state.last_event_id = event.event_id
-    return state, True
+    return state
+
+
+APPLIED, DUPLICATE, RATE_LIMITED = 0, 1, 2  # what ``apply_screened`` did with an event
+HISTORY = -1  # the arrival time of a replayed event: not rate limited
+
+
+def apply_screened(
+    state: UserState | None, event: Event, limits: StateLimits, rules: AbuseRules, arrived_ms: int
+) -> tuple[UserState | None, int, str | None]:
+    """``apply_event`` under abuse control (streamrec/abuse.py): a duplicate first (it costs no rate budget),
+    then the rate limit at the record's arrival time (``HISTORY``: none), then the event is applied and the
+    bot detector sees it. Returns the state, ``APPLIED``, ``DUPLICATE`` or ``RATE_LIMITED``, and the reason
+    when this event flagged the user. One compiled call per event: the worker's hot path."""
+    digest = event_id_hash(event.event_id)
+    if state is not None and digest in state.seen_event_ids:
+        return state, DUPLICATE, None
+    tat = 0
+    if arrived_ms != HISTORY:
+        admitted = admit(state.rate_tat if state is not None else 0, arrived_ms, rules)
+        if admitted is None:
+            return state, RATE_LIMITED, None
+        tat = admitted
+    previous = state.last_event_time if state is not None else 0
+    state = _apply_new(state if state is not None else UserState(event.user_id), event, limits, digest)
+    if tat:
+        state.rate_tat = tat
+    return state, APPLIED, observe(state, event, previous, rules)
 
 
 # --- serialisation (the RocksDB value and the changelog record) ---------------------------------------
@@ -93,6 +126,12 @@ def state_to_avro(state: UserState) -> dict[str, Any]:
         "purchases": state.purchases,
         "last_event_id": state.last_event_id,
         "last_event_time": state.last_event_time,
+        "rate_tat": state.rate_tat,
+        "fast_streak": state.fast_streak,
+        "repeat_item": state.repeat_item,
+        "repeat_count": state.repeat_count,
+        "flagged": state.flagged,
+        "flagged_at": state.flagged_at,
     }
 
 
@@ -110,6 +149,12 @@ def state_from_avro(raw: dict[str, Any]) -> UserState:
         purchases=raw["purchases"],
         last_event_id=raw["last_event_id"],
         last_event_time=raw["last_event_time"],
+        rate_tat=raw["rate_tat"],
+        fast_streak=raw["fast_streak"],
+        repeat_item=raw["repeat_item"],
+        repeat_count=raw["repeat_count"],
+        flagged=raw["flagged"],
+        flagged_at=raw["flagged_at"],
     )
 
 
@@ -181,6 +226,12 @@ def encode_state_bytes(
             _long(state.purchases),
             _optional(state.last_event_id),
             _long(state.last_event_time),
+            _long(state.rate_tat),
+            _long(state.fast_streak),
+            _optional(state.repeat_item),
+            _long(state.repeat_count),
+            _optional(state.flagged),
+            _long(state.flagged_at),
         ]
     )
     return data, parts
@@ -200,6 +251,11 @@ def largest_state_bytes(limits: StateLimits, max_id_bytes: int, max_query_bytes:
         + 1
         + string_of(max_id_bytes)
         + varint  # last event id and time
+        + 4 * varint  # rate limit and bot signals
+        + 1
+        + string_of(max_id_bytes)  # the repeated item
+        + 1
+        + string_of(max(len(reason) for reason in FLAG_REASONS))
         + arrays
     )
 
@@ -313,6 +369,13 @@ def decode_state_bytes(data: bytes) -> tuple[UserState, StateBytes]:
     state = UserState(
         user_id, history, purchased, seen, clicks, searches, purchases, last_event_id, last_event_time
     )
+    if pos < len(data):  # a state written before abuse control ends here: its fields keep their defaults
+        state.rate_tat, pos = read_long(data, pos)
+        state.fast_streak, pos = read_long(data, pos)
+        state.repeat_item, pos = read_optional(data, pos)
+        state.repeat_count, pos = read_long(data, pos)
+        state.flagged, pos = read_optional(data, pos)
+        state.flagged_at, pos = read_long(data, pos)
     # The purchased list's bytes are kept as written when they are what encode_state_bytes writes (at most one
     # block, without a size); an array another writer split up is encoded again the next time.
     bytes_ = StateBytes(history_parts, seen_parts)

@@ -36,11 +36,21 @@ def free_port() -> int:
 
 
 class EmbeddedBroker:
-    """Runs ``tansu broker`` on a loopback port; in-memory storage, so a restart starts empty."""
+    """Runs ``tansu broker`` on a loopback port. In-memory storage by default, so a restart starts empty;
+    ``storage`` names another of Tansu's engines (``s3://BUCKET/``, with the S3 endpoint and credentials in
+    ``env``: AWS_ENDPOINT, AWS_ACCESS_KEY_ID, ...), one that keeps the log across restarts."""
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        log_path: Path | None = None,
+        storage: str = "memory://tansu/",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.log_path = log_path
+        self.storage = storage
+        self.env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -51,7 +61,17 @@ class EmbeddedBroker:
         url = f"tcp://127.0.0.1:{self.port}"
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
-            [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            [
+                tansu_binary(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                self.storage,
+            ],  # fmt: skip
+            env={**os.environ, **self.env},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

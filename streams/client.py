@@ -10,9 +10,10 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from confluent_kafka import (
@@ -20,6 +21,7 @@ from confluent_kafka import (
     OFFSET_END,
     Consumer,
     KafkaError,
+    KafkaException,
     Message,
     Producer,
     TopicPartition,
@@ -54,10 +56,14 @@ class InvalidRecordError(EncodeError):
 
 @dataclass(frozen=True)
 class DeliveryFailure:
+    """A record the broker did not acknowledge, with its bytes: a caller may send it again (``send_raw``);
+    the worker de-duplicates by event id, so a record that did arrive after all is applied once."""
+
     topic: str
     partition: int
     key: bytes | None
     error: str
+    value: bytes | None = None
 
 
 class TopicNotReadable(ValueError):
@@ -79,6 +85,23 @@ class DeliveryError(RuntimeError):
         super().__init__("; ".join(parts))
 
 
+# Delivery errors after which the client's librdkafka producer is replaced: the record timed out (the broker
+# was away longer than STREAMREC_PRODUCER_DELIVERY_TIMEOUT_MS, or an idempotent producer loops on a broker
+# that forgot its producer id), or the producer's id or epoch is refused (streams/event_stage.py replaces
+# the worker's producers on the same errors).
+RENEW_AFTER = frozenset(
+    [
+        KafkaError._MSG_TIMED_OUT,
+        KafkaError._FENCED,
+        KafkaError.PRODUCER_FENCED,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+        KafkaError.UNKNOWN_PRODUCER_ID,
+        KafkaError.INVALID_PRODUCER_ID_MAPPING,
+    ]
+)
+
+
 def _check(problem: str | None) -> None:
     if problem is not None:
         raise InvalidRecordError(problem)
@@ -96,6 +119,15 @@ class EventProducer:
     whichever language the backend is written in. Sending is asynchronous: failures are collected by the
     delivery callback and raised by ``flush()`` (and ``close()``) as ``DeliveryError``; they are logged as
     they happen too.
+
+    While the broker is away, records wait in the client, up to ``STREAMREC_PRODUCER_BUFFER_MESSAGES`` of
+    them (a send beyond it waits up to ``schema_timeout_s`` for room, then raises ``BufferError``) and for up
+    to ``STREAMREC_PRODUCER_DELIVERY_TIMEOUT_MS`` each; a record not delivered by then is a failure that
+    ``flush()`` raises. After such a failure, or one after which librdkafka's idempotent producer can
+    deliver no more (a broker that lost its producer ids: a restarted embedded broker), the client replaces
+    its librdkafka producer before the next send: records still queued in the old one are reported as not
+    delivered too, never dropped. Nothing is sent twice by the client itself; a caller that sends a
+    reported record again may duplicate it, which the worker's de-duplication by event id absorbs.
 
     Without a schema registry, each writer schema is published to the schemas topic, and acknowledged,
     before the first record written with it, so a worker can always resolve what it receives.
@@ -126,18 +158,20 @@ class EventProducer:
         self.history_rules = ValidationRules.from_settings(settings, historical=True)
         self.codec = codec or make_codec(settings, resolve_from_topic=False)
         self.schema_timeout_s = schema_timeout_s
-        self._producer = Producer(
-            {
-                **client_config(settings),
-                "client.id": "streamrec-producer",
-                "enable.idempotence": True,
-                "acks": "all",
-                "partitioner": "murmur2_random",
-                "compression.type": settings.internal_compression,
-                "linger.ms": 5,  # small batches for a web backend; a few ms add nothing a user notices
-                **(config or {}),
-            }
-        )
+        self._config = {  # beyond client_config(settings)
+            "client.id": "streamrec-producer",
+            "enable.idempotence": True,
+            "acks": "all",
+            "partitioner": "murmur2_random",
+            "compression.type": settings.internal_compression,
+            "linger.ms": 5,  # small batches for a web backend; a few ms add nothing a user notices
+            "queue.buffering.max.messages": settings.producer_buffer_messages,
+            "message.timeout.ms": settings.producer_delivery_timeout_ms,
+            **(config or {}),
+        }
+        self._producer = self._new_producer()
+        self._producer_lock = threading.Lock()  # held to send, and to replace the producer
+        self._stale = False  # the producer can deliver no more: replaced before the next send
         self._publish_schemas = not isinstance(self.codec, RegistryCodec)
         self._published: set[bytes] = set()
         self._schema_lock = threading.Lock()
@@ -317,11 +351,17 @@ class EventProducer:
 
     def poll(self, timeout_s: float = 0.0) -> int:
         """Serve delivery reports (a long-running sender calls this now and then); returns how many."""
-        return int(self._producer.poll(timeout_s))
+        served = self._serve(lambda: self._producer.poll(timeout_s))
+        self._renew_if_stale()
+        return served
 
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait for every queued record; raise ``DeliveryError`` for failures since the last flush."""
-        remaining = self._producer.flush(timeout_s)
+        self._renew_if_stale()
+        remaining = self._serve(lambda: self._producer.flush(timeout_s))
+        if self._stale:  # what the failed producer still holds is purged: reported below, one by one
+            self._renew_if_stale()
+            remaining = 0
         with self._failures_lock:
             failures, self._failures = self._failures, []
         if failures or remaining:
@@ -457,25 +497,67 @@ class EventProducer:
             kwargs["headers"] = dict(headers)
         deadline = time.monotonic() + self.schema_timeout_s
         while True:
-            try:
-                self._producer.produce(topic, **kwargs)
-                break
-            except BufferError:  # local queue full: serve delivery reports to make room, then retry
-                if time.monotonic() > deadline:
-                    raise
-                self._producer.poll(0.1)
-        self._producer.poll(0)
+            self._renew_if_stale()
+            with self._producer_lock:
+                producer = self._producer
+                try:
+                    producer.produce(topic, **kwargs)
+                    break
+                except BufferError:  # local queue full: serve delivery reports to make room, then retry
+                    if time.monotonic() > deadline:
+                        raise
+                except KafkaException as exc:  # a fatal error: the producer is replaced, and sent to again
+                    if not exc.args[0].fatal():
+                        raise
+                    self._stale = True
+                    continue
+            self._serve(partial(producer.poll, 0.1))
+        self._serve(lambda: producer.poll(0))
+
+    def _serve(self, call: Callable[[], int]) -> int:
+        """The producer's ``poll`` or ``flush``, which raise its fatal error (an idempotent producer that can
+        deliver no more): the producer is then replaced before the next send, and what it held reported."""
+        try:
+            return int(call())
+        except KafkaException as exc:
+            if not exc.args[0].fatal():
+                raise
+            log.error("the producer failed: %s", exc.args[0].str())
+            self._stale = True
+            return 0
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is None or err.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT):
+        if err is None:
+            return
+        if self._closed and err.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT):
             return  # purged by close(), after flush() reported it
+        if err.fatal() or err.code() in RENEW_AFTER:
+            self._stale = True
         partition = msg.partition()
         failure = DeliveryFailure(
-            msg.topic() or "", -1 if partition is None else partition, msg.key(), str(err)
+            msg.topic() or "", -1 if partition is None else partition, msg.key(), str(err), msg.value()
         )
         log.error("record not delivered to %s[%d]: %s", failure.topic, failure.partition, failure.error)
         with self._failures_lock:
             self._failures.append(failure)
+
+    def _new_producer(self) -> Producer:
+        return Producer({**client_config(self.settings), **self._config})
+
+    def _renew_if_stale(self) -> None:
+        """Replace a producer that can deliver no more with a new one (a new producer id). What the old one
+        still holds is purged, and each purged record is reported as not delivered (``flush()`` raises it)."""
+        if not self._stale or self._closed:
+            return
+        with self._producer_lock:
+            if not self._stale:
+                return
+            old, self._producer = self._producer, self._new_producer()
+            self._stale = False
+            old.purge()
+        old.flush(5.0)  # serves the purged records' reports: failures, kept for flush()
+        old.close()
+        log.warning("the producer could deliver no more (broker restarted or away too long); replaced it")
 
 
 # The embedded broker holds a fetch that finds no record for up to about half of its fetch.wait.max.ms, even

@@ -39,9 +39,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from streamrec import native
+from streamrec.abuse import AbuseRules
 from streamrec.catalog import Catalog
 from streamrec.dead_letters import dead_letter
 from streamrec.partitioner import partition_of
@@ -56,10 +65,13 @@ from streamrec.records import (
 from streamrec.serde import AvroCodec, DecodeError, RecommendationWriter
 from streamrec.settings import Settings
 from streamrec.state import (
+    DUPLICATE,
+    HISTORY,
+    RATE_LIMITED,
     StateBytes,
     StateLimits,
     appends_to_history,
-    apply_event,
+    apply_screened,
     decode_state_bytes,
     encode_state_bytes,
     largest_state_bytes,
@@ -135,6 +147,12 @@ def fetch_config(settings: Settings) -> dict[str, object]:
         "queued.min.messages": settings.consumer_queue_messages,
         "fetch.queue.backoff.ms": settings.consumer_fetch_backoff_ms,
     }
+
+
+def arrival_ms(record_timestamp: tuple[int, int], event_time: int) -> int:
+    """When a record reached Kafka: its timestamp (create or log-append time), else the event's own time."""
+    kind, at = record_timestamp
+    return at if kind != TIMESTAMP_NOT_AVAILABLE and at > 0 else event_time
 
 
 def now_ms() -> int:
@@ -318,6 +336,7 @@ class EventStage:
         self.limits = StateLimits(settings.history_length, settings.max_purchased, settings.dedupe_window)
         check_record_limits(settings, self.limits)
         self.rules = ValidationRules.from_settings(settings)
+        self.abuse = AbuseRules.from_settings(settings)
         self.backfill_rules = ValidationRules.from_settings(settings, historical=True)
         self.events_topic = settings.events_topic
         self.backfill_topic = settings.backfill_topic
@@ -340,6 +359,9 @@ class EventStage:
         self._producer: Producer | None = None
         self._changelog_producer: Producer | None = None  # set when the changelog's compression differs
         self._producers_gone = False  # a delivery failed in a way the producers cannot recover from
+        # When the clients lost every broker (epoch ms; None: connected), for /health: set by librdkafka's
+        # error callback, cleared once records are consumed or partitions assigned again.
+        self.disconnected_since: int | None = None
         # (topic, partition) -> the last offset committed, for the events and the backfill topic
         self._committed: dict[tuple[str, int], TopicPartition] = {}
         self._flights: deque[InFlight] = deque()  # published batches not settled yet, oldest first
@@ -400,9 +422,24 @@ class EventStage:
                 "heartbeat.interval.ms": s.heartbeat_interval_ms,
                 "partition.assignment.strategy": s.assignment_strategy,
                 "client.id": self.worker_id,
+                "error_cb": self._on_client_error,
+                # A group joined before the events topic exists (a broker restarted empty, topics being
+                # created) is assigned nothing until the next metadata refresh: 10 s, not librdkafka's 5 min.
+                "topic.metadata.refresh.interval.ms": 10_000,
             }
         )
         return consumer, *self._make_producers()
+
+    def _on_client_error(self, err: KafkaError) -> None:
+        """A client-wide error of the consumer (called from consume, in the stage's thread): the broker out of
+        reach is what /health reports; the clients reconnect by themselves. Only the consumer's count: it
+        fetches all the time, where an idle producer's connection may be closed by the broker."""
+        if (
+            err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT)
+            and self.disconnected_since is None
+        ):
+            self.disconnected_since = now_ms()
+            log.warning("%s lost the broker: %s", self.worker_id, err.str())
 
     def _make_producers(self) -> tuple[Producer, Producer | None]:
         """The producer of what others read, and the changelog's own when its compression differs."""
@@ -445,6 +482,12 @@ class EventStage:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Restore before fetching starts, then take the backfill partitions of the same numbers along.
         self.cache.clear()
+        if self.disconnected_since is not None and self._producer is not None:
+            # Back after losing every broker: one that restarted empty (the embedded broker) forgot the
+            # producers' ids, and an idempotent producer would retry against it until its records time out.
+            # New producers cost nothing on a broker that kept them.
+            self._replace_producers()
+        self.disconnected_since = None  # the group answered
         self.store.assign(p.partition for p in partitions)
         with_backfill = partitions + follow(partitions, self.backfill_topic)
         if self.cooperative:
@@ -558,9 +601,12 @@ class EventStage:
                 self._settle_inflight(wait=True, timeout_s=10)
             except DeliveryFailed as exc:
                 log.error("last batch not delivered at stop, it is consumed again: %s", exc)
-            producer.flush(10)
-            if changelog is not None:
-                changelog.flush(10)
+            for still in (self._producer, self._changelog_producer):  # replaced ones are purged
+                try:
+                    if still is not None:
+                        still.flush(10)
+                except KafkaException as exc:  # a failed producer: what it held is consumed again
+                    log.error("%s: producer failed at stop: %s", self.worker_id, exc.args[0].str())
             self._commit_synchronously(consumer)
             consumer.close()  # leaves the group now, so partitions move without waiting for a timeout
             self.store.close()
@@ -618,6 +664,8 @@ class EventStage:
     def process(self, msgs: list[Message]) -> BatchOutcome:
         assert self._consumer is not None and self._producer is not None
         started = time.perf_counter()
+        if msgs[-1].error() is None:
+            self.disconnected_since = None  # records arrive: the broker is back
         out = BatchOutcome()
         flight = InFlight()
         clock = time.perf_counter
@@ -852,11 +900,21 @@ class EventStage:
                 self._dead_letter_erased(producer, msg, erased_at, flight)
                 out.dead_letters += 1
                 continue
+            # history is replayed as fast as it can be: only live events are rate limited
+            arrived = HISTORY if backfill else arrival_ms(msg.timestamp(), event.timestamp)
             appends = appends_to_history(state, event)
-            state, was_applied = apply_event(state, event, self.limits)
-            if not was_applied:
+            state, verdict, flag = apply_screened(state, event, self.limits, self.abuse, arrived)
+            if verdict == DUPLICATE:
                 out.duplicates += 1
                 continue
+            if verdict == RATE_LIMITED:
+                self._dead_letter(producer, msg, self._over_rate(user_id), flight)
+                out.dead_letters += 1
+                continue
+            assert state is not None  # applied
+            if flag is not None:
+                self.metrics.flagged_users.labels(flag).inc()
+                log.warning("%s: a user flagged as a bot (%s)", self.worker_id, flag)
             out.events += 1
             new_events += 1
             kinds.append(event.kind)
@@ -882,6 +940,14 @@ class EventStage:
         encoded, parts = encode_state_bytes(state, parts, new_events)
         flight.changes.setdefault(p, {})[user_id] = encoded
         return state, parts, erased_at, encoded, live_cause, backfill_cause, kinds
+
+    def _over_rate(self, user_id: str) -> Rejection:
+        rules = self.abuse
+        return Rejection(
+            "rate_limited",
+            f"user {shown(user_id)} is over {rules.rate_per_s:g} events per second after a burst of "
+            f"{rules.burst} (STREAMREC_USER_RATE_LIMIT, STREAMREC_USER_RATE_BURST)",
+        )
 
     def _timed_rank(
         self,
@@ -1026,11 +1092,23 @@ class EventStage:
         when there are two, so neither one's reports wait for the other's)."""
         assert self._producer is not None
         if self._changelog_producer is None:
-            self._producer.poll(timeout_s)
+            self._serve(self._producer, timeout_s)
             return
         step = min(timeout_s, 0.005)
-        self._producer.poll(step)
-        self._changelog_producer.poll(step)
+        self._serve(self._producer, step)
+        self._serve(self._changelog_producer, step)
+
+    def _serve(self, producer: Producer, timeout_s: float) -> None:
+        """``producer.poll``, which raises a fatal error of an idempotent producer (a broker that lost its
+        producer ids answers OUT_OF_ORDER_SEQUENCE_NUMBER): the producers are replaced, and the batches
+        in flight fail on their reports, or on the wait for them, and are consumed again."""
+        try:
+            producer.poll(timeout_s)
+        except KafkaException as exc:
+            if not producer_gone(exc.args[0]):
+                raise
+            self._producers_gone = True
+            log.error("%s: producer failed: %s", self.worker_id, exc.args[0].str())
 
     def _settle(self, flight: InFlight, wait: bool, timeout_s: float = 30.0) -> bool:
         """Once ``flight`` is delivered, write its states locally and commit its offsets; whether it is
@@ -1052,6 +1130,10 @@ class EventStage:
         if not wait and not flight.answered:
             return False
         if flight.failures or not flight.delivered:
+            # Reports overdue (not answered in ``timeout_s``): the broker is away, or it came back without
+            # the producers' ids (a restarted embedded broker), on which an idempotent producer retries
+            # forever. New producers cost nothing in the first case and are the cure in the second.
+            flight.producer_gone = flight.producer_gone or not flight.answered
             self.cache.clear()  # it holds this batch's states, updated in place: RocksDB has the truth
             raise DeliveryFailed(f"{flight.sent - flight.acked} undelivered, failures: {flight.failures[:5]}")
         for p in flight.changes.keys() | flight.erasures.keys():
@@ -1136,7 +1218,7 @@ class EventStage:
                 flight.sent += 1
                 return
             except BufferError:
-                producer.poll(0.05)  # local queue full: let deliveries drain
+                self._serve(producer, 0.05)  # local queue full: let deliveries drain
             except KafkaException as exc:
                 size = len(key) + len(value or b"")
                 flight.failures.append(f"{topic}[{partition}]: not queued ({size} bytes): {exc}")
@@ -1190,9 +1272,45 @@ class EventStage:
         self.metrics.dead_letters.labels(rejection.reason).inc()
 
     def _rewind(self, first_offsets: dict[tuple[str, int], int]) -> None:
-        assert self._consumer is not None
+        """Consume again from these offsets. librdkafka refuses to seek a partition it is not fetching
+        (``_STATE``: resetting an offset that a restarted broker no longer has, say): such a partition is
+        assigned again at its offset instead, since reading on from where it stands would skip the batch.
+        A partition no longer assigned is read again by its next owner, from the committed offset."""
+        consumer = self._consumer
+        assert consumer is not None
+        unmoved = []
         for (topic, p), offset in first_offsets.items():
-            self._consumer.seek(TopicPartition(topic, p, offset))
+            try:
+                consumer.seek(TopicPartition(topic, p, offset))
+            except KafkaException as exc:
+                why = exc.args[0].str()
+                log.warning("%s: cannot seek %s[%d] (%s); assigning it again", self.worker_id, topic, p, why)
+                unmoved.append(TopicPartition(topic, p, offset))
+        if unmoved:
+            self._assign_again(consumer, unmoved)
+
+    def _assign_again(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Assign these partitions again, at their offsets; the others stay where they are."""
+        at = {(tp.topic, tp.partition): tp.offset for tp in partitions}
+        try:
+            held = consumer.position(consumer.assignment())
+            if self.cooperative:
+                again = [
+                    tp
+                    for tp in partitions
+                    if (tp.topic, tp.partition) in {(h.topic, h.partition) for h in held}
+                ]
+                consumer.incremental_unassign(again)
+                consumer.incremental_assign(again)
+            else:
+                consumer.assign(
+                    [
+                        TopicPartition(h.topic, h.partition, at.get((h.topic, h.partition), h.offset))
+                        for h in held
+                    ]
+                )
+        except KafkaException as exc:  # not committed: read again from the committed offset on a rebalance
+            log.error("%s: could not assign %s again: %s", self.worker_id, sorted(at), exc.args[0].str())
 
     def _record(self, out: BatchOutcome, seconds: float) -> None:
         m = self.metrics

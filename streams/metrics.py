@@ -31,6 +31,12 @@ class WorkerMetrics:
             registry=r,
         )
         self.erased_users = Counter("streamrec_erased_users", "Users erased on request", registry=r)
+        self.flagged_users = Counter(
+            "streamrec_flagged_users",
+            "Users flagged as bots (streamrec/abuse.py), by reason; again if their batch is consumed again",
+            ["reason"],
+            registry=r,
+        )
         self.producer_restarts = Counter(
             "streamrec_producer_restarts",
             "Event-stage producers replaced after a failure they cannot recover from (fenced, fatal)",

@@ -1,5 +1,6 @@
 """The training window: the events and backfill topics read to their ends with the worker's decoding and
-validation rules, erased users left out, and the newest events chosen by the settings.
+validation rules, erased users left out, the worker's abuse control applied (events over the rate limit and
+every event of a flagged user left out, streamrec/abuse.py), and the newest events chosen by the settings.
 
 ``read_topics`` is the Kafka edge; ``erasure_times`` and ``select_window`` are pure. The window records where
 it came from (topics, partitions, offsets, time range, counts), and that description is kept with the model.
@@ -13,11 +14,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from streamrec.abuse import AbuseRules, screen
 from streamrec.partitioner import partition_of
 from streamrec.records import CatalogItem, Event
 from streamrec.serde import Codec, DecodeError
 from streamrec.settings import Settings
-from streamrec.streams.event_stage import ACCEPTED_SCHEMAS
+from streamrec.streams.event_stage import ACCEPTED_SCHEMAS, arrival_ms
 from streamrec.streams.kafka_security import client_config
 from streamrec.streams.reading import ReadError, ReadToEnd
 from streamrec.streams.shadow import values_to_end
@@ -46,6 +48,7 @@ class Located:
     topic: str
     partition: int
     offset: int
+    arrived_ms: int = 0  # when the record reached Kafka (``arrival_ms``): the rate limit's clock
 
 
 @dataclass
@@ -64,12 +67,20 @@ class WindowSpec:
     max_events: int
     since_ms: int | None = None  # inclusive, on the event's timestamp
     until_ms: int | None = None  # exclusive
+    abuse: AbuseRules = AbuseRules()  # the workers' rate limit and bot detector
+    backfill_topic: str = "streamrec.events.backfill"  # history: not rate limited
 
     @classmethod
     def from_settings(cls, settings: Settings, now_ms: int) -> WindowSpec:
         hours = settings.trainer_window_hours
         since = None if hours is None else now_ms - int(hours * 3_600_000)
-        return cls(settings.trainer_window_events, since, None)
+        return cls(
+            settings.trainer_window_events,
+            since,
+            None,
+            AbuseRules.from_settings(settings),
+            settings.backfill_topic,
+        )
 
 
 @dataclass
@@ -97,10 +108,13 @@ def erasure_times(records: Iterable[Located]) -> dict[str, int]:
 
 def select_window(read: TopicsRead, spec: WindowSpec) -> Window:
     """The newest ``spec.max_events`` events in the time range, each event id once, without any event of an
-    erased user up to their erasure; oldest first (by timestamp, then where it was read)."""
+    erased user up to their erasure, any event the workers refuse as over the rate limit, or any event of a
+    user their bot detector flags (judged on everything read, in the order read: a user's events are in one
+    partition, read in offset order as the worker applies them); oldest first (by timestamp, then where it
+    was read)."""
     erased = erasure_times(read.records)
     seen: set[str] = set()
-    kept: list[Located] = []
+    unique: list[Located] = []
     left_out = duplicates = out_of_range = 0
     for record in read.records:
         event = record.item
@@ -113,6 +127,26 @@ def select_window(read: TopicsRead, spec: WindowSpec) -> Window:
             duplicates += 1
             continue
         seen.add(event.event_id)
+        unique.append(record)
+    verdicts = screen(
+        [
+            (r.item, None if r.topic == spec.backfill_topic else r.arrived_ms or r.item.timestamp)
+            for r in unique
+            if isinstance(r.item, Event)
+        ],
+        spec.abuse,
+    )
+    kept: list[Located] = []
+    rate_limited = flagged_left_out = 0
+    for record in unique:
+        event = record.item
+        assert isinstance(event, Event)
+        if event.user_id in verdicts.flagged:
+            flagged_left_out += 1
+            continue
+        if event.event_id in verdicts.rate_limited:
+            rate_limited += 1
+            continue
         if (spec.since_ms is not None and event.timestamp < spec.since_ms) or (
             spec.until_ms is not None and event.timestamp >= spec.until_ms
         ):
@@ -143,6 +177,9 @@ def select_window(read: TopicsRead, spec: WindowSpec) -> Window:
         "duplicates": duplicates,
         "erased_users": len(erased),
         "erased_events_left_out": left_out,
+        "rate_limited": rate_limited,
+        "flagged_users": dict(Counter(verdicts.flagged.values())),
+        "flagged_events_left_out": flagged_left_out,
         "outside_time_range": out_of_range,
         "older_than_window": older,
     }
@@ -245,6 +282,9 @@ def read_topics(settings: Settings, rules: RecordRules) -> TopicsRead:
                 checked = rules.check(topic, p, partitions, msg.key(), msg.value())
                 if isinstance(checked, Rejection):
                     out.refused[checked.reason] += 1
+                elif isinstance(checked, Event):
+                    arrived = arrival_ms(msg.timestamp(), checked.timestamp)
+                    out.records.append(Located(checked, topic, p, offset, arrived))
                 else:
                     out.records.append(Located(checked, topic, p, offset))
     except ReadError as exc:

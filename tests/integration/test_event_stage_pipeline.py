@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
-from confluent_kafka import KafkaError, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, TopicPartition
 
 from streamrec.catalog import Catalog
 from streamrec.records import CatalogItem, Event, EventKind, RankedBatch, RecommendedItem, UserState
@@ -37,9 +37,13 @@ class Record:
     _offset: int
     _value: bytes
     _key: bytes
+    _timestamp: tuple[int, int] = (TIMESTAMP_NOT_AVAILABLE, 0)  # the stage takes the event's own time
 
     def error(self) -> None:
         return None
+
+    def timestamp(self) -> tuple[int, int]:
+        return self._timestamp
 
     def topic(self) -> str:
         return self._topic

@@ -106,8 +106,9 @@ def test_a_shift_in_behaviour_is_learned_promoted_served_and_rolled_back(
     assert first is not None
     sent: Counter[str] = Counter()
     # Before: shoppers of the sample catalogue, as the served model was trained on.
+    now = int(time.time() * 1000)
     old = ShopperSimulator(cluster.catalog, users=300, seed=11, user_prefix="old")
-    for event in old.history(OLD_EVENTS, int(time.time() * 1000) - OLD_EVENTS, spacing_ms=1):
+    for event in old.history(OLD_EVENTS, now - 3_600_000, spacing_ms=1):
         producer.send_event(event)
         sent[event.user_id] += 1
     # The launch: a new product line, and shoppers who move to it.
@@ -118,10 +119,14 @@ def test_a_shift_in_behaviour_is_learned_promoted_served_and_rolled_back(
         worker.wait_catalog(len(cluster.catalog) + len(LINE), timeout_s=60)
     rng = random.Random(5)
     campers = [f"camper-{n:03d}" for n in range(CAMPERS)]
+    # at a person's pace, a click every few seconds (faster, 30 in a row would flag them as bots), in the
+    # last half hour: after the old shoppers, before the clicks below
+    clock = {user: now - 1_800_000 for user in campers}
     while sum(sent[u] for u in campers) < CAMPER_EVENTS:
         user = rng.choice(campers)
         for item in walk(rng.randrange(len(LINE) - 3), rng.randint(3, 8)):
-            producer.click(user, item)
+            clock[user] += rng.randint(1_000, 8_000)
+            producer.click(user, item, timestamp=clock[user])
             sent[user] += 1
     producer.flush()
 

@@ -42,6 +42,7 @@ from streamrec.streams.replay import (
 from streamrec.streams.simulate import publish_catalog
 from streamrec.streams.topics import create_topics
 from tests.conftest import wait_for
+from tests.integration.conftest import comparable_state
 
 pytestmark = pytest.mark.integration
 
@@ -135,7 +136,7 @@ def write_jsonl(path: Path, events: list[Event], bad_after: dict[int, str] | Non
 
 
 def states(worker: WorkerProcess, users: set[str]) -> dict[str, dict | None]:
-    return {u: worker.state(u) for u in sorted(users)}
+    return {u: comparable_state(worker.state(u)) for u in sorted(users)}
 
 
 def wait_for_states(worker: WorkerProcess, expected: dict[str, dict | None], timeout_s: float = 90) -> None:

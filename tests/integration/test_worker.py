@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from streamrec.abuse import AbuseRules
 from streamrec.records import Event, EventKind
 from streamrec.serde import AvroCodec, bundled_schemas, make_schema
-from streamrec.state import StateLimits, apply_event
+from streamrec.state import HISTORY, StateLimits, apply_screened
 from streamrec.streams.bench import metric_total
 from streamrec.streams.client import EventProducer
 from streamrec.streams.process import WorkerProcess
 from tests.conftest import wait_for
-from tests.integration.conftest import Cluster
+from tests.integration.conftest import Cluster, comparable_state
 
 pytestmark = pytest.mark.integration
 
@@ -207,9 +208,10 @@ def expected_states(sent: dict[str, list[Event]], limits: StateLimits) -> dict[s
     states = {}
     for u, events in sent.items():
         state = None
-        for e in events:
-            state, _ = apply_event(state, e, limits)
-        states[u] = json.loads(json.dumps({"found": True, **dataclasses.asdict(state)}))
+        for e in events:  # the worker's path: de-duplication, then the bot detector (no rate limit here)
+            state = apply_screened(state, e, limits, AbuseRules(), HISTORY)[0]
+        assert state is not None
+        states[u] = comparable_state(json.loads(json.dumps({"found": True, **dataclasses.asdict(state)})))
     return states
 
 
@@ -256,7 +258,7 @@ def test_kill_9_mid_batch_under_load_restores_each_users_whole_state_on_its_disk
         return metric_total(worker.metrics_text(), "streamrec_events_total")
 
     def whole_states(worker: WorkerProcess) -> dict[str, dict | None]:
-        return {u: worker.state(u) for u in users}
+        return {u: comparable_state(worker.state(u)) for u in users}
 
     for lose_disk in (False, True):
         worker = cluster.workers.pop()

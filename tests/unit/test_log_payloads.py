@@ -151,7 +151,10 @@ def test_the_event_stage_logs_no_payload(tmp_path: Path, caplog: pytest.LogCaptu
 def test_an_undelivered_record_is_logged_and_raised_without_its_key(caplog: pytest.LogCaptureFixture) -> None:
     producer = EventProducer(Settings(bootstrap_servers=f"127.0.0.1:{free_port()}"))
     failed = SimpleNamespace(
-        topic=lambda: "streamrec.events", partition=lambda: 0, key=lambda: f"{MARK}-user".encode()
+        topic=lambda: "streamrec.events",
+        partition=lambda: 0,
+        key=lambda: f"{MARK}-user".encode(),
+        value=lambda: f"{MARK}-payload".encode(),
     )
     error = KafkaError(KafkaError._MSG_TIMED_OUT)
     with caplog.at_level(logging.DEBUG):
@@ -160,5 +163,6 @@ def test_an_undelivered_record_is_logged_and_raised_without_its_key(caplog: pyte
         producer.flush(0)
     producer.close(0)
     assert raised.value.failures[0].key == f"{MARK}-user".encode()  # the caller still has it
+    assert raised.value.failures[0].value == f"{MARK}-payload".encode()  # and can send it again
     assert "streamrec.events[0]" in str(raised.value) and MARK not in str(raised.value)
     assert caplog.records and not [r for r in caplog.records if MARK in r.getMessage()]

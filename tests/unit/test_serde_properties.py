@@ -6,6 +6,7 @@ import copy
 import io
 import struct
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import fastavro
@@ -148,6 +149,12 @@ user_states = st.builds(
     purchases=longs,
     last_event_id=maybe_text,
     last_event_time=longs,
+    rate_tat=longs,
+    fast_streak=longs,
+    repeat_item=st.none() | ids,
+    repeat_count=longs,
+    flagged=st.none() | st.sampled_from(["inhuman_speed", "repeated_item"]),
+    flagged_at=longs,
 )
 
 
@@ -356,6 +363,19 @@ def test_a_state_another_writer_split_into_blocks_reads_the_same(
             avro_long(state.last_event_time),
         ]
     )
+    # a state written before abuse control ends there: the worker's reader gives those fields their defaults
+    assert decode_state_bytes(data)[0] == replace(
+        state, rate_tat=0, fast_streak=0, repeat_item=None, repeat_count=0, flagged=None, flagged_at=0
+    )
+    data += b"".join(
+        [
+            *(avro_long(n) for n in (state.rate_tat, state.fast_streak)),
+            avro_optional(state.repeat_item),
+            avro_long(state.repeat_count),
+            avro_optional(state.flagged),
+            avro_long(state.flagged_at),
+        ]
+    )
     read, parts = decode_state_bytes(data)
     assert read == decode_state(data) == state
     # Written back, it is in streamrec's own form (one block per array, no sizes)
@@ -538,11 +558,12 @@ def test_encoding_a_mismatched_field_raises_encode_error(field: str, value: Any)
 # --- the hand-written reader of the worker's hot path ------------------------------------------------------
 
 
-def test_the_event_schemas_are_read_by_hand() -> None:
-    """The events topic's records take the hand-written path; records with arrays or booleans do not."""
-    for name in (*EVENT_SCHEMAS, "UserDeletion"):
+def test_the_hot_schemas_are_read_by_hand() -> None:
+    """The events topic's records, and the recommendations and states the API's view reads, take the
+    hand-written path; records with booleans or wider unions do not."""
+    for name in (*EVENT_SCHEMAS, "UserDeletion", "Recommendation", "UserState", "FineTuneTrigger"):
         assert BUNDLED[name].plan is not None, name
-    for name in ("Recommendation", "UserState", "CatalogItem"):
+    for name in ("CatalogItem", "DeadLetter", "ModelUpdate"):
         assert BUNDLED[name].plan is None, name
 
 
@@ -582,6 +603,55 @@ def test_what_the_hand_reader_accepts_fastavro_reads_the_same(event: Event, data
     hand = _hand_body(event.schema_name, bytes(body[:cut]))
     if hand is not None:
         assert hand == _fastavro_body(event.schema_name, bytes(body[:cut]))
+
+
+def _body_of(value: Recommendation | UserState) -> tuple[str, bytes]:
+    if isinstance(value, UserState):
+        return "UserState", AvroCodec().encode("UserState", state_to_avro(value))[HEADER_LEN:]
+    return "Recommendation", AvroCodec().encode("Recommendation", value.to_avro())[HEADER_LEN:]
+
+
+@fast
+@given(value=st.one_of(recommendations, user_states))
+def test_the_hand_reader_reads_arrays_and_floats_as_fastavro_does(value: Recommendation | UserState) -> None:
+    name, body = _body_of(value)
+    assert _hand_body(name, body) == _fastavro_body(name, body) is not None
+
+
+@fast
+@given(rec=recommendations, cuts=st.lists(st.integers(0, 12), max_size=4), sized=st.booleans())
+def test_the_hand_reader_reads_an_array_another_writer_split_into_blocks(
+    rec: Recommendation, cuts: list[int], sized: bool
+) -> None:
+    one_block = AvroCodec().encode("Recommendation", rec.to_avro())[HEADER_LEN:]
+    head = avro_string(rec.user_id)
+    items = [
+        avro_string(i.item_id)
+        + struct.pack("<f", i.score)
+        + avro_string(i.reason)
+        + avro_string(i.explanation)
+        + avro_optional(i.anchor)
+        for i in rec.items
+    ]
+    tail = one_block[len(head) + len(avro_long(len(items))) * bool(items) + sum(map(len, items)) + 1 :]
+    body = head + _blocks(items, cuts, sized) + tail
+    assert _hand_body("Recommendation", body) == _fastavro_body("Recommendation", one_block)
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=st.one_of(recommendations, user_states), data=st.data())
+def test_what_the_hand_reader_accepts_of_a_corrupt_array_fastavro_reads_the_same(
+    value: Recommendation | UserState, data: st.DataObject
+) -> None:
+    name, clean = _body_of(value)
+    body = bytearray(clean)
+    for _ in range(data.draw(st.integers(1, 3))):
+        position = data.draw(st.integers(0, len(body) - 1))
+        body[position] ^= data.draw(st.integers(1, 255))
+    cut = data.draw(st.integers(0, len(body)))
+    hand = _hand_body(name, bytes(body[:cut]))
+    if hand is not None:
+        assert hand == _fastavro_body(name, bytes(body[:cut]))
 
 
 def _click_body(
