@@ -251,9 +251,13 @@ def api_metrics(api: ApiProcess, route: str | None = None) -> Samples:
     return [s for s in samples if route is None or s[1].get("route", route) == route]
 
 
+def quantile_ms(q: float, cumulative: list[tuple[float, float]]) -> float | None:
+    found = histogram_quantile(q, cumulative)
+    return None if found is None else round(found * 1000, 2)
+
+
 def p99_ms(cumulative: list[tuple[float, float]]) -> float | None:
-    p99 = histogram_quantile(0.99, cumulative)
-    return None if p99 is None else round(p99 * 1000, 2)
+    return quantile_ms(0.99, cumulative)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -351,6 +355,12 @@ def main() -> None:
                     ),
                     "plain_consumer_p50": percentile(traffic.floor_ms, 0.5),
                     "plain_consumer_p99": percentile(traffic.floor_ms, 0.99),
+                },
+                "view_slice_ms": {  # the event loop's time per slice applied to the view, while serving
+                    "p50": quantile_ms(
+                        0.5, interval_buckets(before, after, "streamrec_api_view_slice_seconds")
+                    ),
+                    "p99": p99_ms(interval_buckets(before, after, "streamrec_api_view_slice_seconds")),
                 },
                 "wrk": runs,
                 "cpus": os.cpu_count(),

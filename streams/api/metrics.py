@@ -43,6 +43,13 @@ class ApiMetrics:
             buckets=DELAY_BUCKETS_S,
             registry=r,
         )
+        self.view_slice = Histogram(
+            "streamrec_api_view_slice_seconds",
+            "Time the event loop spent applying one slice of records to the view: the most a request "
+            "arriving meanwhile waits for it",
+            buckets=REQUEST_BUCKETS_S,
+            registry=r,
+        )
         self.view_lag = Gauge(
             "streamrec_api_view_lag",
             "Records on the topics not yet in the view, by topic",
