@@ -55,7 +55,8 @@ test-slow: install
 
 # Faults, fuzz and abuse against a real broker and real worker processes (tests/reliability,
 # docs/reliability.md): a broker restart under load, scaling out and in with a kill -9, a slow consumer's
-# memory and backlog. Minutes on 2 cores; benchmarks/reliability.py prints the figures.
+# memory and backlog; also a whole worker over TLS and backfill partitions following a rebalance (moved out
+# of `make test` for its 15 minutes). Minutes on 2 cores; benchmarks/reliability.py prints the figures.
 test-reliability: install
 	$(BIN)/python -m pytest -m reliability -q
 

@@ -190,6 +190,7 @@ def test_faust_credentials_connect_aiokafka_over_tls(settings: Settings) -> None
     assert asyncio.run(round_trip()) == b"over-tls"
 
 
+@pytest.mark.reliability  # a whole worker behind the TLS terminator, 20 s: `make test-reliability`
 def test_a_worker_runs_over_tls(settings: Settings, model_registry: Path, tmp_path: Path) -> None:
     """A whole worker on the TLS listener: its faust app (the catalogue agent and table, fed here) and its
     event stage (a click in, its recommendation out, read back over TLS)."""

@@ -357,6 +357,7 @@ def test_a_dry_run_sends_nothing(clusters: Clusters, tmp_path: Path) -> None:
     assert strict.returncode == 1 and json.loads(out)["stopped"].startswith("line 4")
 
 
+@pytest.mark.reliability  # two workers and a rebalance, half a minute: `make test-reliability`
 def test_backfill_partitions_follow_each_workers_events_partitions(clusters: Clusters) -> None:
     """Two workers in one group (cooperative-sticky): each reads the backfill partitions of its own events
     partitions, so the one writer of a user's state also applies that user's history."""
