@@ -226,7 +226,8 @@ class Settings(BaseSettings):
     user_rate_limit: float = Field(
         20.0,
         ge=0,
-        description="Live events per second one user may sustain, by the events' timestamps; the excess "
+        description="Live events per second one user may sustain, by when they reached Kafka (the records' "
+        "timestamps, not the events' own); the excess "
         "beyond the burst is dead-lettered as rate_limited (0: no limit). A person clicks far slower.",
     )
     user_rate_burst: int = Field(

@@ -89,9 +89,9 @@ class DeliveryError(RuntimeError):
 # was away longer than STREAMREC_PRODUCER_DELIVERY_TIMEOUT_MS, or an idempotent producer loops on a broker
 # that forgot its producer id), or the producer's id or epoch is refused (streams/event_stage.py replaces
 # the worker's producers on the same errors).
-RENEW_AFTER = frozenset(
+# The broker refuses an idempotent producer's id or epoch, or fenced it: that producer never delivers again.
+PRODUCER_REFUSED = frozenset(
     [
-        KafkaError._MSG_TIMED_OUT,
         KafkaError._FENCED,
         KafkaError.PRODUCER_FENCED,
         KafkaError.INVALID_PRODUCER_EPOCH,
@@ -100,6 +100,7 @@ RENEW_AFTER = frozenset(
         KafkaError.INVALID_PRODUCER_ID_MAPPING,
     ]
 )
+RENEW_AFTER = PRODUCER_REFUSED | {KafkaError._MSG_TIMED_OUT}
 
 
 def _check(problem: str | None) -> None:

@@ -77,6 +77,7 @@ from streamrec.state import (
     largest_state_bytes,
 )
 from streamrec.streams.canary import Canary, SplitBatch
+from streamrec.streams.client import PRODUCER_REFUSED
 from streamrec.streams.kafka_security import client_config
 from streamrec.streams.metrics import WorkerMetrics
 from streamrec.streams.reading import consume_arrived
@@ -176,17 +177,7 @@ class DeliveryFailed(RuntimeError):
 # Errors after which an idempotent producer never delivers again: librdkafka raises the fatal ones, and a
 # broker may fence the producer's id or epoch (the embedded broker answers PRODUCER_FENCED to every write
 # once a delivery has timed out and librdkafka has bumped the epoch). The stage replaces its producers.
-PRODUCER_GONE = frozenset(
-    [
-        KafkaError._FATAL,
-        KafkaError._FENCED,
-        KafkaError.PRODUCER_FENCED,
-        KafkaError.INVALID_PRODUCER_EPOCH,
-        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
-        KafkaError.UNKNOWN_PRODUCER_ID,
-        KafkaError.INVALID_PRODUCER_ID_MAPPING,
-    ]
-)
+PRODUCER_GONE = PRODUCER_REFUSED | {KafkaError._FATAL}
 
 
 def producer_gone(err: KafkaError) -> bool:
