@@ -30,6 +30,7 @@ change state and the changelog like live ones; their recommendations go to the s
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -178,6 +179,18 @@ class DeliveryFailed(RuntimeError):
 # broker may fence the producer's id or epoch (the embedded broker answers PRODUCER_FENCED to every write
 # once a delivery has timed out and librdkafka has bumped the epoch). The stage replaces its producers.
 PRODUCER_GONE = PRODUCER_REFUSED | {KafkaError._FATAL}
+
+
+STATS_INTERVAL_MS = 5_000
+
+
+def broker_up(stats: str) -> bool:
+    """Whether librdkafka's statistics (JSON, ``stats_cb``) show a connection to a broker that is up."""
+    try:
+        brokers = json.loads(stats).get("brokers") or {}
+    except ValueError:
+        return False
+    return any(isinstance(b, dict) and b.get("state") == "UP" for b in brokers.values())
 
 
 def producer_gone(err: KafkaError) -> bool:
@@ -353,6 +366,7 @@ class EventStage:
         # When the clients lost every broker (epoch ms; None: connected), for /health: set by librdkafka's
         # error callback, cleared once records are consumed or partitions assigned again.
         self.disconnected_since: int | None = None
+        self._lost_brokers = False  # since the last assignment: its producers are replaced then
         # (topic, partition) -> the last offset committed, for the events and the backfill topic
         self._committed: dict[tuple[str, int], TopicPartition] = {}
         self._flights: deque[InFlight] = deque()  # published batches not settled yet, oldest first
@@ -414,6 +428,10 @@ class EventStage:
                 "partition.assignment.strategy": s.assignment_strategy,
                 "client.id": self.worker_id,
                 "error_cb": self._on_client_error,
+                # librdkafka's statistics, from consume: a broker connection up again ends a disconnection
+                # that neither records nor a new assignment end (an idle worker, a broker that kept its log)
+                "stats_cb": self._on_client_stats,
+                "statistics.interval.ms": STATS_INTERVAL_MS,
                 # A group joined before the events topic exists (a broker restarted empty, topics being
                 # created) is assigned nothing until the next metadata refresh: 10 s, not librdkafka's 5 min.
                 "topic.metadata.refresh.interval.ms": 10_000,
@@ -425,12 +443,19 @@ class EventStage:
         """A client-wide error of the consumer (called from consume, in the stage's thread): the broker out of
         reach is what /health reports; the clients reconnect by themselves. Only the consumer's count: it
         fetches all the time, where an idle producer's connection may be closed by the broker."""
-        if (
-            err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT)
-            and self.disconnected_since is None
-        ):
-            self.disconnected_since = now_ms()
-            log.warning("%s lost the broker: %s", self.worker_id, err.str())
+        if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            self._lost_brokers = True
+            if self.disconnected_since is None:
+                self.disconnected_since = now_ms()
+                log.warning("%s lost the broker: %s", self.worker_id, err.str())
+
+    def _on_client_stats(self, raw: str) -> None:
+        """The consumer's statistics (every STATS_INTERVAL_MS, called from consume in the stage's thread):
+        once a broker connection is up again, /health says connected. Producers are replaced at the next
+        assignment all the same (``_lost_brokers``)."""
+        if self.disconnected_since is not None and broker_up(raw):
+            log.info("%s reaches the broker again", self.worker_id)
+            self.disconnected_since = None
 
     def _make_producers(self) -> tuple[Producer, Producer | None]:
         """The producer of what others read, and the changelog's own when its compression differs."""
@@ -473,12 +498,12 @@ class EventStage:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Restore before fetching starts, then take the backfill partitions of the same numbers along.
         self.cache.clear()
-        if self.disconnected_since is not None and self._producer is not None:
+        if self._lost_brokers and self._producer is not None:
             # Back after losing every broker: one that restarted empty (the embedded broker) forgot the
             # producers' ids, and an idempotent producer would retry against it until its records time out.
             # New producers cost nothing on a broker that kept them.
             self._replace_producers()
-        self.disconnected_since = None  # the group answered
+        self.disconnected_since, self._lost_brokers = None, False  # the group answered
         self.store.assign(p.partition for p in partitions)
         with_backfill = partitions + follow(partitions, self.backfill_topic)
         if self.cooperative:
