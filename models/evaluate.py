@@ -13,7 +13,8 @@ import torch
 
 from streamrec.models import artifacts
 from streamrec.models.data import PAD, Interactions, Step, leave_one_out, load
-from streamrec.models.sequences import query_table, seen_items, user_vectors
+from streamrec.models.item_map import DEFAULT_SERVE_LEN
+from streamrec.models.sequences import pad_batch, query_table, seen_items, serving_vectors, user_vectors
 
 KS = (10, 20)
 Scorer = Callable[[Sequence[Sequence[Step]]], torch.Tensor]  # histories -> (n, num_items + 1) scores
@@ -133,6 +134,34 @@ def model_scorer(art: artifacts.Artifacts, seqs_for_queries: Sequence[Sequence[S
     return score
 
 
+def served_scorer(
+    art: artifacts.Artifacts, seqs_for_queries: Sequence[Sequence[Step]], serve_len: int, precision: str
+) -> Scorer:
+    """The model as the worker serves it (``Recommender``): the newest ``serve_len`` events only, the last
+    position's vector through the encoder in the serving precision (see ``resolve_precision``)."""
+    from streamrec.models.serving import (
+        Recommender,
+        resolve_precision,
+    )  # serving imports train, which imports us
+
+    model = art.model
+    dtype = resolve_precision(precision, next(model.parameters()).device)  # type: ignore[arg-type]
+    encoder = Recommender.serving_encoder(model, dtype)
+    embed = art.embedder.embed_queries if art.embedder is not None else None
+    qindex, qtable = query_table(seqs_for_queries, embed) if embed else ({}, None)
+    window = min(serve_len, model.config.max_len)
+    with torch.inference_mode():
+        vecs = model.item_vectors()
+    table = vecs.to(dtype)
+
+    def score(seqs: Sequence[Sequence[Step]]) -> torch.Tensor:
+        items, kinds, qids = pad_batch([s[-window:] for s in seqs], window, qindex)
+        with torch.inference_mode():
+            return serving_vectors(model, encoder, items, kinds, qids, qtable, table) @ vecs.T
+
+    return score
+
+
 def _remap(data: Interactions, model_ids: list[str]) -> Interactions:
     """Express the dataset in the model's item indices (items the model never saw become padding)."""
     index = {item_id: i + 1 for i, item_id in enumerate(model_ids)}
@@ -153,8 +182,14 @@ def evaluate(
     filter_seen: bool = False,
     split: str = "test",
     device: str = "cpu",
+    as_served: bool = True,
+    serve_len: int = DEFAULT_SERVE_LEN,
+    precision: str = "auto",
 ) -> dict[str, object]:
-    """Metrics of the model (if given) and each baseline on the test (or valid) split, as one dict."""
+    """Metrics of the model (if given) and each baseline on the test (or valid) split, as one dict. With
+    ``as_served``, also the model as the worker serves it (``served_scorer``: its serving window and
+    precision) as ``model_as_served``, and what that costs in NDCG@10 against the full model
+    (``served_ndcg_loss``, a share of the full model's)."""
     dataset = data if isinstance(data, Interactions) else load(Path(data))
     result: dict[str, object] = {
         "data": dataset.source,
@@ -173,6 +208,17 @@ def evaluate(
     scorers: dict[str, Scorer] = {}
     if art is not None:
         scorers["model"] = model_scorer(art, [c[0] for c in cases.values()])
+        if as_served:
+            scorers["model_as_served"] = served_scorer(
+                art, [c[0] for c in cases.values()], serve_len, precision
+            )
+            from streamrec.models.serving import resolve_precision
+
+            dtype = resolve_precision(precision, torch.device(device))  # type: ignore[arg-type]
+            result["served"] = {
+                "serve_len": min(serve_len, art.config.max_len),
+                "precision": str(dtype).removeprefix("torch."),
+            }
         result["model_version"] = art.metadata.get("version")
     if "popular" in baselines:
         scorers["popular"] = popularity_scorer(split_data.train, dataset.num_items)
@@ -183,4 +229,7 @@ def evaluate(
         metrics = evaluate_scorer(scorer, cases, dataset.num_items, filter_seen=filter_seen)
         metrics["seconds"] = round(time.perf_counter() - start, 2)
         result[name] = metrics
+    if "model_as_served" in result:
+        full, served = result["model"]["ndcg@10"], result["model_as_served"]["ndcg@10"]  # type: ignore[index]
+        result["served_ndcg_loss"] = round(1 - served / full, 4) if full else 0.0
     return result

@@ -39,6 +39,7 @@ class ItemIndex:
         self._index = index if index is not None else self._empty(dim, kind)
         self._gpu_res: object | None = None
         self._dense: tuple[torch.Tensor, torch.Tensor] | None = None  # (vectors, ids) of a small flat index
+        self._hidden: tuple[np.ndarray, torch.Tensor] | None = None  # the last allowed and its mask
 
     @staticmethod
     def _empty(dim: int, kind: IndexKind, nlist: int = 1) -> faiss.Index:
@@ -84,7 +85,7 @@ class ItemIndex:
         self._index.add_with_ids(
             np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)
         )
-        self._dense = None
+        self._dense = self._hidden = None
 
     def search(
         self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
@@ -140,13 +141,7 @@ class ItemIndex:
             stored = faiss.rev_swig_ptr(flat.get_xb(), n * flat.d).reshape(n, flat.d).copy()
             self._dense = torch.from_numpy(stored), torch.from_numpy(faiss.vector_to_array(mapped.id_map))
         vectors, ids = self._dense
-        hidden: torch.Tensor | None = None  # -inf where an item may not be found
-        if allowed is not None:
-            rows = ids.numpy()
-            ok = np.zeros(len(rows), dtype=bool)
-            inside = rows < len(allowed)
-            ok[inside] = np.asarray(allowed, dtype=bool)[rows[inside]]
-            hidden = torch.from_numpy(np.where(ok, 0.0, -np.inf).astype(np.float32))
+        hidden = None if allowed is None else self._hidden_rows(np.asarray(allowed, dtype=bool), ids)
         scores = np.empty((len(queries), k), dtype=np.float32)
         found = np.empty((len(queries), k), dtype=np.int64)
         step = max(1, DENSE_CHUNK_SCORES // len(ids))
@@ -161,6 +156,21 @@ class ItemIndex:
         if hidden is not None:
             found[~np.isfinite(scores)] = -1  # fewer allowed items than asked for: as FAISS answers
         return scores, found
+
+    def _hidden_rows(self, allowed: np.ndarray, ids: torch.Tensor) -> torch.Tensor:
+        """-inf for each row of the dense table whose item may not be found, else 0: kept while ``allowed``
+        stays the same (a catalogue changes far less often than a one-user search runs: building it cost
+        more than scoring one user)."""
+        kept = self._hidden
+        if kept is not None and kept[0].shape == allowed.shape and np.array_equal(kept[0], allowed):
+            return kept[1]
+        rows = ids.numpy()
+        ok = np.zeros(len(rows), dtype=bool)
+        inside = rows < len(allowed)
+        ok[inside] = allowed[rows[inside]]
+        hidden = torch.from_numpy(np.where(ok, 0.0, -np.inf).astype(np.float32))
+        self._hidden = allowed.copy(), hidden
+        return hidden
 
     @property
     def size(self) -> int:

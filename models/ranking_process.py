@@ -23,12 +23,14 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from streamrec.models.item_map import ItemMap, RankedArrays, ServesItemMap
 from streamrec.records import CatalogItem, RankedBatch, UserState
 
 log = logging.getLogger(__name__)
+
+Precision = Literal["auto", "float32", "bfloat16"]  # models.serving's, without importing torch here
 
 START_TIMEOUT_S = 300.0  # loading torch, the model and the index in a fresh interpreter
 
@@ -37,12 +39,12 @@ class RankingProcessError(RuntimeError):
     """The ranking process did not start, or exited."""
 
 
-def _serve(conn: Connection, model_dir: str, device: str, threads: int) -> None:
+def _serve(conn: Connection, model_dir: str, device: str, threads: int, precision: Precision) -> None:
     """The child: load the model, then answer rank requests and apply upserts until the pipe closes."""
     from streamrec.models.serving import Recommender, set_threads  # torch is the child's alone
 
     set_threads(threads)
-    recommender = Recommender.load(Path(model_dir), device=device)
+    recommender = Recommender.load(Path(model_dir), device=device, precision=precision)
     conn.send("ready")
     while True:
         try:
@@ -71,8 +73,11 @@ class ProcessRecommender(ServesItemMap):
     """A ``Recommender`` whose ranking runs in a child process (see the module docstring). Thread-safe: one
     request at a time goes through the pipe; a ranking holds it from ``prepare`` until its answer is in."""
 
-    def __init__(self, model_dir: Path, device: str = "cpu", threads: int = 1) -> None:
+    def __init__(
+        self, model_dir: Path, device: str = "cpu", threads: int = 1, precision: Precision = "auto"
+    ) -> None:
         self._model_dir, self._device, self._threads = Path(model_dir), device, threads
+        self._precision: Precision = precision
         self._items = ItemMap.load(self._model_dir)
         # Every item upserted, its last write, in order of first appearance: a restarted child gets them again
         # in one upsert and appends the new ones in the order the item map did (bounded by the catalogue).
@@ -86,7 +91,7 @@ class ProcessRecommender(ServesItemMap):
         conn, child_end = context.Pipe()
         process = context.Process(
             target=_serve,
-            args=(child_end, str(self._model_dir), self._device, self._threads),
+            args=(child_end, str(self._model_dir), self._device, self._threads, self._precision),
             name="streamrec-ranking",
             daemon=True,
         )

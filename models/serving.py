@@ -4,26 +4,31 @@ catalogue, and turn a micro-batch of user states into ranked, explained recommen
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from streamrec.models import artifacts
 from streamrec.models.data import PAD
+from streamrec.models.encoder import SequenceEncoder
 from streamrec.models.index import ItemIndex
 from streamrec.models.item_map import DEFAULT_SERVE_LEN, ItemMap, RankedArrays, RankInputs, ServesItemMap
-from streamrec.models.sequences import hidden_states
+from streamrec.models.sequences import LOW_PRECISION_MIN_USERS, serving_vectors
 from streamrec.models.text import MiniLMEmbedder
-from streamrec.models.train import resolve_device
+from streamrec.models.train import native_bf16, resolve_device
 from streamrec.records import CatalogItem, EventKind, RankedBatch, Reason, RecommendedItem, UserState
 
 _PURCHASE_INT = int(EventKind.PURCHASE)
+
+Precision = Literal["auto", "float32", "bfloat16"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 _threads = threading.local()  # per calling thread: whether FAISS's OpenMP thread count is set there
 _serving_threads: int | None = None
@@ -45,6 +50,15 @@ def _faiss_threads_here() -> None:
 
         faiss.omp_set_num_threads(_serving_threads)
         _threads.faiss = _serving_threads
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype:
+    """The served encoder's precision. ``auto``: bfloat16 on a CPU whose matrix units run it natively (AMX or
+    AVX-512 BF16), else float32: docs/performance.md, round 15, gives its speed and its cost in NDCG@10. On
+    CUDA ``auto`` stays float32: no GPU was lent to measure it. Item scores are float32 either way."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cpu" and native_bf16() else torch.float32
+    return _DTYPES[precision]
 
 
 @dataclass(frozen=True)
@@ -103,9 +117,12 @@ class Recommender(ServesItemMap):
         index_version: str,
         device: torch.device,
         serve_len: int,
+        precision: torch.dtype = torch.float32,
     ) -> None:
         self._model = art.model.to(device).eval()
         self._device = device
+        self.precision = precision
+        self._encoder = self.serving_encoder(self._model, precision)
         self._embedder = art.embedder
         self._items = ItemMap(
             art.items.ids,
@@ -124,6 +141,7 @@ class Recommender(ServesItemMap):
             vecs = self._model.item_vectors()
         self._vectors = vecs.cpu().numpy().astype(np.float32)
         self._vectors_t = vecs
+        self._table_t = vecs.to(precision)  # the encoder's input table
         self._unit = _unit(self._vectors)
         # Content-only vectors are shorter than trained ones and dot products reward length, so a new item's
         # content is scaled to a trained item's typical length (Beauty cold targets: HR@10 0 -> .08).
@@ -146,16 +164,28 @@ class Recommender(ServesItemMap):
         self._lock = threading.RLock()
         self.last_timings: dict[str, float] = {}  # seconds per phase of the last recommend() call
 
+    @staticmethod
+    def serving_encoder(model: SequenceEncoder, precision: torch.dtype) -> SequenceEncoder:
+        """The blocks that encode users, in the serving precision: the model itself, or a copy of it (the
+        float32 model still makes the item, content and query vectors)."""
+        return model if precision == torch.float32 else copy.deepcopy(model).to(precision)
+
     # --- loading --------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, model_dir: Path, device: str = "auto", serve_len: int = DEFAULT_SERVE_LEN) -> Recommender:
+    def load(
+        cls,
+        model_dir: Path,
+        device: str = "auto",
+        serve_len: int = DEFAULT_SERVE_LEN,
+        precision: Precision = "auto",
+    ) -> Recommender:
         dev = resolve_device(device)
         art = artifacts.load(Path(model_dir), device=str(dev))
         index, index_version = ItemIndex.load(Path(model_dir))
         if isinstance(art.embedder, MiniLMEmbedder):
             art.embedder.warm()
         index.to_gpu_if_available() if dev.type == "cuda" else None
-        return cls(art, index, index_version, dev, serve_len)
+        return cls(art, index, index_version, dev, serve_len, resolve_precision(precision, dev))
 
     def _rank_popular(self) -> np.ndarray:
         order = np.argsort(-self._popularity, kind="stable")
@@ -216,6 +246,7 @@ class Recommender(ServesItemMap):
                 self._in_stock = np.concatenate([self._in_stock, [bool(i.in_stock) for i in new_items]])
                 self._vectors = np.concatenate([self._vectors, vectors])
                 self._vectors_t = torch.from_numpy(self._vectors).to(self._device)
+                self._table_t = self._vectors_t.to(self.precision)
                 self._unit = _unit(self._vectors)
                 self._popularity = np.concatenate([self._popularity, np.zeros(len(new_items), np.float32)])
                 self._popular_order = self._rank_popular()
@@ -275,16 +306,17 @@ class Recommender(ServesItemMap):
             qtable, qspace, qtext = self._query_tables(queries)
             t1 = clock()
             with torch.inference_mode():
-                h = hidden_states(
+                small = len(warm) < LOW_PRECISION_MIN_USERS
+                h = serving_vectors(
                     self._model,
+                    self._model if small else self._encoder,
                     torch.from_numpy(items),
                     torch.from_numpy(kinds),
                     torch.from_numpy(qids),
                     qtable,
-                    self._vectors_t,
-                    last=True,
+                    self._vectors_t if small else self._table_t,
                 )
-            user_vecs = h.float().cpu().numpy()
+            user_vecs = h.cpu().numpy()
             t2 = clock()
             most_excluded = max(len(excluded[i]) for i in warm)
             fetch = min(self._index.size, k + most_excluded + 8)

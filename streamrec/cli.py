@@ -374,6 +374,12 @@ def eval_cmd(
     ),
     baselines: str = typer.Option("popular,itemknn", help="Comma-separated baselines (popular, itemknn)."),
     split: str = typer.Option("test", help="test | valid."),
+    as_served: bool = typer.Option(
+        True,
+        "--as-served/--model-only",
+        help="Also score the model as the worker serves it (its serving window and precision) and report "
+        "what that costs in NDCG@10 (served_ndcg_loss).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object only."),
 ) -> None:
     """Leave-one-out evaluation with full ranking: HR@10/20, NDCG@10/20, coverage, users evaluated."""
@@ -384,7 +390,15 @@ def eval_cmd(
 
     model_dir = model or model_registry.current(settings_from_env().model_registry)
     names = [b for b in baselines.split(",") if b]
-    result = evaluate(data, model_dir, baselines=names, filter_seen=filter_seen, split=split)
+    result = evaluate(
+        data,
+        model_dir,
+        baselines=names,
+        filter_seen=filter_seen,
+        split=split,
+        as_served=as_served,
+        precision=settings_from_env().serving_precision,
+    )
     if as_json:
         print(json.dumps(result))
     else:

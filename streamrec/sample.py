@@ -142,8 +142,12 @@ class ShopperSimulator:
         )
         roll = self.rng.random()
         if shopper.last_item is None and roll < 0.35:
-            nouns, adjectives = CATEGORIES[category]
-            query = f"{self.rng.choice(adjectives)} {self.rng.choice(nouns)}"
+            vocabulary = CATEGORIES.get(category)
+            if vocabulary is None:  # a catalogue of its own (the bench's): a search for an item's title
+                query = self.catalog[self.rng.choice(self.by_category[category])].title.lower()
+            else:
+                nouns, adjectives = vocabulary
+                query = f"{self.rng.choice(adjectives)} {self.rng.choice(nouns)}"
             return Event(kind=EventKind.SEARCH, query=query, **base)  # type: ignore[arg-type]
         idx = self._pick(shopper, category)
         item = self.catalog[idx]

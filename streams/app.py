@@ -63,12 +63,17 @@ def load_recommender(settings: Settings, model_dir: Path | None = None) -> Recom
     if settings.ranking_process:
         from streamrec.models.ranking_process import ProcessRecommender
 
-        return ProcessRecommender(Path(path), device=settings.device, threads=settings.serving_threads)
+        return ProcessRecommender(
+            Path(path),
+            device=settings.device,
+            threads=settings.serving_threads,
+            precision=settings.serving_precision,
+        )
     from streamrec.models.serving import Recommender as ModelRecommender
     from streamrec.models.serving import set_threads
 
     set_threads(settings.serving_threads)
-    return ModelRecommender.load(Path(path), device=settings.device)
+    return ModelRecommender.load(Path(path), device=settings.device, precision=settings.serving_precision)
 
 
 def ranking_process_health(recommender: Recommender) -> dict[str, Any] | None:

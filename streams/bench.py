@@ -33,7 +33,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from rich.console import Console
 
 from streamrec import native
-from streamrec.records import HistoryEntry, UserState
+from streamrec.records import CatalogItem, HistoryEntry, UserState
 from streamrec.sample import ShopperSimulator, sample_catalog
 from streamrec.serde import AvroCodec, DecodeError
 from streamrec.settings import Settings
@@ -530,10 +530,13 @@ def follow_recommendations(settings: Settings, arrivals: Arrivals, stop: threadi
 class BrokerBench:
     """Embedded broker, one worker process, a backlog, then fixed offered loads."""
 
-    def __init__(self, settings: Settings, config: BenchConfig, console: Console) -> None:
+    def __init__(
+        self, settings: Settings, config: BenchConfig, console: Console, catalog: list[CatalogItem]
+    ) -> None:
         self.settings = settings
         self.config = config
         self.console = console
+        self.catalog = catalog  # what the shoppers browse (``bench_catalog``)
         self.results: dict[str, Any] = {}
         self.rss_samples: list[dict[str, float]] = []
 
@@ -547,20 +550,28 @@ class BrokerBench:
             )
             create_topics(settings)
             with EventProducer(settings) as producer:
-                publish_catalog(producer, sample_catalog())
-            backlog = 0
-            if "throughput" in cfg.parts or "ceiling" in cfg.parts:
-                backlog = self._preload(settings, settings.seed)
-            # The backlog is on the topic before the worker starts, so the catalogue agent and the event
-            # stage race: the catalogue check is off here (the model knows the sample catalogue anyway).
+                publish_catalog(producer, self.catalog)
+            # A shop's catalogue is in before its traffic: the worker starts, takes the whole catalogue
+            # (12,000 records of a real one take faust's catalogue agent seconds), and is paused (SIGSTOP; a
+            # session timeout the pause stays within) while the backlog is produced. The catalogue check
+            # is off: the bench's shoppers browse the catalogue the model knows.
             worker = WorkerProcess(
-                settings.model_copy(update={"reject_unknown_items": False}),
+                settings.model_copy(update={"reject_unknown_items": False, "session_timeout_ms": 60_000}),
                 settings.data_dir / "worker-0",
                 "worker-0",
                 workdir / "worker-0.log",
             )
             try:
                 worker.start().wait_ready(timeout_s=180)
+                worker.wait_catalog(len(self.catalog), timeout_s=180)
+                backlog = 0
+                if "throughput" in cfg.parts or "ceiling" in cfg.parts:
+                    assert worker.process is not None
+                    worker.process.send_signal(signal.SIGSTOP)
+                    try:
+                        backlog = self._preload(settings, settings.seed)
+                    finally:
+                        worker.process.send_signal(signal.SIGCONT)
                 assert worker.pid is not None and broker.process is not None
                 roles = partial(bench_roles, broker.process.pid, worker.pid)
                 with CpuSampler(roles) as cpu:
@@ -590,7 +601,6 @@ class BrokerBench:
                     self.results["throughput"]["events_per_s"], self.results["ceiling"]["events_per_s"]
                 )
         if "latency" in cfg.parts:
-            worker.wait_catalog(len(sample_catalog()), timeout_s=60)
             self.results["latency"] = self._latency(settings, worker, cpu)
         self.results["worker_memory"] = {
             **process_memory_mb(worker.pid),
@@ -684,7 +694,7 @@ class BrokerBench:
     def _preload(self, settings: Settings, seed: int) -> int:
         cfg = self.config
         self.console.print(f"preloading {cfg.events:,} events from {cfg.users:,} simulated shoppers ...")
-        simulator = ShopperSimulator(sample_catalog(), users=cfg.users, seed=seed)
+        simulator = ShopperSimulator(self.catalog, users=cfg.users, seed=seed)
         now = time.time_ns() // 1_000_000
         with EventProducer(settings, config={"linger.ms": 50, "batch.size": 1_000_000}) as producer:
             for n in range(cfg.events):
@@ -851,6 +861,7 @@ class BrokerBench:
                     seconds=cfg.load_seconds,
                     with_catalog=False,
                     seed=settings.seed + 1 + i,
+                    catalog=self.catalog,
                 )
                 end_ms = time.time() * 1000
                 self._settle(arrivals)
@@ -923,10 +934,13 @@ class BrokerBench:
 # --- RocksDB state size ------------------------------------------------------------------------------------
 
 
-def realistic_states(settings: Settings, templates: int = 2_000) -> list[UserState]:
-    """Users with full histories (50 events by default) from the shopper simulator."""
+def realistic_states(
+    settings: Settings, templates: int = 2_000, catalog: list[CatalogItem] | None = None
+) -> list[UserState]:
+    """Users with full histories (50 events by default) from the shopper simulator, browsing ``catalog``
+    (default: the sample catalogue)."""
     limits = StateLimits(settings.history_length, settings.max_purchased, settings.dedupe_window)
-    simulator = ShopperSimulator(sample_catalog(), users=templates, seed=settings.seed)
+    simulator = ShopperSimulator(catalog or sample_catalog(), users=templates, seed=settings.seed)
     states: dict[str, UserState] = {}
     now = time.time_ns() // 1_000_000
     events = templates * max(settings.history_length, settings.dedupe_window) + templates * 20
@@ -955,7 +969,7 @@ def state_size(settings: Settings, user_counts: Sequence[int], workdir: Path) ->
                     user_id=f"user-{u:08d}",
                     history=[HistoryEntry(h.kind, h.timestamp + u, h.item_id, h.query) for h in t.history],
                     purchased=list(t.purchased),
-                    seen_event_ids=[rng.getrandbits(64) - 2**63 for _ in t.seen_event_ids],
+                    seen_event_ids=[rng.getrandbits(48) - 2**47 for _ in t.seen_event_ids],
                     clicks=t.clicks,
                     searches=t.searches,
                     purchases=t.purchases,
@@ -990,7 +1004,46 @@ def state_size(settings: Settings, user_counts: Sequence[int], workdir: Path) ->
 # --- the whole run ---------------------------------------------------------------------------------------
 
 
-def _model_part(settings: Settings, model_dir: Path, config: BenchConfig) -> dict[str, Any]:
+def bench_catalog(model_dir: Path, categories: int = 48) -> list[CatalogItem]:
+    """The catalogue the bench's shoppers browse: the sample catalogue for a model that knows all of it (the
+    demo's sample model); else the served model's own items, so that every window is one of real items:
+    ids, titles and stock from the model directory, grouped into ``categories`` of items the model holds
+    alike (k-means of its item vectors) and listed most popular first, so that the simulator's Zipf head is
+    the data's head and a shopper browsing on goes to a similar item."""
+    import faiss
+    import torch
+
+    from streamrec.models import artifacts
+
+    sample = sample_catalog()
+    art = artifacts.load(model_dir)
+    ids = art.items.ids
+    if {item.item_id for item in sample} <= set(ids):
+        return sample
+    with torch.inference_mode():
+        vectors = np.ascontiguousarray(art.model.item_vectors()[1:].numpy(), dtype=np.float32)
+    kmeans = faiss.Kmeans(vectors.shape[1], min(categories, len(ids)), niter=10, seed=7)
+    kmeans.train(vectors)
+    group = kmeans.index.search(vectors, 1)[1][:, 0]
+    popularity = np.zeros(len(ids) + 1, dtype=np.float32)
+    popularity[: len(art.popularity)] = art.popularity[: len(ids) + 1]  # row 0 is padding
+    rng = random.Random(7)
+    return [
+        CatalogItem(
+            item_id=ids[i],
+            title=art.items.titles[i] or ids[i],
+            category=f"group-{int(group[i]):02d}",
+            price=round(rng.uniform(4, 250), 2),
+            in_stock=art.items.in_stock[i],
+            updated_at=0,
+        )
+        for i in np.argsort(-popularity[1:], kind="stable").tolist()
+    ]
+
+
+def _model_part(
+    settings: Settings, model_dir: Path, config: BenchConfig, catalog: list[CatalogItem]
+) -> dict[str, Any]:
     import torch
 
     from streamrec.models.encoder import EncoderConfig
@@ -998,7 +1051,7 @@ def _model_part(settings: Settings, model_dir: Path, config: BenchConfig) -> dic
     from streamrec.models.serving import Recommender
 
     recommender = Recommender.load(model_dir, device="cpu")
-    users = realistic_states(settings, templates=500)
+    users = realistic_states(settings, templates=500, catalog=catalog)
     result: dict[str, Any] = {
         "torch_threads": torch.get_num_threads(),
         "sample_model": {
@@ -1026,6 +1079,7 @@ def run_bench(settings: Settings, config: BenchConfig, console: Console) -> dict
     if "model_registry" not in settings.model_fields_set:  # not configured: the bench's own sample model
         settings = settings.model_copy(update={"model_registry": config.out_dir / "models"})
     model_dir = ensure_sample_model(settings, config.out_dir, console)
+    catalog = bench_catalog(model_dir)
     started = time.monotonic()
     result: dict[str, Any] = {
         "command": "streamrec bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "streamrec bench",
@@ -1036,16 +1090,17 @@ def run_bench(settings: Settings, config: BenchConfig, console: Console) -> dict
             for k in ("batch_size", "batch_wait_ms", "partitions", "history_length", "top_k", "device")
         },
         "model": model_dir.name,
+        "catalog_items": len(catalog),
         "hot_path": native.active(),  # "compiled" (mypyc, `make install`) or "source" per module
     }
     if BROKER_PARTS & set(config.parts):
-        result |= BrokerBench(settings, config, console).run(settings.model_registry)
+        result |= BrokerBench(settings, config, console, catalog).run(settings.model_registry)
     if "memory" in config.parts:
         console.print(f"RocksDB state size for {', '.join(f'{u:,}' for u in config.state_users)} users ...")
         result["state_size"] = state_size(settings, config.state_users, config.out_dir)
     if "models" in config.parts:
         console.print("encoder and recommend() by batch size ...")
-        result["models"] = _model_part(settings, model_dir, config)
+        result["models"] = _model_part(settings, model_dir, config, catalog)
     if "index" in config.parts:
         from streamrec.models.perf import index_timings
 

@@ -226,7 +226,7 @@ def compare(
     served = read_served(settings, served_topic or settings.recommendations_topic, wanted)
     limits = StateLimits(settings.history_length, settings.max_purchased, settings.dedupe_window)
     comparison = build_pairs(records, filters, served, k, limits)
-    candidate = Recommender.load(model_dir, device=settings.device)
+    candidate = Recommender.load(model_dir, device=settings.device, precision=settings.serving_precision)
     candidate.upsert_items(read_catalog(settings))
     ranked: list[list[str]] = []
     states = [p.state for p in comparison.pairs]

@@ -42,12 +42,14 @@ def simulate(
     seed: int = 42,
     should_stop: Callable[[], bool] = lambda: False,
     stats: TrafficStats | None = None,
+    catalog: list[CatalogItem] | None = None,
 ) -> TrafficStats:
     """Send events at ``rate`` per second for ``seconds``; every ``bad_every``-th record is a bad one.
+    Shoppers browse ``catalog`` (default: the sample catalogue).
 
     ``stats`` is updated as it goes, so another thread can show progress.
     """
-    catalog = sample_catalog()
+    catalog = catalog if catalog is not None else sample_catalog()
     simulator = ShopperSimulator(catalog, users=users, seed=seed)
     stats = stats if stats is not None else TrafficStats()
     with EventProducer(settings) as producer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 import shutil
 import threading
 from dataclasses import replace
@@ -11,12 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamrec.models import registry, synthetic
+from streamrec.models.evaluate import evaluate
 from streamrec.models.item_map import ItemMap
-from streamrec.models.serving import Recommender, SearchSteering
+from streamrec.models.sequences import LOW_PRECISION_MIN_USERS, SERVING_CHUNK_USERS
+from streamrec.models.serving import Recommender, SearchSteering, resolve_precision
 from streamrec.models.train import TrainConfig, train
 from streamrec.records import CatalogItem, Event, EventKind, HistoryEntry, UserState
 from streamrec.state import StateLimits, apply_event
@@ -37,7 +41,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture()
 def rec(model_dir: Path) -> Recommender:
-    return Recommender.load(model_dir, device="cpu")
+    return Recommender.load(model_dir, device="cpu", precision="float32")  # the reference's precision
 
 
 def clicks(*items: str) -> list[HistoryEntry]:
@@ -387,3 +391,101 @@ def test_the_batched_fast_path_equals_the_per_user_reference(
     rec.upsert_items([replace(t, in_stock=t.item_id not in gone) for t in TENTS])
     rec.search_steering = steering
     assert rec.recommend(users, k) == reference_recommend(rec, users, k)
+
+
+def browsing_shoppers(n: int, seed: int = 3) -> list[UserState]:
+    rng = random.Random(seed)
+    return [
+        UserState(
+            f"u{u}", clicks(*rng.sample(CATEGORY_ITEMS, rng.randint(1, 16))), [rng.choice(CATEGORY_ITEMS)]
+        )
+        for u in range(n)
+    ]
+
+
+def test_a_batch_larger_than_the_encoder_chunk_ranks_each_user_as_alone(rec: Recommender) -> None:
+    """The encoder runs a big batch in chunks (SERVING_CHUNK_USERS): no user's ranking depends on which chunk
+    or batch it shares."""
+    users = browsing_shoppers(SERVING_CHUNK_USERS * 2 + 37)
+    whole = rec.recommend(users, 10)
+    alone = [
+        items for start in range(0, len(users), 50) for items in rec.recommend(users[start : start + 50], 10)
+    ]
+    assert [[i.item_id for i in row] for row in whole] == [[i.item_id for i in row] for row in alone]
+    assert np.allclose(
+        [[i.score for i in row] for row in whole], [[i.score for i in row] for row in alone], atol=1e-4
+    )
+
+
+def test_bfloat16_serving_recommends_what_float32_does(model_dir: Path, rec: Recommender) -> None:
+    """The bfloat16 encoder (``serving_precision``) is a speed-up, not another model: its top 10 is
+    float32's, bar near-ties, and its scores are within bfloat16's rounding of float32's."""
+    fast = Recommender.load(model_dir, device="cpu", precision="bfloat16")
+    assert fast.precision == torch.bfloat16 and rec.precision == torch.float32
+    users = browsing_shoppers(300)
+    exact, approx = rec.recommend(users, 10), fast.recommend(users, 10)
+    overlap = [
+        len({i.item_id for i in a} & {i.item_id for i in b}) / 10 for a, b in zip(exact, approx, strict=True)
+    ]
+    assert np.mean(overlap) >= 0.95
+    assert np.allclose([r[0].score for r in exact], [r[0].score for r in approx], rtol=0.05, atol=0.05)
+    few = users[: LOW_PRECISION_MIN_USERS - 1]  # a small batch: float32's own answer, cheaper there
+    assert fast.recommend(few, 10) == rec.recommend(few, 10)
+
+
+def test_auto_precision_is_bfloat16_only_where_the_cpu_runs_it_natively(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from streamrec.models import serving
+
+    for native in (True, False):
+        monkeypatch.setattr(serving, "native_bf16", lambda native=native: native)
+        assert resolve_precision("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
+    assert resolve_precision("float32", torch.device("cpu")) == torch.float32
+    assert resolve_precision("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_eval_scores_the_model_as_the_worker_serves_it(model_dir: Path, tmp_path: Path) -> None:
+    """`streamrec eval` also scores the served path (newest ``serve_len`` events, last position, serving
+    precision): over the model's whole window in float32 it is the model itself; a shorter window or
+    bfloat16 is reported with its loss against the full model."""
+    data = synthetic.write(tmp_path / "data")
+    max_len = json.loads((model_dir / "config.json").read_text())["encoder"]["max_len"]
+    whole = evaluate(data, model_dir, baselines=(), serve_len=max_len, precision="float32")
+    assert whole["served"] == {"serve_len": max_len, "precision": "float32"}
+    full, served = whole["model"], whole["model_as_served"]
+    assert served["ndcg@10"] == pytest.approx(full["ndcg@10"], abs=1e-3)  # type: ignore[index]
+    short = evaluate(data, model_dir, baselines=(), serve_len=2, precision="bfloat16")
+    assert short["served"] == {"serve_len": 2, "precision": "bfloat16"}
+    expected = 1 - short["model_as_served"]["ndcg@10"] / short["model"]["ndcg@10"]  # type: ignore[index]
+    assert short["served_ndcg_loss"] == pytest.approx(expected, abs=1e-4)
+    assert "model_as_served" not in evaluate(data, model_dir, baselines=(), as_served=False)
+
+
+def test_the_bench_browses_the_served_models_own_catalogue(model_dir: Path) -> None:
+    """`streamrec bench` with a model that is not the sample model: its shoppers browse the model's own
+    items (issue 30: every window a real one), most popular first in each group of alike items, and
+    search for items' titles."""
+    from streamrec.models import artifacts
+    from streamrec.sample import ShopperSimulator
+    from streamrec.streams.bench import bench_catalog
+
+    art = artifacts.load(model_dir)
+    catalog = bench_catalog(model_dir, categories=5)
+    assert sorted(i.item_id for i in catalog) == sorted(art.items.ids)
+    assert len({i.category for i in catalog}) == 5
+    popularity = [float(art.popularity[art.items.ids.index(i.item_id) + 1]) for i in catalog]
+    assert popularity == sorted(popularity, reverse=True)
+    # Items the model holds alike share a group: most of a group is one of the synthetic categories.
+    groups: dict[str | None, list[str]] = {}
+    for item in catalog:
+        groups.setdefault(item.category, []).append(item.item_id.split("-")[0])
+    purity = sum(max(map(members.count, members)) for members in groups.values()) / len(catalog)
+    assert purity >= 0.7
+    simulator = ShopperSimulator(catalog, users=50, seed=1)
+    events = [simulator.next_event(1_000 + n) for n in range(500)]
+    known = set(art.items.ids)
+    assert all(e.item_id in known for e in events if e.item_id is not None)
+    titles = {i.title.lower() for i in catalog}
+    assert {e.query for e in events if e.query is not None} <= titles
+    assert any(e.query for e in events)

@@ -18,6 +18,8 @@ from streamrec.state import (
     decode_state,
     encode_state,
     encode_state_bytes,
+    event_id_hash,
+    seen_ids,
     state_to_avro,
 )
 
@@ -53,6 +55,22 @@ def test_duplicate_event_id_is_not_applied_twice() -> None:
     state, applied = apply_event(state, click(1, "a"), LIMITS)
     assert not applied
     assert len(state.history) == 1 and state.clicks == 1
+
+
+def test_a_state_remembers_48_bit_ids_and_still_knows_the_64_bit_ones_written_before() -> None:
+    """Seen ids shrank to 48 bits (issue 30: 7 bytes each as a varint, not 10); a state written before holds
+    64-bit ones, and an event it remembers that way is still a duplicate after the upgrade."""
+    state, _ = apply_event(None, click(1), LIMITS)
+    [kept] = state.seen_event_ids
+    assert -(2**47) <= kept < 2**47 and (kept, event_id_hash("e1")) == seen_ids("e1")
+    assert kept == int.from_bytes(
+        event_id_hash("e1").to_bytes(8, "little", signed=True)[:6], "little", signed=True
+    )
+    old = UserState("u1", seen_event_ids=[event_id_hash("e2")])  # remembered before the upgrade
+    old, applied = apply_event(old, click(2), LIMITS)
+    assert not applied and old.clicks == 0
+    old, applied = apply_event(old, click(3), LIMITS)
+    assert applied and old.seen_event_ids[-1] == seen_ids("e3")[0]
 
 
 def test_state_stays_bounded() -> None:
