@@ -6,9 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streamrec.models import index as index_module
-from streamrec.models.index import ItemIndex
+from streamrec.models.index import BLOCK, ItemIndex, top_k
 from streamrec.models.perf import exact_top_k, index_timings, recall_at_k
 
 
@@ -69,7 +72,7 @@ def test_measured_recall_is_against_an_exact_reference_that_shares_no_code_with_
 ) -> None:
     rows = index_timings((2_000,), ("flat", "hnsw"), (1, 50), dim=16, recall_queries=50)
     flat, hnsw = rows
-    assert flat["recall_at_10"] == 1.0 and flat["search"] == "torch matmul + topk (exact)"
+    assert flat["recall_at_10"] == 1.0 and flat["search"] == "torch matmul + block-maxima top-k (exact)"
     assert 0 < hnsw["recall_at_10"] <= 1.0 and hnsw["search"].startswith("FAISS IndexHNSWFlat")
     monkeypatch.setattr(index_module, "DENSE_MAX_ITEMS", 1_000)  # past it, FAISS's own flat search answers
     assert index_timings((2_000,), ("flat",), (1,), dim=16)[0]["search"] == "FAISS IndexFlatIP (exact)"
@@ -84,3 +87,30 @@ def test_measured_recall_is_against_an_exact_reference_that_shares_no_code_with_
     monkeypatch.setattr(ItemIndex, "search", off_by_one)
     assert index_timings((2_000,), ("flat",), (1,), dim=16)[0]["recall_at_10"] == 0.9
     assert recall_at_k(np.array([[1, 2], [3, 4]]), np.array([[2, 1], [3, 5]])) == 0.75
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 5),
+    blocks=st.integers(1, 40),
+    k=st.integers(1, 20),
+    hidden_share=st.sampled_from([0.0, 0.5, 0.95]),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_the_block_maxima_top_k_is_torch_topk(
+    rows: int, blocks: int, k: int, hidden_share: float, ties: bool, seed: int
+) -> None:
+    """``top_k`` looks closely only at the k blocks with the best maxima: the same scores as a full top-k,
+    best first, each at a column that holds it; -inf (items that may not be found) where fewer are left."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(rows, blocks * BLOCK, generator=generator)
+    if ties:
+        scores = scores.round()  # many equal scores: either of two equal ones may be taken
+    scores[torch.rand(scores.shape, generator=generator) < hidden_share] = -torch.inf
+    k = min(k, scores.shape[1])
+    values, columns = top_k(scores, k)
+    expected = torch.topk(scores, k, dim=1).values
+    assert torch.equal(values, expected)
+    assert torch.equal(scores.gather(1, columns), values)
+    assert all(len(set(row)) == k for row in columns.tolist())  # no column twice
