@@ -367,6 +367,8 @@ def test_catalogue_upserts_and_model_updates_are_validated_by_the_worker(cluster
     )
 
 
+# A restart (55 s) runs in `make test-reliability` with the other faults: `make test` keeps to 15 minutes.
+@pytest.mark.reliability
 def test_a_restarted_worker_has_its_catalogue_model_and_erasures_before_it_takes_events(
     cluster: Cluster, tmp_path: Path
 ) -> None:
