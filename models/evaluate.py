@@ -13,7 +13,7 @@ import torch
 
 from streamrec.models import artifacts
 from streamrec.models.data import PAD, Interactions, Step, leave_one_out, load
-from streamrec.models.item_map import DEFAULT_SERVE_LEN
+from streamrec.models.item_map import DEFAULT_SERVE_LEN, Precision
 from streamrec.models.sequences import pad_batch, query_table, seen_items, serving_vectors, user_vectors
 
 KS = (10, 20)
@@ -135,17 +135,13 @@ def model_scorer(art: artifacts.Artifacts, seqs_for_queries: Sequence[Sequence[S
 
 
 def served_scorer(
-    art: artifacts.Artifacts, seqs_for_queries: Sequence[Sequence[Step]], serve_len: int, precision: str
+    art: artifacts.Artifacts, seqs_for_queries: Sequence[Sequence[Step]], serve_len: int, dtype: torch.dtype
 ) -> Scorer:
     """The model as the worker serves it (``Recommender``): the newest ``serve_len`` events only, the last
-    position's vector through the encoder in the serving precision (see ``resolve_precision``)."""
-    from streamrec.models.serving import (
-        Recommender,
-        resolve_precision,
-    )  # serving imports train, which imports us
+    position's vector through the encoder in ``dtype`` (``resolve_precision``'s)."""
+    from streamrec.models.serving import Recommender  # serving imports train, which imports us
 
     model = art.model
-    dtype = resolve_precision(precision, next(model.parameters()).device)  # type: ignore[arg-type]
     encoder = Recommender.serving_encoder(model, dtype)
     embed = art.embedder.embed_queries if art.embedder is not None else None
     qindex, qtable = query_table(seqs_for_queries, embed) if embed else ({}, None)
@@ -157,7 +153,7 @@ def served_scorer(
     def score(seqs: Sequence[Sequence[Step]]) -> torch.Tensor:
         items, kinds, qids = pad_batch([s[-window:] for s in seqs], window, qindex)
         with torch.inference_mode():
-            return serving_vectors(model, encoder, items, kinds, qids, qtable, table) @ vecs.T
+            return serving_vectors(model, encoder, items, kinds, qids, qtable, vecs, table) @ vecs.T
 
     return score
 
@@ -184,7 +180,7 @@ def evaluate(
     device: str = "cpu",
     as_served: bool = True,
     serve_len: int = DEFAULT_SERVE_LEN,
-    precision: str = "auto",
+    precision: Precision = "auto",
 ) -> dict[str, object]:
     """Metrics of the model (if given) and each baseline on the test (or valid) split, as one dict. With
     ``as_served``, also the model as the worker serves it (``served_scorer``: its serving window and
@@ -209,12 +205,10 @@ def evaluate(
     if art is not None:
         scorers["model"] = model_scorer(art, [c[0] for c in cases.values()])
         if as_served:
-            scorers["model_as_served"] = served_scorer(
-                art, [c[0] for c in cases.values()], serve_len, precision
-            )
-            from streamrec.models.serving import resolve_precision
+            from streamrec.models.serving import resolve_precision  # serving imports train, which imports us
 
-            dtype = resolve_precision(precision, torch.device(device))  # type: ignore[arg-type]
+            dtype = resolve_precision(precision, torch.device(device))
+            scorers["model_as_served"] = served_scorer(art, [c[0] for c in cases.values()], serve_len, dtype)
             result["served"] = {
                 "serve_len": min(serve_len, art.config.max_len),
                 "precision": str(dtype).removeprefix("torch."),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -17,6 +17,8 @@ from streamrec.windows import Windows, windows, windows_from_bytes
 
 # Newest events fed to the encoder at serve time: cost grows with the window, quality saturates.
 DEFAULT_SERVE_LEN = 16
+# The served encoder's precision (``serving.resolve_precision``); here, where no torch is imported.
+Precision = Literal["auto", "float32", "bfloat16"]
 
 _NOTHING: set[int] = set()  # shared: never modified
 

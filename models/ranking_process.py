@@ -23,14 +23,12 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from streamrec.models.item_map import ItemMap, RankedArrays, ServesItemMap
+from streamrec.models.item_map import ItemMap, Precision, RankedArrays, ServesItemMap
 from streamrec.records import CatalogItem, RankedBatch, UserState
 
 log = logging.getLogger(__name__)
-
-Precision = Literal["auto", "float32", "bfloat16"]  # models.serving's, without importing torch here
 
 START_TIMEOUT_S = 300.0  # loading torch, the model and the index in a fresh interpreter
 

@@ -79,12 +79,16 @@ def serving_vectors(
     kinds: torch.Tensor,
     qids: torch.Tensor,
     qtable: torch.Tensor | None,
+    vectors: torch.Tensor,
     table: torch.Tensor,
 ) -> torch.Tensor:
     """The served user vectors, (B, dim) in float32: ``hidden_states(..., last=True)`` with the blocks run by
     ``encoder``, the model itself or a copy of it in another precision (``Recommender``'s bfloat16), in
-    chunks of SERVING_CHUNK_USERS. ``table``: the item vectors in the encoder's precision; queries are
-    projected by ``model`` and cast to it."""
+    chunks of SERVING_CHUNK_USERS; a batch under LOW_PRECISION_MIN_USERS by ``model`` itself. ``vectors``:
+    the item vectors in float32, ``table`` the same in the encoder's precision; queries are projected by
+    ``model`` and cast to it."""
+    if len(items) < LOW_PRECISION_MIN_USERS:
+        encoder, table = model, vectors
     device = table.device
     items, kinds, qids = items.to(device), kinds.to(device), qids.to(device)
     qspace = None

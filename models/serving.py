@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,15 +19,21 @@ from streamrec.models import artifacts
 from streamrec.models.data import PAD
 from streamrec.models.encoder import SequenceEncoder
 from streamrec.models.index import ItemIndex
-from streamrec.models.item_map import DEFAULT_SERVE_LEN, ItemMap, RankedArrays, RankInputs, ServesItemMap
-from streamrec.models.sequences import LOW_PRECISION_MIN_USERS, serving_vectors
+from streamrec.models.item_map import (
+    DEFAULT_SERVE_LEN,
+    ItemMap,
+    Precision,
+    RankedArrays,
+    RankInputs,
+    ServesItemMap,
+)
+from streamrec.models.sequences import serving_vectors
 from streamrec.models.text import MiniLMEmbedder
 from streamrec.models.train import native_bf16, resolve_device
 from streamrec.records import CatalogItem, EventKind, RankedBatch, Reason, RecommendedItem, UserState
 
 _PURCHASE_INT = int(EventKind.PURCHASE)
 
-Precision = Literal["auto", "float32", "bfloat16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 _threads = threading.local()  # per calling thread: whether FAISS's OpenMP thread count is set there
@@ -54,7 +60,7 @@ def _faiss_threads_here() -> None:
 
 def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype:
     """The served encoder's precision. ``auto``: bfloat16 on a CPU whose matrix units run it natively (AMX or
-    AVX-512 BF16), else float32: docs/performance.md, round 15, gives its speed and its cost in NDCG@10. On
+    AVX-512 BF16), else float32: docs/performance.md, round 16, gives its speed and its cost in NDCG@10. On
     CUDA ``auto`` stays float32: no GPU was lent to measure it. Item scores are float32 either way."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cpu" and native_bf16() else torch.float32
@@ -306,15 +312,15 @@ class Recommender(ServesItemMap):
             qtable, qspace, qtext = self._query_tables(queries)
             t1 = clock()
             with torch.inference_mode():
-                small = len(warm) < LOW_PRECISION_MIN_USERS
                 h = serving_vectors(
                     self._model,
-                    self._model if small else self._encoder,
+                    self._encoder,
                     torch.from_numpy(items),
                     torch.from_numpy(kinds),
                     torch.from_numpy(qids),
                     qtable,
-                    self._vectors_t if small else self._table_t,
+                    self._vectors_t,
+                    self._table_t,
                 )
             user_vecs = h.cpu().numpy()
             t2 = clock()

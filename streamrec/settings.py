@@ -326,8 +326,8 @@ class Settings(BaseSettings):
     serving_precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
         description="Precision of the served encoder. auto: bfloat16 on a CPU with native bfloat16 products "
-        "(AMX or AVX-512 BF16; the production-size encoder about 2x faster, NDCG@10 unchanged: "
-        "docs/performance.md, round 15), else float32. Item scores are float32 either way.",
+        "(AMX or AVX-512 BF16; the production-size encoder about 2x faster, NDCG@10 0.12% lower on Beauty: "
+        "docs/performance.md, round 16), else float32. Item scores are float32 either way.",
     )
     serving_threads: int = Field(
         1,
