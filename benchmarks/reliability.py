@@ -39,11 +39,12 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from streamrec.records import Recommendation
-from streamrec.sample import sample_catalog, write_sample_dataset
+from streamrec.sample import sample_catalog
 from streamrec.serde import AvroCodec
 from streamrec.settings import Settings
 from streamrec.streams.broker import EmbeddedBroker
 from streamrec.streams.client import DeliveryError, EventProducer
+from streamrec.streams.demo import train_sample_registry
 from streamrec.streams.kafka_security import client_config
 from streamrec.streams.process import WorkerProcess
 from streamrec.streams.simulate import publish_catalog
@@ -497,21 +498,6 @@ def outage(r: Rig, load: SteadyLoad, down_s: float) -> dict[str, Any]:
 SOAK_RATE = 20_000.0  # clicks/s: above what one worker applies on 2 shared cores beside the sender
 
 
-def train_sample(root: Path) -> Path:
-    from streamrec.models import registry
-    from streamrec.models.train import TrainConfig, train
-
-    data = write_sample_dataset(root / "data", users=2000, events=60_000, seed=42)
-    path = train(
-        data,
-        registry_dir=root / "registry",
-        config=TrainConfig.preset("tiny", max_minutes=10.0),
-        progress=False,
-    )
-    registry.promote(path, root / "registry", force=True)
-    return root / "registry"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -532,7 +518,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="streamrec-reliability-") as tmp:
         root = args.root or Path(tmp)
-        registry = args.registry or train_sample(root / "models")
+        registry = args.registry or train_sample_registry(root / "models")
         overrides: dict[str, Any] = (
             {"producer_delivery_timeout_ms": 5000} if args.scenario == "outage" else {}
         )

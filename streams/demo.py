@@ -52,6 +52,24 @@ class DemoFigures:
         }
 
 
+def train_sample_registry(root: Path) -> Path:
+    """A registry under ``root`` holding the sample model, trained on 60k sample events and promoted: what the
+    worker tests and the reliability benchmark serve. Returns the registry's directory."""
+    from streamrec.models import registry
+    from streamrec.models.train import TrainConfig, train
+    from streamrec.sample import write_sample_dataset
+
+    data = write_sample_dataset(root / "data", users=2000, events=60_000, seed=42)
+    path = train(
+        data,
+        registry_dir=root / "registry",
+        config=TrainConfig.preset("tiny", max_minutes=10.0),
+        progress=False,
+    )
+    registry.promote(path, root / "registry", force=True)
+    return root / "registry"
+
+
 def ensure_sample_model(settings: Settings, workdir: Path, console: Console) -> Path:
     """Train the sample model once (about a minute on CPU) and reuse it on later runs."""
     from streamrec.models import registry

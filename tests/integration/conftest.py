@@ -12,11 +12,12 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from streamrec.records import Recommendation
-from streamrec.sample import sample_catalog, write_sample_dataset
+from streamrec.sample import sample_catalog
 from streamrec.serde import AvroCodec
 from streamrec.settings import Settings
 from streamrec.streams.broker import EmbeddedBroker
 from streamrec.streams.client import EventProducer
+from streamrec.streams.demo import train_sample_registry
 from streamrec.streams.process import WorkerProcess
 from streamrec.streams.simulate import publish_catalog
 from streamrec.streams.topics import create_topics
@@ -26,19 +27,7 @@ from tests.conftest import wait_for
 @pytest.fixture(scope="session")
 def model_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny encoder trained on sample shoppers and promoted, shared by every worker test."""
-    from streamrec.models import registry
-    from streamrec.models.train import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("models")
-    data = write_sample_dataset(root / "data", users=2000, events=60_000, seed=42)
-    path = train(
-        data,
-        registry_dir=root / "registry",
-        config=TrainConfig.preset("tiny", max_minutes=10.0),
-        progress=False,
-    )
-    registry.promote(path, root / "registry", force=True)
-    return root / "registry"
+    return train_sample_registry(tmp_path_factory.mktemp("models"))
 
 
 def comparable_state(state: dict | None) -> dict | None:
