@@ -66,10 +66,6 @@ def hidden_states(
 # streaming through memory (2,000 users of the Beauty model, one thread: 250 -> 140 us each in float32,
 # 127 -> 71 in bfloat16, between 256 and 512 alike; 64 and less pay per-call overhead).
 SERVING_CHUNK_USERS = 256
-# Under this many users a batch goes through the float32 model even when a bfloat16 copy serves: its fixed
-# cost per call is higher (the Beauty model, one thread: 1 user 1.1 ms in float32, 1.7 in bfloat16; even at 8
-# users, 2.8 against 3.1; from 16 users on bfloat16 is ahead, 3x at 2,000).
-LOW_PRECISION_MIN_USERS = 16
 
 
 def serving_vectors(
@@ -79,16 +75,13 @@ def serving_vectors(
     kinds: torch.Tensor,
     qids: torch.Tensor,
     qtable: torch.Tensor | None,
-    vectors: torch.Tensor,
     table: torch.Tensor,
 ) -> torch.Tensor:
     """The served user vectors, (B, dim) in float32: ``hidden_states(..., last=True)`` with the blocks run by
     ``encoder``, the model itself or a copy of it in another precision (``Recommender``'s bfloat16), in
-    chunks of SERVING_CHUNK_USERS; a batch under LOW_PRECISION_MIN_USERS by ``model`` itself. ``vectors``:
-    the item vectors in float32, ``table`` the same in the encoder's precision; queries are projected by
-    ``model`` and cast to it."""
-    if len(items) < LOW_PRECISION_MIN_USERS:
-        encoder, table = model, vectors
+    chunks of SERVING_CHUNK_USERS. Every batch, one user too, goes through ``encoder``: a user's vector must
+    not depend on the batch it shares (`streamrec shadow` compares served lists exactly). ``table``: the
+    item vectors in the encoder's precision; queries are projected by ``model`` and cast to it."""
     device = table.device
     items, kinds, qids = items.to(device), kinds.to(device), qids.to(device)
     qspace = None

@@ -319,7 +319,6 @@ class Recommender(ServesItemMap):
                     torch.from_numpy(kinds),
                     torch.from_numpy(qids),
                     qtable,
-                    self._vectors_t,
                     self._table_t,
                 )
             user_vecs = h.cpu().numpy()
