@@ -223,16 +223,22 @@ def canary_promoted_by_rule(cluster: Cluster, first: str, version: str, sent: Co
         producer.flush()
         for user, event_id in last.items():
             cluster.output.wait_for_cause(user, event_id)
-    promoted = wait_for(
-        lambda: registry.current(settings.model_registry) == settings.model_registry / version,
+    # the log entry is written after CURRENT moves: wait for the entry, the record of why it moved
+    promotion = wait_for(
+        lambda: next(
+            (
+                e
+                for e in reversed(registry.history(settings.model_registry))
+                if e["action"] == "promote" and e["reason"].startswith("canary:")
+            ),
+            None,
+        ),
         120,
         what="rule",
     )
-    assert promoted and registry.canary(settings.model_registry) is None
-    promotion = next(
-        e for e in reversed(registry.history(settings.model_registry)) if e["action"] == "promote"
-    )
     assert promotion["version"] == version and promotion["reason"].startswith("canary: online hit rate")
+    assert registry.current(settings.model_registry) == settings.model_registry / version
+    assert registry.canary(settings.model_registry) is None
     canaried = {user for user in last if in_canary(user, 0.5)}
     assert 30 < len(canaried) < 90
     for user in last:
