@@ -153,7 +153,7 @@ def served_scorer(
     def score(seqs: Sequence[Sequence[Step]]) -> torch.Tensor:
         items, kinds, qids = pad_batch([s[-window:] for s in seqs], window, qindex)
         with torch.inference_mode():
-            return serving_vectors(model, encoder, items, kinds, qids, qtable, table) @ vecs.T
+            return serving_vectors(model, encoder, items, kinds, qids, qtable, table, window) @ vecs.T
 
     return score
 

@@ -43,6 +43,7 @@ def _serve(conn: Connection, model_dir: str, device: str, threads: int, precisio
 
     set_threads(threads)
     recommender = Recommender.load(Path(model_dir), device=device, precision=precision)
+    recommender.warm_up()
     conn.send("ready")
     while True:
         try:

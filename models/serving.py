@@ -27,7 +27,7 @@ from streamrec.models.item_map import (
     RankInputs,
     ServesItemMap,
 )
-from streamrec.models.sequences import serving_vectors
+from streamrec.models.sequences import serving_vectors, warm_up
 from streamrec.models.text import MiniLMEmbedder
 from streamrec.models.train import native_bf16, resolve_device
 from streamrec.records import CatalogItem, EventKind, RankedBatch, Reason, RecommendedItem, UserState
@@ -193,6 +193,12 @@ class Recommender(ServesItemMap):
         index.to_gpu_if_available() if dev.type == "cuda" else None
         return cls(art, index, index_version, dev, serve_len, resolve_precision(precision, dev))
 
+    def warm_up(self) -> None:
+        """Build the encoder's kernels for every serving shape now, before the first ranking needs them
+        (``sequences.warm_up``): what a worker does once it has loaded a model it is about to serve."""
+        with self._lock:
+            warm_up(self._model, self._encoder, self._table_t, self.serve_len)
+
     def _rank_popular(self) -> np.ndarray:
         order = np.argsort(-self._popularity, kind="stable")
         return order[order != PAD]
@@ -320,6 +326,7 @@ class Recommender(ServesItemMap):
                     torch.from_numpy(qids),
                     qtable,
                     self._table_t,
+                    window=self.serve_len,
                 )
             user_vecs = h.cpu().numpy()
             t2 = clock()

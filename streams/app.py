@@ -73,7 +73,11 @@ def load_recommender(settings: Settings, model_dir: Path | None = None) -> Recom
     from streamrec.models.serving import set_threads
 
     set_threads(settings.serving_threads)
-    return ModelRecommender.load(Path(path), device=settings.device, precision=settings.serving_precision)
+    recommender = ModelRecommender.load(
+        Path(path), device=settings.device, precision=settings.serving_precision
+    )
+    recommender.warm_up()
+    return recommender
 
 
 def ranking_process_health(recommender: Recommender) -> dict[str, Any] | None:

@@ -116,6 +116,9 @@ def reference_recommend(rec: Recommender, users: list[UserState], k: int) -> lis
         qindex = {q: j + 1 for j, q in enumerate(queries)}
         qtable, qspace, qtext = rec._query_tables(queries)
         items, kinds, qids = pad_batch(warm_steps, rec.serve_len, qindex)
+        # every window as long as the serving window, as served (the padding is masked)
+        pad = (rec.serve_len - items.shape[1], 0)
+        items, kinds, qids = (torch.nn.functional.pad(t, pad) for t in (items, kinds, qids))
         length = items.shape[1]
         with torch.inference_mode():
             h = hidden_states(rec._model, items, kinds, qids, qtable, rec._vectors_t, last=True)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from streamrec.models import registry, synthetic
 from streamrec.models.evaluate import evaluate
 from streamrec.models.item_map import ItemMap
-from streamrec.models.sequences import SERVING_CHUNK_USERS
+from streamrec.models.sequences import SERVING_CHUNK_USERS, SERVING_ROW_BUCKETS
 from streamrec.models.serving import Recommender, SearchSteering, resolve_precision
 from streamrec.models.train import TrainConfig, train
 from streamrec.records import CatalogItem, Event, EventKind, HistoryEntry, UserState
@@ -489,3 +489,31 @@ def test_the_bench_browses_the_served_models_own_catalogue(model_dir: Path) -> N
     titles = {i.title.lower() for i in catalog}
     assert {e.query for e in events if e.query is not None} <= titles
     assert any(e.query for e in events)
+
+
+def test_rankings_of_any_size_meet_only_the_shapes_the_warm_up_built(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In bfloat16 the CPU builds the encoder's kernels per input shape on first use (15-45 ms each for the
+    Beauty model): a worker warms every serving shape up once, and no batch, whatever its users and windows,
+    meets another one."""
+    rec = Recommender.load(model_dir, device="cpu")
+    seen: list[tuple[int, ...]] = []
+    encode_last = rec._encoder.encode_last
+
+    def recording(item_vecs: torch.Tensor, kinds: torch.Tensor, query_vecs: torch.Tensor | None = None):
+        seen.append(tuple(kinds.shape))
+        return encode_last(item_vecs, kinds, query_vecs)
+
+    monkeypatch.setattr(rec._encoder, "encode_last", recording)
+    rec.warm_up()
+    built = set(seen)
+    assert len(built) == len(SERVING_ROW_BUCKETS)
+    seen.clear()
+    rng = random.Random(5)
+    for n in [1, 2, 5, 7, 13, 31, 100, 257, 600]:
+        users = [
+            UserState(f"u{u}", clicks(*rng.sample(CATEGORY_ITEMS, rng.randint(1, 3))), []) for u in range(n)
+        ]
+        rec.recommend(users, 5)
+    assert seen and set(seen) <= built
