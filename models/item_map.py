@@ -68,6 +68,42 @@ class RankedArrays(NamedTuple):
         return RankedBatch(item_ids, picked, scores, codes, self.reasons, self.fills)
 
 
+def merge_ranked(parts: list[RankedArrays]) -> RankedArrays:
+    """One batch's arrays from those of its consecutive slices of users, ranked apart (by several ranking
+    processes): users and rows follow on, and each part's reason codes are numbered anew, because a code
+    means its reason within its own part only (a search's code names a query of that part's table)."""
+    if len(parts) == 1:
+        return parts[0]
+    users = 0
+    warm: list[int] = []
+    counts: list[int] = []
+    fills: list[list[RecommendedItem]] = []
+    codes: list[np.ndarray] = []
+    reasons: dict[int, Reason] = {}
+    for part in parts:
+        warm += [u + users for u in part.warm]
+        counts += part.counts
+        fills += part.fills
+        keys = sorted(part.reasons)  # every code in the part's arrays is one of them
+        if keys:
+            found = np.searchsorted(np.asarray(keys, dtype=np.int64), part.codes)
+            codes.append(np.minimum(found, len(keys) - 1) + len(reasons))
+            reasons.update({len(reasons) + j: part.reasons[key] for j, key in enumerate(keys)})
+        else:
+            codes.append(np.zeros_like(part.codes))
+        users += part.users
+    return RankedArrays(
+        users,
+        warm,
+        counts,
+        np.concatenate([p.picked for p in parts]),
+        np.concatenate([p.scores for p in parts]),
+        np.concatenate(codes),
+        reasons,
+        fills,
+    )
+
+
 class ItemMap:
     """Item index i is ``ids[i - 1]`` (0 is padding). New catalogue items are appended in the order
     ``unknown`` gives them, so two maps that see the same upserts give every item the same index. Not

@@ -25,7 +25,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from streamrec.models.item_map import ItemMap, Precision, RankedArrays, ServesItemMap
+from streamrec.models.item_map import ItemMap, Precision, RankedArrays, ServesItemMap, merge_ranked
 from streamrec.records import CatalogItem, RankedBatch, UserState
 
 log = logging.getLogger(__name__)
@@ -68,54 +68,48 @@ def _close(conn: Connection, process: BaseProcess) -> None:
         process.join(5)
 
 
-class ProcessRecommender(ServesItemMap):
-    """A ``Recommender`` whose ranking runs in a child process (see the module docstring). Thread-safe: one
-    request at a time goes through the pipe; a ranking holds it from ``prepare`` until its answer is in."""
+# Users a ranking process gets at least when a batch is shared among several: the encoder's chunk, below
+# which a call costs more per user (models/sequences.py). A smaller batch goes to one process whole.
+MIN_USERS_PER_PROCESS = 256
 
-    def __init__(
-        self, model_dir: Path, device: str = "cpu", threads: int = 1, precision: Precision = "auto"
-    ) -> None:
-        self._model_dir, self._device, self._threads = Path(model_dir), device, threads
-        self._precision: Precision = precision
-        self._items = ItemMap.load(self._model_dir)
-        # Every item upserted, its last write, in order of first appearance: a restarted child gets them again
-        # in one upsert and appends the new ones in the order the item map did (bounded by the catalogue).
-        self._upserted: dict[str, CatalogItem] = {}
-        self._lock = threading.Lock()
+
+class _Child:
+    """One ranking process and its pipe. Started again when it dies, with every upsert it had."""
+
+    def __init__(self, args: tuple[Any, ...], upserted: dict[str, CatalogItem], name: str) -> None:
+        self._args, self._upserted, self._name = args, upserted, name
         self.restarts = 0
-        self._start()
+        self._spawn()
 
-    def _start(self) -> None:
+    def _spawn(self) -> None:
         context = mp.get_context("spawn")  # the worker runs threads: never fork it
         conn, child_end = context.Pipe()
-        process = context.Process(
-            target=_serve,
-            args=(child_end, str(self._model_dir), self._device, self._threads, self._precision),
-            name="streamrec-ranking",
-            daemon=True,
-        )
+        process = context.Process(target=_serve, args=(child_end, *self._args), name=self._name, daemon=True)
         process.start()
         child_end.close()
         self._conn, self._process = conn, process
         self._finalizer = weakref.finalize(self, _close, conn, process)
+
+    def wait_ready(self) -> None:
         try:
-            ready = conn.poll(START_TIMEOUT_S) and conn.recv() == "ready"
+            ready = self._conn.poll(START_TIMEOUT_S) and self._conn.recv() == "ready"
         except (EOFError, OSError):
             ready = False
         if not ready:
             self.close()
             raise RankingProcessError(
-                f"the ranking process for {self._model_dir} did not start (exit code {process.exitcode})"
+                f"the ranking process for {self._args[0]} did not start (exit code {self._process.exitcode})"
             )
         if self._upserted:
-            self._send(("upsert", list(self._upserted.values())))
+            self.send(("upsert", list(self._upserted.values())))
 
-    def _restart(self) -> None:
+    def restart(self) -> None:
         code = self._process.exitcode
         self.close()
         self.restarts += 1
-        log.warning("the ranking process exited (exit code %s): starting it again", code)
-        self._start()
+        log.warning("the ranking process %s exited (exit code %s): starting it again", self._name, code)
+        self._spawn()
+        self.wait_ready()
 
     @property
     def pid(self) -> int | None:
@@ -128,72 +122,32 @@ class ProcessRecommender(ServesItemMap):
     def close(self) -> None:
         self._finalizer()
 
-    def upsert_items(self, items: list[CatalogItem]) -> None:
-        # Under the lock: a ranking's item indices are taken after every upsert the child has had, or before
-        # the ones it has not.
-        with self._lock:
-            self._items.upsert(items)
-            for item in items:
-                self._upserted[item.item_id] = item
-            try:
-                self._send(("upsert", items))
-            except RankingProcessError:
-                self._restart()  # which sends it, with the others
-
-    def rank(self, users: list[UserState], k: int) -> RankedBatch:
-        return self.prepare(users, k)()
-
-    def prepare(self, users: list[UserState], k: int) -> Callable[[], RankedBatch]:
-        """Read the users' states here and send them to the child, which starts ranking at once; the call
-        returned waits for its answer."""
-        if not users:
-            return lambda: RankedBatch.of([])
-        return self._ask(lambda: ("rank", self._items.inputs(users), k))
-
-    def prepare_encoded(self, states: list[bytes], k: int) -> Callable[[], RankedBatch]:
-        """``prepare`` of the users whose states are encoded in ``states`` (``encode_state_bytes``: the
-        worker's changelog values): the child reads their windows from the bytes, so the worker sends bytes
-        it has already made instead of reading the states itself."""
-        if not states:
-            return lambda: RankedBatch.of([])
-        return self._ask(lambda: ("rank encoded", states, k))
-
-    def _ask(self, make_request: Callable[[], tuple[Any, ...]]) -> Callable[[], RankedBatch]:
-        """Send a rank request (made under the lock, after every upsert sent before it); the call returned
-        waits for the child's arrays, releases the lock and makes them the batch. A child that died is started
-        again and asked again."""
-        self._lock.acquire()
+    def ask(self, request: tuple[Any, ...]) -> None:
+        """Send a request; a child that died is started again and sent it."""
         try:
-            request = make_request()
-            try:
-                self._send(request)
-            except RankingProcessError:
-                self._restart()
-                self._send(request)
-        except BaseException:
-            self._lock.release()
-            raise
-        return lambda: self._answer(request).batch(self._items.ids)
+            self.send(request)
+        except RankingProcessError:
+            self.restart()
+            self.send(request)
 
-    def _answer(self, request: tuple[Any, ...]) -> RankedArrays:
+    def answer(self, request: tuple[Any, ...]) -> RankedArrays:
+        """The answer to ``request``; a child that died meanwhile is started again and asked again (if the new
+        one dies too, that is the error)."""
         try:
-            try:
-                arrays: RankedArrays = self._receive()
-            except RankingProcessError:
-                self._restart()  # and ask the new one; if it dies too, that is the error
-                self._send(request)
-                arrays = self._receive()
-        finally:
-            self._lock.release()
+            arrays: RankedArrays = self.receive()
+        except RankingProcessError:
+            self.restart()
+            self.send(request)
+            arrays = self.receive()
         return arrays
 
-    def _send(self, message: tuple[Any, ...]) -> None:
+    def send(self, message: tuple[Any, ...]) -> None:
         try:
             self._conn.send(message)
         except (OSError, ValueError) as exc:
             raise self._died() from exc
 
-    def _receive(self) -> Any:
+    def receive(self) -> Any:
         try:
             return self._conn.recv()
         except (EOFError, OSError) as exc:
@@ -202,3 +156,119 @@ class ProcessRecommender(ServesItemMap):
     def _died(self) -> RankingProcessError:
         self._process.join(1)
         return RankingProcessError(f"the ranking process exited (exit code {self._process.exitcode})")
+
+
+class ProcessRecommender(ServesItemMap):
+    """A ``Recommender`` whose ranking runs in ``processes`` child processes (see the module docstring): a
+    batch of at least 2 x MIN_USERS_PER_PROCESS users is shared among them in consecutive slices, ranked at
+    the same time, and their answers joined (``merge_ranked``); a smaller one goes to the first whole. A
+    user's list does not depend on the batch or the process that ranks it (``serving_vectors``). Thread-safe:
+    one request at a time goes through the pipes; a ranking holds them from ``prepare`` until its answers
+    are in."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        device: str = "cpu",
+        threads: int = 1,
+        precision: Precision = "auto",
+        processes: int = 1,
+    ) -> None:
+        if processes < 1:
+            raise ValueError(f"processes must be at least 1, not {processes}")
+        self._model_dir = Path(model_dir)
+        self._items = ItemMap.load(self._model_dir)
+        # Every item upserted, its last write, in order of first appearance: a restarted child gets them again
+        # in one upsert and appends the new ones in the order the item map did (bounded by the catalogue).
+        self._upserted: dict[str, CatalogItem] = {}
+        self._lock = threading.Lock()
+        args = (str(self._model_dir), device, threads, precision)
+        self._children: list[_Child] = []
+        try:
+            for n in range(processes):  # all loading at once, then each waited for
+                self._children.append(_Child(args, self._upserted, f"streamrec-ranking-{n}"))
+            for child in self._children:
+                child.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def restarts(self) -> int:
+        return sum(child.restarts for child in self._children)
+
+    @property
+    def pid(self) -> int | None:
+        """The first ranking process's."""
+        return self._children[0].pid
+
+    @property
+    def pids(self) -> list[int | None]:
+        return [child.pid for child in self._children]
+
+    @property
+    def alive(self) -> bool:
+        return all(child.alive for child in self._children)
+
+    def close(self) -> None:
+        for child in self._children:
+            child.close()
+
+    def upsert_items(self, items: list[CatalogItem]) -> None:
+        # Under the lock: a ranking's item indices are taken after every upsert the children have had, or
+        # before the ones they have not.
+        with self._lock:
+            self._items.upsert(items)
+            for item in items:
+                self._upserted[item.item_id] = item
+            for child in self._children:
+                try:
+                    child.send(("upsert", items))
+                except RankingProcessError:
+                    child.restart()  # which sends it, with the others
+
+    def rank(self, users: list[UserState], k: int) -> RankedBatch:
+        return self.prepare(users, k)()
+
+    def prepare(self, users: list[UserState], k: int) -> Callable[[], RankedBatch]:
+        """Read the users' states here and send them to the children, which start ranking at once; the call
+        returned waits for their answers."""
+        if not users:
+            return lambda: RankedBatch.of([])
+        return self._ask(
+            lambda: [("rank", self._items.inputs(users[part]), k) for part in self._parts(users)]
+        )
+
+    def prepare_encoded(self, states: list[bytes], k: int) -> Callable[[], RankedBatch]:
+        """``prepare`` of the users whose states are encoded in ``states`` (``encode_state_bytes``: the
+        worker's changelog values): the children read their windows from the bytes, so the worker sends bytes
+        it has already made instead of reading the states itself."""
+        if not states:
+            return lambda: RankedBatch.of([])
+        return self._ask(lambda: [("rank encoded", states[part], k) for part in self._parts(states)])
+
+    def _parts(self, users: list[Any]) -> list[slice]:
+        """The slices of a batch, one per child that gets some: at least MIN_USERS_PER_PROCESS users each."""
+        count = max(1, min(len(self._children), len(users) // MIN_USERS_PER_PROCESS))
+        size = -(-len(users) // count)
+        return [slice(start, start + size) for start in range(0, len(users), size)]
+
+    def _ask(self, make_requests: Callable[[], list[tuple[Any, ...]]]) -> Callable[[], RankedBatch]:
+        """Send a batch's rank requests, one per child (made under the lock, after every upsert sent before
+        them); the call returned waits for the answers, releases the lock and joins them into the batch."""
+        self._lock.acquire()
+        try:
+            requests = make_requests()
+            for child, request in zip(self._children, requests, strict=False):
+                child.ask(request)
+        except BaseException:
+            self._lock.release()
+            raise
+        return lambda: self._answers(requests).batch(self._items.ids)
+
+    def _answers(self, requests: list[tuple[Any, ...]]) -> RankedArrays:
+        try:
+            parts = [child.answer(request) for child, request in zip(self._children, requests, strict=False)]
+        finally:
+            self._lock.release()
+        return merge_ranked(parts)

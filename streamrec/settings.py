@@ -341,6 +341,14 @@ class Settings(BaseSettings):
         "backlog on 2 cores in round 11; the worker keeps only the item map, the child the model. false: "
         "rank in the worker's own process.",
     )
+    ranking_processes: int = Field(
+        1,
+        ge=1,
+        description="Ranking processes per worker (with ranking_process): a batch of at least 512 users is "
+        "shared among them in slices of 256 or more, ranked at the same time; a smaller one goes to one "
+        "process. Each holds its own copy of the model (~0.5 GB). Give each a core the event stage and the "
+        "broker do not use (docs/performance.md, round 17).",
+    )
     seed: int = Field(42, description="Random seed for training and simulation.")
 
     # --- Fine-tuning triggers --------------------------------------------------------------------------

@@ -68,6 +68,7 @@ def load_recommender(settings: Settings, model_dir: Path | None = None) -> Recom
             device=settings.device,
             threads=settings.serving_threads,
             precision=settings.serving_precision,
+            processes=settings.ranking_processes,
         )
     from streamrec.models.serving import Recommender as ModelRecommender
     from streamrec.models.serving import set_threads
@@ -81,13 +82,18 @@ def load_recommender(settings: Settings, model_dir: Path | None = None) -> Recom
 
 
 def ranking_process_health(recommender: Recommender) -> dict[str, Any] | None:
-    """The served model's ranking process (``ranking_process``): its pid, whether it runs, how often it was
-    started again; None when the model ranks in this process."""
+    """The served model's ranking processes (``ranking_process``): the first one's pid, every one's, whether
+    all run, how often they were started again; None when the model ranks in this process."""
     from streamrec.models.ranking_process import ProcessRecommender
 
     if not isinstance(recommender, ProcessRecommender):
         return None
-    return {"pid": recommender.pid, "alive": recommender.alive, "restarts": recommender.restarts}
+    return {
+        "pid": recommender.pid,
+        "pids": recommender.pids,
+        "alive": recommender.alive,
+        "restarts": recommender.restarts,
+    }
 
 
 class OnlyOurRoutes(AiohttpWeb):

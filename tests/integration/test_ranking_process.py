@@ -130,6 +130,34 @@ def test_a_child_that_died_is_started_again_with_the_catalogue_it_had(model_dir:
         ranker.close()
 
 
+def test_two_ranking_processes_share_a_big_batch_and_rank_each_user_as_one_would(model_dir: Path) -> None:
+    """``STREAMREC_RANKING_PROCESSES=2``: a batch of 600 users is ranked in two slices at once, a small one by
+    the first process alone; either way every user gets what one process gives, after upserts too, and a
+    child that died is started again with the catalogue it had."""
+    pair, local = ProcessRecommender(model_dir, processes=2), Recommender.load(model_dir)
+    try:
+        assert len(set(pair.pids)) == 2 and None not in pair.pids and pair.alive
+        shoe = CatalogItem("brand-new-4", "Trail shoe", "shoes", 79.0, True, "trail running shoe")
+        for recommender in (pair, local):
+            recommender.upsert_items([shoe])
+        ids = local.item_ids
+        crowd = [
+            UserState(f"u{n}", [H(EventKind.CLICK, t, item_id=ids[(n * 7 + t) % len(ids)]) for t in range(4)])
+            for n in range(600)
+        ]
+        users = [*shoppers(ids), UserState("fan", [H(EventKind.CLICK, 1, item_id="brand-new-4")]), *crowd]
+        expected = local.rank(users, 10)
+        assert same(pair.prepare_encoded([encode_state(u) for u in users], 10)(), expected)
+        assert same(pair.rank(users[:20], 10), local.rank(users[:20], 10))
+        second = pair.pids[1]
+        assert second is not None
+        os.kill(second, signal.SIGKILL)
+        assert same(pair.rank(users, 10), expected)
+        assert pair.pids[1] not in (second, None) and pair.restarts == 1
+    finally:
+        pair.close()
+
+
 def test_a_child_that_cannot_start_is_an_error_not_a_hang(model_dir: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(model_dir, broken)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from streamrec.models import registry, synthetic
 from streamrec.models.evaluate import evaluate
-from streamrec.models.item_map import ItemMap
+from streamrec.models.item_map import ItemMap, merge_ranked
 from streamrec.models.sequences import SERVING_CHUNK_USERS, SERVING_ROW_BUCKETS
 from streamrec.models.serving import Recommender, SearchSteering, resolve_precision
 from streamrec.models.train import TrainConfig, train
@@ -517,3 +517,31 @@ def test_rankings_of_any_size_meet_only_the_shapes_the_warm_up_built(
         ]
         rec.recommend(users, 5)
     assert seen and set(seen) <= built
+
+
+def test_a_batch_ranked_in_slices_and_merged_is_the_batch_ranked_whole(rec: Recommender) -> None:
+    """Several ranking processes each rank a slice of a batch (``merge_ranked`` joins their arrays): every
+    user gets the list, reasons and explanations the whole batch gives them, though each slice numbers its
+    reason codes on its own (a search's code names a query of its slice's table)."""
+    searches = ["espresso coffee", "garden hose", "camera lens", "tent"]
+    users = [
+        *browsing_shoppers(40),
+        *(UserState(f"s{n}", [H(EventKind.SEARCH, 1, query=searches[n % 4])]) for n in range(12)),
+        UserState("newcomer"),
+        *browsing_shoppers(30, seed=9),
+    ]
+    random.Random(2).shuffle(users)
+    whole = rec.rank_arrays(rec.inputs(users), 10).batch(rec.item_ids)
+    cuts = [0, 7, 8, 31, 50, len(users)]
+    parts = [rec.rank_arrays(rec.inputs(users[a:b]), 10) for a, b in zip(cuts, cuts[1:], strict=False)]
+    merged = merge_ranked(parts).batch(rec.item_ids).all_items()
+    expected = whole.all_items()
+    # scores up to float rounding: a product's last bits follow the number of rows it is computed for
+    assert [[(i.item_id, i.reason, i.explanation, i.anchor) for i in row] for row in merged] == [
+        [(i.item_id, i.reason, i.explanation, i.anchor) for i in row] for row in expected
+    ]
+    assert [i.score for row in merged for i in row] == pytest.approx(
+        [i.score for row in expected for i in row], rel=1e-5
+    )
+    overlapping = [set(a.reasons) & set(b.reasons) for a, b in zip(parts, parts[1:], strict=False)]
+    assert any(overlapping)  # the slices' codes did meet: merging had to number them anew
