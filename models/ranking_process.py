@@ -15,6 +15,7 @@ one and nothing references it any more."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import threading
@@ -257,18 +258,35 @@ class ProcessRecommender(ServesItemMap):
         """Send a batch's rank requests, one per child (made under the lock, after every upsert sent before
         them); the call returned waits for the answers, releases the lock and joins them into the batch."""
         self._lock.acquire()
+        sent: list[tuple[_Child, tuple[Any, ...]]] = []
         try:
             requests = make_requests()
             for child, request in zip(self._children, requests, strict=False):
                 child.ask(request)
+                sent.append((child, request))
         except BaseException:
+            # The children asked already answer all the same: read those answers, or a later ranking would
+            # take them for its own.
+            for child, request in sent:
+                with contextlib.suppress(RankingProcessError):
+                    child.answer(request)
             self._lock.release()
             raise
         return lambda: self._answers(requests).batch(self._items.ids)
 
     def _answers(self, requests: list[tuple[Any, ...]]) -> RankedArrays:
+        """Every child's answer, each one read even when another failed (an unread answer would be taken by
+        the next ranking); the first failure is raised after."""
+        parts: list[RankedArrays] = []
+        failed: RankingProcessError | None = None
         try:
-            parts = [child.answer(request) for child, request in zip(self._children, requests, strict=False)]
+            for child, request in zip(self._children, requests, strict=False):
+                try:
+                    parts.append(child.answer(request))
+                except RankingProcessError as exc:
+                    failed = failed or exc
         finally:
             self._lock.release()
+        if failed is not None:
+            raise failed
         return merge_ranked(parts)

@@ -130,11 +130,17 @@ def test_a_child_that_died_is_started_again_with_the_catalogue_it_had(model_dir:
         ranker.close()
 
 
-def test_two_ranking_processes_share_a_big_batch_and_rank_each_user_as_one_would(model_dir: Path) -> None:
+def test_two_ranking_processes_share_a_big_batch_and_rank_each_user_as_one_would(
+    model_dir: Path, tmp_path: Path
+) -> None:
     """``STREAMREC_RANKING_PROCESSES=2``: a batch of 600 users is ranked in two slices at once, a small one by
     the first process alone; either way every user gets what one process gives, after upserts too, and a
-    child that died is started again with the catalogue it had."""
-    pair, local = ProcessRecommender(model_dir, processes=2), Recommender.load(model_dir)
+    child that died is started again with the catalogue it had. When the first dies and cannot be started
+    again (its model file broken meanwhile), the ranking is an error and the second's answer to it is read
+    all the same: the next ranking gets its own answers, not that one."""
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    pair, local = ProcessRecommender(copy, processes=2), Recommender.load(model_dir)
     try:
         assert len(set(pair.pids)) == 2 and None not in pair.pids and pair.alive
         shoe = CatalogItem("brand-new-4", "Trail shoe", "shoes", 79.0, True, "trail running shoe")
@@ -154,6 +160,20 @@ def test_two_ranking_processes_share_a_big_batch_and_rank_each_user_as_one_would
         os.kill(second, signal.SIGKILL)
         assert same(pair.rank(users, 10), expected)
         assert pair.pids[1] not in (second, None) and pair.restarts == 1
+
+        others = [UserState(f"b{n}", [H(EventKind.CLICK, 1, item_id=ids[-1 - n % 9])]) for n in range(600)]
+        model = copy / "model.pt"
+        weights = model.read_bytes()
+        dying = pair.pids[0]
+        assert dying is not None
+        os.kill(dying, signal.SIGSTOP)
+        finish = pair.prepare(users, 10)
+        model.write_bytes(b"not a model")
+        os.kill(dying, signal.SIGKILL)
+        with pytest.raises(RankingProcessError):
+            finish()
+        model.write_bytes(weights)
+        assert same(pair.rank(others, 10), local.rank(others, 10))
     finally:
         pair.close()
 
