@@ -56,6 +56,11 @@ class TrainConfig:
     # Train on a long history's older events too, as further max_len + 1 windows (False: only the newest
     # window, as SASRec does)
     all_windows: bool = False
+    # Train on every prefix of each history (sub-sequence splitting, as BSARec's and DuoRec's trainers do):
+    # a window ending at each event, its loss on its last position only, which is where serving predicts
+    # (the newest event always sits at the last position). Every event after a history's first is a target
+    # once; an epoch has about as many windows as events. Off until measured (issue 29).
+    prefixes: bool = False
     negatives: int = 0  # 0 = full softmax over all items; n = sampled softmax with n shared uniform negatives
     # Train for new items, as the seen-excluded protocol measures: a target already in its window's prefix
     # is no training target, the prefix's items are no negatives for its positions, and early stopping
@@ -256,12 +261,18 @@ def build_model(data: Interactions, config: TrainConfig, embedder: TextEmbedder 
     return model
 
 
-def training_windows(seqs: list[list[Step]], max_len: int, all_windows: bool) -> list[list[Step]]:
+def training_windows(
+    seqs: list[list[Step]], max_len: int, all_windows: bool, prefixes: bool = False
+) -> list[list[Step]]:
     """The training sequences: each history's newest max_len + 1 events (SASRec's window). With
     all_windows, a longer history also gives its older events as further windows, each ending on the event
-    the next one starts from, so every event after a history's first is a target exactly once."""
+    the next one starts from, so every event after a history's first is a target exactly once. With
+    prefixes, a window (of at most max_len + 1 events) ends at every event after a history's first."""
     windows = []
     for seq in seqs:
+        if prefixes:
+            windows += [seq[max(0, end - max_len - 1) : end] for end in range(2, len(seq) + 1)]
+            continue
         end = len(seq)
         while end >= 2:
             windows.append(seq[max(0, end - max_len - 1) : end])
@@ -294,7 +305,15 @@ def train_epoch(
     total, steps = 0.0, 0
     for batch in batches:
         loss = train_step_loss(
-            model, batch, qindex, qtable, blocked, config.negatives, config.bf16, config.novel_only
+            model,
+            batch,
+            qindex,
+            qtable,
+            blocked,
+            config.negatives,
+            config.bf16,
+            config.novel_only,
+            last_only=config.prefixes,
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -317,11 +336,13 @@ def train_step_loss(
     negatives: int = 0,
     low_precision: bool = False,
     novel_only: bool = False,
+    last_only: bool = False,
 ) -> torch.Tensor:
     """Mean next-item cross-entropy of a batch; with ``low_precision`` the encoder runs under bfloat16
     autocast and the full-softmax logits products in bfloat16. With ``novel_only`` a position whose target
     already occurs earlier in its sequence is left out, and each position's earlier items are no negatives
-    for it (training for the seen-excluded protocol)."""
+    for it (training for the seen-excluded protocol). With ``last_only`` only each sequence's last target
+    counts (prefix training: the position serving predicts from)."""
     device = model.item_id.weight.device
     items, kinds, qids = pad_batch(batch, model.config.max_len + 1, qindex)
     items = items.to(device)
@@ -334,6 +355,8 @@ def train_step_loss(
         h = hidden_states(model, items[:, :-1], kinds[:, :-1], qids[:, :-1], qtable, vecs)
     h, vecs = h.float(), vecs.float()
     valid = targets != PAD
+    if last_only:
+        valid[:, :-1] = False  # left-padded: every sequence's last target is in the last column
     prefix = None
     if novel_only:
         # prefix[b, t, s]: input s is a real item at or before position t, so seen when predicting t + 1
@@ -502,7 +525,9 @@ def fit(
         qtable = qtable.to(device)
     else:
         qindex, qtable = {}, None
-    train_seqs = training_windows(list(split.train.values()), config.max_len, config.all_windows)
+    train_seqs = training_windows(
+        list(split.train.values()), config.max_len, config.all_windows, config.prefixes
+    )
     valid = split.valid
     if config.eval_users and len(valid) > config.eval_users:
         keys = random.Random(config.seed).sample(sorted(valid), config.eval_users)

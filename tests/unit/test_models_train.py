@@ -91,6 +91,35 @@ def test_training_windows_cover_each_target_once(lengths: list[int], max_len: in
         assert targets == sorted(newest)
 
 
+@given(lengths=st.lists(st.integers(0, 120), max_size=8), max_len=st.integers(1, 60))
+def test_prefix_windows_end_at_every_event_once(lengths: list[int], max_len: int) -> None:
+    """Prefix training: one window ends at each event after a history's first, each the newest events
+    before it (at most max_len + 1), so each event is the last target of exactly one window."""
+    seqs = [[(h, i) for i in range(n)] for h, n in enumerate(lengths)]
+    windows = training_windows(seqs, max_len, all_windows=False, prefixes=True)  # type: ignore[arg-type]
+    assert all(2 <= len(w) <= max_len + 1 for w in windows)
+    assert all(list(w) == seqs[w[0][0]][w[0][1] : w[-1][1] + 1] for w in windows)  # contiguous slices
+    assert all(len(w) == max_len + 1 or w[0][1] == 0 for w in windows)  # as long as the history allows
+    ends = sorted(w[-1] for w in windows)
+    assert ends == sorted((h, i) for h, n in enumerate(lengths) for i in range(1, n))
+
+
+def test_prefix_training_learns_from_each_windows_last_position_only(data_dir: Path) -> None:
+    data = load(data_dir)
+    config = quick(dropout=0.0, id_dropout=0.0, text="none", use_attributes=False)
+    model = build_model(data, config, None).eval()
+    c = [Step(0, i) for i in range(1, 12)]
+    batch = [[c[0], c[1], c[2], c[3]], [c[4], c[5]], [c[6], c[7], c[8], c[9], c[10]]]
+    got = train_step_loss(model, batch, {}, None, last_only=True)
+    items, kinds, qids = pad_batch(batch, model.config.max_len + 1)
+    vecs = model.item_vectors()
+    h = hidden_states(model, items[:, :-1], kinds[:, :-1], qids[:, :-1], None, vecs)[:, -1]
+    logits = h @ vecs[1:].T  # every item but padding
+    want = torch.nn.functional.cross_entropy(logits, items[:, -1] - 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert abs(train_step_loss(model, batch, {}, None).item() - want.item()) > 1e-3
+
+
 @pytest.mark.parametrize("rows", [1, 7, 300])  # one row, one chunk of rows, several
 def test_fused_softmax_cross_entropy_equals_the_plain_one(rows: int) -> None:
     torch.manual_seed(rows)
