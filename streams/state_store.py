@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 _USER = b"u:"
 _ERASED = b"e:"  # + erasure_digest(user_id): when the user was erased (epoch ms, 8 bytes big-endian)
 _CHECKPOINT = b"m:changelog-offset"
+_PURGED = b"m:purged"  # written after a purge, to roll the manifest over (``purge``)
 # The changelog key of an erasure marker: a prefix no user id has (ids have no control characters).
 ERASURE_KEY = b"\x00erased:"
 # Erasing a batch's users compacts each one's key range; more than this many compact the whole partition.
@@ -145,6 +146,11 @@ class PartitionStore:
             for user_id in user_ids:
                 key = _USER + user_id.encode()
                 self.db.compact_range(key, key + b"\x00", options)
+        # A new manifest starts with the files as they were before the change that rolled it over, key
+        # ranges included: one more change (a flush) rolls it past the compacted files now, not at the
+        # partition's next flush (which a quiet partition may not have for a long time).
+        self.db.put(_PURGED, str(len(user_ids)).encode())
+        self.db.flush(True)
 
     def close(self) -> None:
         self.db.close()
