@@ -47,6 +47,28 @@ ERASURE_KEY = b"\x00erased:"
 PURGE_KEYS_SEPARATELY = 64
 
 
+def purge_keys(db: Rdict, keys: list[bytes], marker: bytes) -> None:
+    """Leave nothing of these keys' earlier values in the database's files: the memtable goes to a table file
+    (the write-ahead log that held them is then deleted), and the keys' tables are compacted down to the
+    bottom level, which drops overwritten values and deletion markers; more than
+    ``PURGE_KEYS_SEPARATELY`` keys compact the whole database once. Then ``marker`` is written and flushed:
+    a new manifest starts with the files as they were before the change that rolled it over, key ranges
+    included, and one more change rolls it past the compacted files now, not at the database's next flush
+    (which a quiet partition may not have for a long time)."""
+    if not keys:
+        return
+    db.flush(True)
+    options = CompactOptions()
+    options.set_bottommost_level_compaction(BottommostLevelCompaction.force())
+    if len(keys) > PURGE_KEYS_SEPARATELY:
+        db.compact_range(None, None, options)
+    else:
+        for key in keys:
+            db.compact_range(key, key + b"\x00", options)
+    db.put(marker, str(len(keys)).encode())
+    db.flush(True)
+
+
 def erasure_digest(user_id: str) -> bytes:
     """What an erasure marker keeps of a user id: a 16-byte hash, so neither RocksDB nor the changelog holds
     the id of a user who asked to be erased, yet their old events can still be recognised and refused."""
@@ -132,25 +154,8 @@ class PartitionStore:
         self.db.write(batch)
 
     def purge(self, user_ids: list[str]) -> None:
-        """Leave nothing of these users' earlier states in the partition's files: the memtable goes to a
-        table file (the write-ahead log that held them is then deleted), and their keys' tables are
-        compacted down to the bottom level, which drops overwritten values and deletion markers."""
-        if not user_ids:
-            return
-        self.db.flush(True)
-        options = CompactOptions()
-        options.set_bottommost_level_compaction(BottommostLevelCompaction.force())
-        if len(user_ids) > PURGE_KEYS_SEPARATELY:
-            self.db.compact_range(None, None, options)
-        else:
-            for user_id in user_ids:
-                key = _USER + user_id.encode()
-                self.db.compact_range(key, key + b"\x00", options)
-        # A new manifest starts with the files as they were before the change that rolled it over, key
-        # ranges included: one more change (a flush) rolls it past the compacted files now, not at the
-        # partition's next flush (which a quiet partition may not have for a long time).
-        self.db.put(_PURGED, str(len(user_ids)).encode())
-        self.db.flush(True)
+        """Leave nothing of these users' earlier states in the partition's files (``purge_keys``)."""
+        purge_keys(self.db, [_USER + user_id.encode() for user_id in user_ids], _PURGED)
 
     def close(self) -> None:
         self.db.close()

@@ -27,16 +27,16 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import orjson
-from rocksdict import BottommostLevelCompaction, CompactOptions, Options, Rdict, WriteBatch
+from rocksdict import Options, Rdict, WriteBatch
 
 from streamrec.records import CatalogItem
 from streamrec.serde import Codec, DecodeError
 from streamrec.streams.state_store import (
     ERASURE_KEY,
-    PURGE_KEYS_SEPARATELY,
     erased_at_of,
     erasure_digest,
     erasure_value,
+    purge_keys,
 )
 
 log = logging.getLogger(__name__)
@@ -129,22 +129,8 @@ class View:
             self.purge(batch.erased)
 
     def purge(self, user_ids: list[str]) -> None:
-        """Leave nothing of these users' earlier values in the files (as the worker's state store does): the
-        memtable goes to a table file, its write-ahead log is dropped, and their keys are compacted down."""
-        self.db.flush(True)
-        options = CompactOptions()
-        options.set_bottommost_level_compaction(BottommostLevelCompaction.force())
-        if len(user_ids) > PURGE_KEYS_SEPARATELY:  # many at once (a restore): the whole database, once
-            self.db.compact_range(None, None, options)
-        else:
-            for user_id in user_ids:
-                for prefix in (REC, STATE):
-                    key = prefix + user_id.encode()
-                    self.db.compact_range(key, key + b"\x00", options)
-        # A new manifest starts with the files as they were before the change that rolled it over, key
-        # ranges included: one more change (a flush) rolls it past the compacted files.
-        self.db.put(PURGED, str(len(user_ids)).encode())
-        self.db.flush(True)
+        """Leave nothing of these users' earlier values in the files, as the worker's state store does."""
+        purge_keys(self.db, [prefix + u.encode() for u in user_ids for prefix in (REC, STATE)], PURGED)
 
     def close(self) -> None:
         self.db.close()
