@@ -87,6 +87,29 @@ def sample_catalog(seed: int = 7, items_per_category: int = 60) -> list[CatalogI
     return items
 
 
+def shop_catalog(items: int, seed: int = 7) -> list[CatalogItem]:
+    """A catalogue of any size over the sample categories, for measuring at a shop's scale (the bench's
+    production-shape model): ids ``sku-00042``, titles "Rose Serum 42" (unique by their number), prices and
+    stock as ``sample_catalog``'s, items dealt to the categories in turn."""
+    rng = random.Random(seed)
+    categories = list(CATEGORIES.items())
+    out: list[CatalogItem] = []
+    for n in range(items):
+        category, (nouns, adjectives) = categories[n % len(categories)]
+        title = title_case(f"{rng.choice(adjectives)} {rng.choice(nouns)} {n}")
+        out.append(
+            CatalogItem(
+                item_id=f"sku-{n:05d}",
+                title=title,
+                category=category,
+                price=round(rng.uniform(4, 250), 2),
+                in_stock=rng.random() > 0.03,
+                updated_at=0,
+            )
+        )
+    return out
+
+
 @dataclass
 class _Shopper:
     user_id: str

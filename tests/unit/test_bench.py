@@ -6,7 +6,12 @@ import subprocess
 import sys
 import time
 
+from streamrec.models.data import PAD
+from streamrec.models.train import DataShape, TrainConfig, recipe
 from streamrec.streams.bench import (
+    PRODUCTION_ATTRIBUTES,
+    PRODUCTION_ATTRIBUTES_PER_ITEM,
+    PRODUCTION_ITEMS,
     CpuSampler,
     batch_breakdown,
     cpu_cores,
@@ -14,6 +19,7 @@ from streamrec.streams.bench import (
     metric_total,
     over_time,
     partitions_spread,
+    production_shape_data,
     profile_summary,
     ratio_to_ceiling,
     summarize,
@@ -178,3 +184,22 @@ def test_cpu_per_event_is_each_roles_cpu_time_over_the_events_processed() -> Non
     per_event = cpu_us_per_event({"worker": 0.95, "ranking_process": 0.4}, seconds=12.0, events=300_000)
     assert per_event == {"worker": 38.0, "ranking_process": 16.0}
     assert cpu_us_per_event({"worker": 1.0}, seconds=12.0, events=0) == {}  # nothing processed: no figure
+
+
+def test_the_bench_measures_a_model_of_the_beauty_models_shape_by_default() -> None:
+    """The production-shape data has the trained Beauty model's catalogue and attribute vocabulary, and the
+    default recipe gives it that model's architecture: the bench's default figures are that model's cost."""
+    data = production_shape_data(seed=3, users=500, events=5_000)
+    assert data.num_items == PRODUCTION_ITEMS
+    assert data.num_attributes == PRODUCTION_ATTRIBUTES
+    assert max(len(a) for a in data.attributes.values()) == PRODUCTION_ATTRIBUTES_PER_ITEM
+    assert set(data.attributes) == set(data.item_ids) == set(data.catalog)
+    steps = [s for seq in data.sequences.values() for s in seq]
+    assert len(steps) == 5_000 and {s.query is not None for s in steps if s.item == PAD} == {True}
+    assert all(1 <= s.item <= data.num_items for s in steps if s.item != PAD)
+
+    shaping = ("dim", "layers", "heads", "max_len", "negatives", "gated", "ff")
+    chosen = TrainConfig.for_data(data, text="none", epochs=1)
+    # Amazon Beauty: 12,101 items, median history 6, no repeats (docs/quality.md's recipe table)
+    beauty = TrainConfig.preset("full", **recipe(DataShape(12_101, 6.0, 0.0), bf16_native=False))
+    assert {k: getattr(chosen, k) for k in shaping} == {k: getattr(beauty, k) for k in shaping}
