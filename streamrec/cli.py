@@ -289,7 +289,7 @@ def bench(
     model: str = typer.Option(
         "production",
         help="Without STREAMREC_MODEL_REGISTRY: 'production', a model of the shape `streamrec train` makes "
-        "on Amazon Beauty (128 dims, 2 layers, 12,101 items; trained once, ~3 minutes), or 'sample', the "
+        "on Amazon Beauty (128 dims, 2 layers, 12,101 items; trained once, under a minute), or 'sample', the "
         "demo's.",
     ),
 ) -> None:
