@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -111,6 +111,19 @@ class SequenceEncoder(nn.Module):
         if id_mask is not None:
             ids = ids * id_mask.unsqueeze(1)
         return ids + self.content_vectors()
+
+    def item_vectors_at(self, rows: torch.Tensor, id_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``item_vectors(id_mask)[rows]``, computing only those rows, in the same order of operations (the
+        same numbers): sampled-softmax training needs a batch's items and its negatives, not the table."""
+        ids = self.item_id.weight[rows]
+        if id_mask is not None:
+            ids = ids * id_mask[rows].unsqueeze(1)
+        content = torch.zeros(len(rows), self.config.dim, device=self.item_id.weight.device)
+        if self.text_proj is not None:
+            content = content + self.text_proj(cast(torch.Tensor, self.item_text)[rows])
+        if self.attr is not None:
+            content = content + self.attr(cast(torch.Tensor, self.item_attrs)[rows])
+        return ids + content
 
     def query_vectors(self, text: torch.Tensor) -> torch.Tensor:
         if self.text_proj is None:

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -350,9 +351,21 @@ def train_step_loss(
     id_mask = None
     if model.config.id_dropout > 0:
         id_mask = (torch.rand(model.config.num_items + 1, device=device) >= model.config.id_dropout).float()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=low_precision):
-        vecs = model.item_vectors(id_mask)
-        h = hidden_states(model, items[:, :-1], kinds[:, :-1], qids[:, :-1], qtable, vecs)
+    n_items = model.config.num_items
+    sampled_softmax = 0 < negatives < n_items
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=low_precision)
+    with autocast():
+        if sampled_softmax:
+            # Only the batch's items and (below) its negatives: the whole table's vectors, forward and
+            # backward, were ~40% of a prefix-training step on Yelp (20,033 items, 128 windows a batch).
+            present, local = torch.unique(items, return_inverse=True)
+            vecs = model.item_vectors_at(present, id_mask)
+            h = hidden_states(model, local[:, :-1], kinds[:, :-1], qids[:, :-1], qtable, vecs)
+            targets_at = local[:, 1:]  # a target's row in vecs
+        else:
+            vecs = model.item_vectors(id_mask)
+            h = hidden_states(model, items[:, :-1], kinds[:, :-1], qids[:, :-1], qtable, vecs)
+            targets_at = targets
     h, vecs = h.float(), vecs.float()
     valid = targets != PAD
     if last_only:
@@ -365,16 +378,17 @@ def train_step_loss(
         prefix = prefix.unsqueeze(0) & (inputs != PAD).unsqueeze(1)
         valid &= ~((targets.unsqueeze(2) == inputs.unsqueeze(1)) & prefix).any(2)
     rows = valid.nonzero(as_tuple=True)
-    h, targets = h[rows], targets[rows]
+    h, targets, targets_at = h[rows], targets[rows], targets_at[rows]
     if len(targets) == 0:
         return h.sum() * 0.0  # every target a repeat: nothing to learn from this batch
-    n_items = model.config.num_items
-    if 0 < negatives < n_items:
+    if sampled_softmax:
         # Sampled softmax: the positive against n negatives shared by the batch, drawn uniformly (a constant
         # proposal, so no logQ correction is needed); a negative equal to a row's positive is masked out.
         sampled = torch.randint(1, n_items + 1, (negatives,), device=device)
-        pos = (h * vecs[targets]).sum(-1, keepdim=True)
-        neg = h @ vecs[sampled].T
+        pos = (h * vecs[targets_at]).sum(-1, keepdim=True)
+        with autocast():
+            negative_vecs = model.item_vectors_at(sampled, id_mask)
+        neg = h @ negative_vecs.float().T
         neg = neg.masked_fill(sampled.unsqueeze(0) == targets.unsqueeze(1), -torch.inf)
         if blocked is not None:
             neg = neg.masked_fill(torch.isin(sampled, blocked).unsqueeze(0), -torch.inf)

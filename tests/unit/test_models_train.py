@@ -217,6 +217,48 @@ def test_novel_only_loss_skips_repeat_targets_and_seen_negatives(data_dir: Path,
     assert float(only_repeats) == 0.0
 
 
+@pytest.mark.parametrize("novel_only", [False, True])
+@pytest.mark.parametrize("last_only", [False, True])
+def test_sampled_softmax_computes_only_the_items_it_uses_with_the_whole_tables_numbers(
+    data_dir: Path, novel_only: bool, last_only: bool
+) -> None:
+    """A sampled-softmax step computes the vectors of its batch's items and negatives alone, and gets the
+    loss and every gradient it got from the whole item table (attributes, id dropout and dropout on)."""
+    data = load(data_dir)
+    data.attributes = {item: [1 + n % 5, 6 + n % 3][: 1 + n % 2] for n, item in enumerate(data.item_ids)}
+    model = build_model(data, quick(use_attributes=True), None).train()
+    assert model.attr is not None
+    c = [Step(1, i) for i in range(1, 30)]
+    batch = [[c[0], c[1], c[0], c[2], c[5]], [c[3], c[5], c[6], c[4]], [c[20], c[21], c[22], c[28]]]
+
+    def step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        loss = train_step_loss(
+            model, batch, {}, None, negatives=40, novel_only=novel_only, last_only=last_only
+        )
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    rows_asked: list[int] = []
+    at = model.item_vectors_at
+
+    def recording(rows: torch.Tensor, id_mask: torch.Tensor | None = None) -> torch.Tensor:
+        rows_asked.append(len(rows))
+        return at(rows, id_mask)
+
+    model.item_vectors_at = recording  # type: ignore[method-assign]
+    got_loss, got_grads = step()
+    model.item_vectors_at = lambda rows, id_mask=None: model.item_vectors(id_mask)[rows]  # type: ignore[method-assign]
+    want_loss, want_grads = step()
+    assert rows_asked == [len({s.item for seq in batch for s in seq} | {PAD}), 40]
+    assert data.num_items > 40 + sum(map(len, batch))  # fewer rows than the table: the point of it
+    torch.testing.assert_close(got_loss, want_loss, rtol=0, atol=0)
+    assert len(got_grads) == len(want_grads)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
 def test_novel_only_training_selects_and_stops_on_seen_excluded_validation(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
