@@ -306,7 +306,18 @@ def test_bf16_training_is_deterministic_and_learns(data_dir: Path, tmp_path: Pat
 MEASURED = {
     "amazon-beauty": (
         DataShape(12_101, 6.0, 0.0),
-        {"weight_decay": 0.1, "dim": 128, "lr": 5e-4, "max_minutes": 28.0},
+        {"weight_decay": 0.1, "dim": 128, "lr": 5e-4, "max_minutes": 28.0, "prefixes": True},
+    ),
+    "amazon-video-games": (
+        DataShape(23_715, 6.0, 0.0),
+        {
+            "negatives": 8192,
+            "weight_decay": 0.1,
+            "dim": 128,
+            "lr": 5e-4,
+            "max_minutes": 28.0,
+            "prefixes": True,
+        },
     ),
     "ml-1m": (
         DataShape(3_416, 96.0, 0.0),
@@ -332,6 +343,7 @@ MEASURED = {
             "lr": 5e-4,
             "novel_only": True,
             "max_minutes": 28.0,
+            "prefixes": True,
         },
     ),
 }
