@@ -89,7 +89,8 @@ def sample_catalog(seed: int = 7, items_per_category: int = 60) -> list[CatalogI
 
 def shop_catalog(items: int, seed: int = 7) -> list[CatalogItem]:
     """A catalogue of any size over the sample categories, for measuring at a shop's scale (the bench's
-    production-shape model): ids ``sku-00042``, titles "Rose Serum 42" (unique by their number), prices and
+    production-shape model): ids ``shop-00042`` (none of them the sample catalogue's, so a model trained on
+    it is never taken for the sample model), titles "Rose Serum 42" (unique by their number), prices and
     stock as ``sample_catalog``'s, items dealt to the categories in turn."""
     rng = random.Random(seed)
     categories = list(CATEGORIES.items())
@@ -99,7 +100,7 @@ def shop_catalog(items: int, seed: int = 7) -> list[CatalogItem]:
         title = title_case(f"{rng.choice(adjectives)} {rng.choice(nouns)} {n}")
         out.append(
             CatalogItem(
-                item_id=f"sku-{n:05d}",
+                item_id=f"shop-{n:05d}",
                 title=title,
                 category=category,
                 price=round(rng.uniform(4, 250), 2),

@@ -8,6 +8,7 @@ import time
 
 from streamrec.models.data import PAD
 from streamrec.models.train import DataShape, TrainConfig, recipe
+from streamrec.sample import sample_catalog
 from streamrec.streams.bench import (
     PRODUCTION_ATTRIBUTES,
     PRODUCTION_ATTRIBUTES_PER_ITEM,
@@ -194,6 +195,8 @@ def test_the_bench_measures_a_model_of_the_beauty_models_shape_by_default() -> N
     assert data.num_attributes == PRODUCTION_ATTRIBUTES
     assert max(len(a) for a in data.attributes.values()) == PRODUCTION_ATTRIBUTES_PER_ITEM
     assert set(data.attributes) == set(data.item_ids) == set(data.catalog)
+    # the bench browses the model's own catalogue, never the sample one (bench_catalog tells them by id)
+    assert not {item.item_id for item in sample_catalog()} & set(data.item_ids)
     steps = [s for seq in data.sequences.values() for s in seq]
     assert len(steps) == 5_000 and {s.query is not None for s in steps if s.item == PAD} == {True}
     assert all(1 <= s.item <= data.num_items for s in steps if s.item != PAD)
