@@ -96,34 +96,29 @@ class SequenceEncoder(nn.Module):
         swiglu = config.ff == "swiglu"
         self.ff_up = nn.ModuleList(nn.Linear(d, 4 * d, bias=False) for _ in range(config.layers) if swiglu)
 
-    def content_vectors(self) -> torch.Tensor:
-        """(num_items + 1, dim): what an item looks like from its text and attributes alone."""
-        out = torch.zeros(self.config.num_items + 1, self.config.dim, device=self.item_id.weight.device)
+    def content_vectors(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(num_items + 1, dim), or (len(rows), dim) for those rows alone: what an item looks like from its
+        text and attributes alone."""
+        text, attrs = cast(torch.Tensor, self.item_text), cast(torch.Tensor, self.item_attrs)
+        if rows is not None:
+            text, attrs = text[rows], attrs[rows]
+        out = torch.zeros(len(attrs), self.config.dim, device=self.item_id.weight.device)
         if self.text_proj is not None:
-            out = out + self.text_proj(self.item_text)
+            out = out + self.text_proj(text)
         if self.attr is not None:
-            out = out + self.attr(self.item_attrs)
+            out = out + self.attr(attrs)
         return out
 
-    def item_vectors(self, id_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(num_items + 1, dim) item table used for both input and output; row 0 (padding) is zero."""
-        ids = self.item_id.weight
+    def item_vectors(
+        self, id_mask: torch.Tensor | None = None, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(num_items + 1, dim) item table used for both input and output; row 0 (padding) is zero. With
+        ``rows``, those rows alone, computed alone (the same numbers): sampled-softmax training needs a
+        batch's items and its negatives, not the table."""
+        ids = self.item_id.weight if rows is None else self.item_id.weight[rows]
         if id_mask is not None:
-            ids = ids * id_mask.unsqueeze(1)
-        return ids + self.content_vectors()
-
-    def item_vectors_at(self, rows: torch.Tensor, id_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``item_vectors(id_mask)[rows]``, computing only those rows, in the same order of operations (the
-        same numbers): sampled-softmax training needs a batch's items and its negatives, not the table."""
-        ids = self.item_id.weight[rows]
-        if id_mask is not None:
-            ids = ids * id_mask[rows].unsqueeze(1)
-        content = torch.zeros(len(rows), self.config.dim, device=self.item_id.weight.device)
-        if self.text_proj is not None:
-            content = content + self.text_proj(cast(torch.Tensor, self.item_text)[rows])
-        if self.attr is not None:
-            content = content + self.attr(cast(torch.Tensor, self.item_attrs)[rows])
-        return ids + content
+            ids = ids * (id_mask if rows is None else id_mask[rows]).unsqueeze(1)
+        return ids + self.content_vectors(rows)
 
     def query_vectors(self, text: torch.Tensor) -> torch.Tensor:
         if self.text_proj is None:

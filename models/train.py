@@ -364,7 +364,7 @@ def train_step_loss(
             # Only the batch's items and (below) its negatives: the whole table's vectors, forward and
             # backward, were ~40% of a prefix-training step on Yelp (20,033 items, 128 windows a batch).
             present, local = torch.unique(items, return_inverse=True)
-            vecs = model.item_vectors_at(present, id_mask)
+            vecs = model.item_vectors(id_mask, rows=present)
             h = hidden_states(model, local[:, :-1], kinds[:, :-1], qids[:, :-1], qtable, vecs)
             targets_at = local[:, 1:]  # a target's row in vecs
         else:
@@ -392,7 +392,7 @@ def train_step_loss(
         sampled = torch.randint(1, n_items + 1, (negatives,), device=device)
         pos = (h * vecs[targets_at]).sum(-1, keepdim=True)
         with autocast():
-            negative_vecs = model.item_vectors_at(sampled, id_mask)
+            negative_vecs = model.item_vectors(id_mask, rows=sampled)
         neg = h @ negative_vecs.float().T
         neg = neg.masked_fill(sampled.unsqueeze(0) == targets.unsqueeze(1), -torch.inf)
         if blocked is not None:

@@ -241,15 +241,19 @@ def test_sampled_softmax_computes_only_the_items_it_uses_with_the_whole_tables_n
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     rows_asked: list[int] = []
-    at = model.item_vectors_at
+    vectors = model.item_vectors
 
-    def recording(rows: torch.Tensor, id_mask: torch.Tensor | None = None) -> torch.Tensor:
-        rows_asked.append(len(rows))
-        return at(rows, id_mask)
+    def recording(id_mask: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        rows_asked.append(model.config.num_items + 1 if rows is None else len(rows))
+        return vectors(id_mask, rows)
 
-    model.item_vectors_at = recording  # type: ignore[method-assign]
+    def whole_table(id_mask: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        table = vectors(id_mask)
+        return table if rows is None else table[rows]
+
+    model.item_vectors = recording  # type: ignore[method-assign]
     got_loss, got_grads = step()
-    model.item_vectors_at = lambda rows, id_mask=None: model.item_vectors(id_mask)[rows]  # type: ignore[method-assign]
+    model.item_vectors = whole_table  # type: ignore[method-assign]
     want_loss, want_grads = step()
     assert rows_asked == [len({s.item for seq in batch for s in seq} | {PAD}), 40]
     assert data.num_items > 40 + sum(map(len, batch))  # fewer rows than the table: the point of it
