@@ -60,6 +60,22 @@ def title_case(text: str) -> str:
     return re.sub(r"[A-Za-z]+('[A-Za-z]+)?", lambda word: word.group(0).capitalize(), text)
 
 
+def stocked_item(
+    rng: random.Random, item_id: str, title: str, category: str, description: str | None = None
+) -> CatalogItem:
+    """A sample catalogue item: a price between 4 and 250, and 3% of items out of stock (drawn in that
+    order from ``rng``)."""
+    return CatalogItem(
+        item_id=item_id,
+        title=title,
+        category=category,
+        price=round(rng.uniform(4, 250), 2),
+        in_stock=rng.random() > 0.03,
+        description=description,
+        updated_at=0,
+    )
+
+
 def sample_catalog(seed: int = 7, items_per_category: int = 60) -> list[CatalogItem]:
     """A catalogue with titles, categories and prices; item ids are stable ``sku-00042`` strings."""
     rng = random.Random(seed)
@@ -73,17 +89,8 @@ def sample_catalog(seed: int = 7, items_per_category: int = 60) -> list[CatalogI
             if title in seen:
                 continue
             seen.add(title)
-            items.append(
-                CatalogItem(
-                    item_id=f"sku-{len(items):05d}",
-                    title=title,
-                    category=category,
-                    price=round(rng.uniform(4, 250), 2),
-                    in_stock=rng.random() > 0.03,
-                    description=f"{title} from our {category.split('/')[-1]} range.",
-                    updated_at=0,
-                )
-            )
+            description = f"{title} from our {category.split('/')[-1]} range."
+            items.append(stocked_item(rng, f"sku-{len(items):05d}", title, category, description))
     return items
 
 
@@ -98,16 +105,7 @@ def shop_catalog(items: int, seed: int = 7) -> list[CatalogItem]:
     for n in range(items):
         category, (nouns, adjectives) = categories[n % len(categories)]
         title = title_case(f"{rng.choice(adjectives)} {rng.choice(nouns)} {n}")
-        out.append(
-            CatalogItem(
-                item_id=f"shop-{n:05d}",
-                title=title,
-                category=category,
-                price=round(rng.uniform(4, 250), 2),
-                in_stock=rng.random() > 0.03,
-                updated_at=0,
-            )
-        )
+        out.append(stocked_item(rng, f"shop-{n:05d}", title, category))
     return out
 
 
