@@ -359,18 +359,14 @@ def train_step_loss(
     n_items = model.config.num_items
     sampled_softmax = 0 < negatives < n_items
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=low_precision)
+    # With sampled negatives, the vectors of the batch's items only (and, below, of its negatives): the whole
+    # table's, forward and backward, were ~40% of a prefix-training step on Yelp (20,033 items, 128 windows
+    # a batch). ``at`` is each item's row in ``vecs``.
+    present, at = torch.unique(items, return_inverse=True) if sampled_softmax else (None, items)
     with autocast():
-        if sampled_softmax:
-            # Only the batch's items and (below) its negatives: the whole table's vectors, forward and
-            # backward, were ~40% of a prefix-training step on Yelp (20,033 items, 128 windows a batch).
-            present, local = torch.unique(items, return_inverse=True)
-            vecs = model.item_vectors(id_mask, rows=present)
-            h = hidden_states(model, local[:, :-1], kinds[:, :-1], qids[:, :-1], qtable, vecs)
-            targets_at = local[:, 1:]  # a target's row in vecs
-        else:
-            vecs = model.item_vectors(id_mask)
-            h = hidden_states(model, items[:, :-1], kinds[:, :-1], qids[:, :-1], qtable, vecs)
-            targets_at = targets
+        vecs = model.item_vectors(id_mask, rows=present)
+        h = hidden_states(model, at[:, :-1], kinds[:, :-1], qids[:, :-1], qtable, vecs)
+    targets_at = at[:, 1:]
     h, vecs = h.float(), vecs.float()
     valid = targets != PAD
     if last_only:
