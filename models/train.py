@@ -24,6 +24,7 @@ from streamrec.models.data import PAD, Interactions, Split, Step, leave_one_out,
 from streamrec.models.encoder import EncoderConfig, SequenceEncoder
 from streamrec.models.evaluate import evaluate_scorer
 from streamrec.models.index import IndexKind, ItemIndex
+from streamrec.models.item_map import DEFAULT_SERVE_LEN
 from streamrec.models.sequences import hidden_states, pad_batch, query_table, user_vectors
 from streamrec.models.text import TextEmbedder, make_embedder
 
@@ -202,6 +203,11 @@ def recipe(shape: DataShape, bf16_native: bool) -> dict[str, Any]:
         # Yelp, seen-excluded validation NDCG@10: .0220 with 2,048 shared negatives, .0221 with 4,096,
         # .0232 with 8,192 (~78 s an epoch).
         chosen["negatives"] = 8192
+        if "prefixes" in chosen:
+            # Windows of the 16 events the worker serves: sampled-softmax prefix epochs are slow and these
+            # runs end at the time limit; validation NDCG@10 Yelp .0231 -> .0235, Video Games .0526 -> .0529
+            # (Beauty, full softmax and early-stopped, .0556 -> .0554: it keeps 50; docs/quality.md).
+            chosen["max_len"] = DEFAULT_SERVE_LEN
     if shape.repeat_share > REPEATS:
         # Train for what the seen-excluded protocol measures, a next item the user has not had: Yelp's
         # test .0375 -> .0389 HR@10 (the run before it early-stopped on seen-kept validation, so there is

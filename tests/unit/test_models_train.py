@@ -321,6 +321,7 @@ MEASURED = {
             "lr": 5e-4,
             "max_minutes": 28.0,
             "prefixes": True,
+            "max_len": 16,
         },
     ),
     "ml-1m": (
@@ -348,6 +349,7 @@ MEASURED = {
             "novel_only": True,
             "max_minutes": 28.0,
             "prefixes": True,
+            "max_len": 16,
         },
     ),
 }
