@@ -25,7 +25,7 @@ def _run(seed: int, test_ndcg: float, valid_ndcg: float, **config: object) -> di
                 "valid": {"hr@10": valid_ndcg * 2, "ndcg@10": valid_ndcg},
                 "seen_excluded": {"model": figures},
                 "seen_kept": {"model": {m: v / 2 for m, v in figures.items()}},
-                "targets": quality.TARGETS["amazon-beauty"],
+                "targets": quality.TARGETS["amazon-beauty"],  # what a run records; the summary names today's
             }
         },
     }
@@ -51,6 +51,7 @@ def test_the_summary_is_each_figures_mean_and_spread_over_the_seeds(tmp_path: Pa
     quality.write_summary(summary, tmp_path)
     table = (tmp_path / "summary.md").read_text()
     assert f"{statistics.fmean(tests):.4f} ± {statistics.stdev(tests):.4f}" in table
+    assert "WEARec 0.1041 / 0.0614" in table  # the bar it is measured against
     assert json.loads((tmp_path / "summary.json").read_text())["seeds"] == [42, 43, 44]
 
 
