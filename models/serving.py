@@ -36,6 +36,9 @@ _PURCHASE_INT = int(EventKind.PURCHASE)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
+# Cosine similarities of an anchor closer than this to the best are a tie (float32 rounding is ~1e-7).
+ANCHOR_TIE = 1e-5
+
 _threads = threading.local()  # per calling thread: whether FAISS's OpenMP thread count is set there
 _serving_threads: int | None = None
 
@@ -507,8 +510,11 @@ class Recommender(ServesItemMap):
         history = np.where((items > PAD)[..., None], unit[items], qunit[qids])  # (n, L, d)
         sims = unit[picked] @ history.transpose(0, 2, 1)  # (n, k, L); a batched matmul, ~5x einsum's speed
         sims[np.broadcast_to(((items == PAD) & (qids == 0))[:, None, :], sims.shape)] = -np.inf
-        # Among equally similar anchors prefer the newest: it is what the user is doing now.
-        return sims.shape[2] - 1 - np.argmax(sims[:, :, ::-1], axis=2)
+        # Among equally similar anchors prefer the newest: it is what the user is doing now. "Equally" allows
+        # for rounding: the matmul may sum one item's product at two positions (a click, then the purchase of
+        # the same item) in different orders, a last-bit difference that depends on the batch's shape.
+        tied = sims >= sims.max(axis=2, keepdims=True) - ANCHOR_TIE
+        return sims.shape[2] - 1 - np.argmax(tied[:, :, ::-1], axis=2)
 
     def _popular(self, n: int, excluded: set[int], already: list[str]) -> list[RecommendedItem]:
         taken = set(already)

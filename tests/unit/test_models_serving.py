@@ -98,6 +98,18 @@ def test_reasons_name_the_most_similar_history_element(rec: Recommender) -> None
     assert out[2][0].explanation == "Popular right now"
 
 
+def test_an_item_viewed_then_bought_explains_as_bought_in_any_batch(rec: Recommender) -> None:
+    """A shopper who viewed an item and then bought it has that item twice in the window: every
+    recommendation anchored there names the purchase, the newer of two equal anchors, whatever the batch
+    around the shopper (the matmul's rounding differs with the batch's shape)."""
+    bought = [H(EventKind.CLICK, 1, item_id="garden-7"), H(EventKind.PURCHASE, 2, item_id="garden-7")]
+    for k in (5, 10, 40):
+        for n in range(rec.serve_len + 1):  # a neighbour with n events: batches of every window width
+            neighbour = [UserState("n", clicks(*["coffee-0"] * n))] if n else []
+            [first, *_] = rec.recommend([UserState("b", bought), *neighbour], k)
+            assert {(r.reason, r.anchor) for r in first} == {("goes_with_purchase", "garden-7")}, (k, n)
+
+
 def test_search_only_user_gets_query_driven_recommendations(rec: Recommender) -> None:
     coffee = UserState("s1", [H(EventKind.SEARCH, 1, query="espresso coffee")])
     garden = UserState("s2", [H(EventKind.SEARCH, 1, query="garden hose")])
