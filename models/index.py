@@ -3,7 +3,9 @@ when faiss-gpu and CUDA are available."""
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,9 +18,11 @@ _faiss: Any = faiss  # its type stubs lack the search parameters' keyword argume
 
 # Up to this many items a flat index on the CPU is searched with one matrix product and torch.topk instead of
 # FAISS's heap selection: the same exact answer, 7 against 12 ms for 1,400 users over 480 items (the bench
-# model, one thread). Queries go in chunks of at most DENSE_CHUNK_SCORES scores.
+# model, one thread). Queries go in chunks of at most DENSE_CHUNK_SCORES scores: ~6 MB of float32, which
+# the matrix product writes faster than 4M scores (12,101 items, 2,000 users, one thread: 36-40 against
+# 51-61 µs per user for the whole search; 2M: 41-43, 1M: 38-41; docs/performance.md, round 19).
 DENSE_MAX_ITEMS = 65_536
-DENSE_CHUNK_SCORES = 1 << 22
+DENSE_CHUNK_SCORES = 3 << 19
 # The dense table's rows come in blocks of this many items; a query's top k is taken from the k blocks with
 # the best maxima (``top_k``): exact, and a top-k over k x BLOCK scores instead of all of them.
 BLOCK = 64
@@ -42,6 +46,23 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return top.values, columns_of.gather(1, top.indices)
 
 
+def _drop_excluded(
+    scores: np.ndarray, found: np.ndarray, excluded: Sequence[Collection[int]], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A wide search's first k results per query that its ``excluded`` does not hold, order kept; missing
+    results have index -1 (score -inf), as FAISS answers."""
+    out_scores = np.full((len(found), k), -np.inf, dtype=np.float32)
+    out_found = np.full((len(found), k), -1, dtype=np.int64)
+    for row, skip in enumerate(excluded):
+        keep = np.flatnonzero(found[row] >= 0)
+        if skip:
+            keep = keep[~np.isin(found[row, keep], np.fromiter(skip, dtype=np.int64, count=len(skip)))]
+        keep = keep[:k]
+        out_scores[row, : len(keep)] = scores[row, keep]
+        out_found[row, : len(keep)] = found[row, keep]
+    return out_scores, out_found
+
+
 def _gpu_available() -> bool:
     if not hasattr(faiss, "StandardGpuResources"):
         return False
@@ -61,6 +82,7 @@ class ItemIndex:
         self._gpu_res: object | None = None
         self._dense: tuple[torch.Tensor, torch.Tensor] | None = None  # (vectors, ids) of a small flat index
         self._hidden: tuple[np.ndarray | None, torch.Tensor] | None = None  # the last allowed and its mask
+        self._row_of = np.zeros(0, dtype=np.int64)  # item index -> the dense table's row (-1: none)
 
     @staticmethod
     def _empty(dim: int, kind: IndexKind, nlist: int = 1) -> faiss.Index:
@@ -107,16 +129,32 @@ class ItemIndex:
             np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)
         )
         self._dense = self._hidden = None
+        self._row_of = np.zeros(0, dtype=np.int64)
 
     def search(
-        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        allowed: np.ndarray | None = None,
+        excluded: Sequence[Collection[int]] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(scores, item indices), both (n, k), best first; missing results have index -1. ``allowed``: a
-        boolean per item index (True: may be found); items beyond its length are not found."""
+        boolean per item index (True: may be found); items beyond its length are not found. ``excluded``: per
+        query, item indices it may not find (a shopper's purchases), so that a query asks for k whatever
+        their number: the dense table masks them in the scores, a FAISS index is searched wider and they are
+        dropped."""
         k = max(1, min(k, self._index.ntotal))
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self._dense_search:
-            return self._search_dense(queries, k, allowed)
+            return self._search_dense(queries, k, allowed, excluded)
+        if excluded is not None and any(excluded):
+            wide = min(self._index.ntotal, k + max(len(skip) for skip in excluded))
+            return _drop_excluded(*self._search_faiss(queries, wide, allowed), excluded, k)
+        return self._search_faiss(queries, k, allowed)
+
+    def _search_faiss(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         if allowed is None:
             return self._index.search(queries, k)
         bits = np.packbits(np.asarray(allowed, dtype=bool), bitorder="little")
@@ -153,7 +191,11 @@ class ItemIndex:
         return f"{name} (exact)"
 
     def _search_dense(
-        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        allowed: np.ndarray | None = None,
+        excluded: Sequence[Collection[int]] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         if self._dense is None:
             mapped: Any = faiss.downcast_index(self._index)
@@ -165,8 +207,11 @@ class ItemIndex:
             padded_ids = np.full(rows, -1, dtype=np.int64)
             padded_ids[:n] = faiss.vector_to_array(mapped.id_map)
             self._dense = torch.from_numpy(stored), torch.from_numpy(padded_ids)
+            self._row_of = np.full(int(padded_ids.max()) + 2, -1, dtype=np.int64)
+            self._row_of[padded_ids[:n]] = np.arange(n)
         vectors, ids = self._dense
         hidden = self._hidden_rows(None if allowed is None else np.asarray(allowed, dtype=bool), ids)
+        masked = self._excluded_cells(excluded, len(queries))
         scores = np.empty((len(queries), k), dtype=np.float32)
         found = np.empty((len(queries), k), dtype=np.int64)
         step = max(1, DENSE_CHUNK_SCORES // len(ids))
@@ -174,11 +219,33 @@ class ItemIndex:
             for start in range(0, len(queries), step):
                 product = torch.from_numpy(queries[start : start + step]) @ vectors.T
                 product += hidden
+                if masked is not None:
+                    lo, hi = np.searchsorted(masked[0], [start, start + step])
+                    cells = (torch.from_numpy(masked[0][lo:hi] - start), torch.from_numpy(masked[1][lo:hi]))
+                    product[cells] = -torch.inf
                 values, at = top_k(product, k)
                 scores[start : start + step] = values.numpy()
                 found[start : start + step] = ids[at].numpy()
         found[~np.isfinite(scores)] = -1  # fewer allowed items than asked for: as FAISS answers
         return scores, found
+
+    def _excluded_cells(
+        self, excluded: Sequence[Collection[int]] | None, n: int
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The score matrix's cells that ``excluded`` masks, as (query, table row) index arrays, queries in
+        ascending order; None for none. Item indices the table lacks mask nothing."""
+        if excluded is None or not any(excluded):
+            return None
+        if len(excluded) != n:
+            raise ValueError(f"excluded has {len(excluded)} rows for {n} queries")
+        lengths = np.fromiter(map(len, excluded), dtype=np.int64, count=n)
+        items = np.fromiter(itertools.chain.from_iterable(excluded), dtype=np.int64, count=int(lengths.sum()))
+        query = np.repeat(np.arange(n, dtype=np.int64), lengths)
+        inside = (items >= 0) & (items < len(self._row_of))
+        rows = np.full(len(items), -1, dtype=np.int64)
+        rows[inside] = self._row_of[items[inside]]
+        kept = rows >= 0
+        return query[kept], rows[kept]
 
     def _hidden_rows(self, allowed: np.ndarray | None, ids: torch.Tensor) -> torch.Tensor:
         """-inf for each row of the dense table whose item may not be found (padding, or not ``allowed``),

@@ -67,6 +67,41 @@ def test_a_small_flat_index_answers_as_faiss_does_in_chunks_and_after_adds(
     np.testing.assert_array_equal(found, faiss_answer(10)[1])
 
 
+@pytest.mark.parametrize("kind", ["flat", "faiss flat", "hnsw"])
+def test_excluded_items_are_never_found_and_k_others_take_their_place(
+    kind: str, vectors: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each query's excluded items (a shopper's purchases) are left out and the query still gets k results:
+    the answer is the unexcluded search's, asked wide enough, with them dropped, in its order. A query may
+    exclude many items, none, or items the index lacks; ``allowed`` still applies."""
+    monkeypatch.setattr(index_module, "DENSE_CHUNK_SCORES", 7 * 512)  # the dense table: chunks of 7 queries
+    if kind == "faiss flat":
+        monkeypatch.setattr(index_module, "DENSE_MAX_ITEMS", 100)  # FAISS's own flat search answers
+    ids = np.arange(1, 501) * 2  # item indices the index does not hold lie between them
+    index = ItemIndex.build(vectors, ids, "hnsw" if kind == "hnsw" else "flat")
+    assert index.search_method.startswith("torch") == (kind == "flat")
+    rng = np.random.default_rng(2)
+    queries = rng.normal(size=(30, 16)).astype(np.float32)
+    allowed = rng.random(1002) > 0.1
+    _, unexcluded = index.search(queries, 500, allowed)
+    excluded = [
+        set(rng.choice(row[row > 0], size=int(rng.integers(0, 60)), replace=False).tolist()) | {3, 5000}
+        for row in unexcluded
+    ]
+    excluded[4] = set()
+    for k in (1, 10, 40):
+        scores, found = index.search(queries, k, allowed, excluded=excluded)
+        assert found.shape == scores.shape == (30, k)
+        for row, (mine, skip) in enumerate(zip(found.tolist(), excluded, strict=True)):
+            expected = [i for i in unexcluded[row].tolist() if i not in skip and i > 0][:k]
+            if kind == "hnsw":  # approximate: searched wider, it may find a little more
+                assert not set(mine) & skip and len(set(mine) & set(expected)) >= 0.8 * k
+            else:
+                assert mine == expected
+        assert np.all(allowed[found[found > 0]])
+        assert np.all(np.diff(scores, axis=1) <= 1e-5)
+
+
 def test_measured_recall_is_against_an_exact_reference_that_shares_no_code_with_the_index(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
