@@ -14,7 +14,15 @@ import torch
 from streamrec.models import artifacts
 from streamrec.models.data import PAD, Interactions, Step, leave_one_out, load
 from streamrec.models.item_map import DEFAULT_SERVE_LEN, Precision
-from streamrec.models.sequences import pad_batch, query_table, seen_items, serving_vectors, user_vectors
+from streamrec.models.sequences import (
+    CompiledEncoder,
+    can_compile,
+    pad_batch,
+    query_table,
+    seen_items,
+    serving_vectors,
+    user_vectors,
+)
 
 KS = (10, 20)
 Scorer = Callable[[Sequence[Sequence[Step]]], torch.Tensor]  # histories -> (n, num_items + 1) scores
@@ -135,14 +143,21 @@ def model_scorer(art: artifacts.Artifacts, seqs_for_queries: Sequence[Sequence[S
 
 
 def served_scorer(
-    art: artifacts.Artifacts, seqs_for_queries: Sequence[Sequence[Step]], serve_len: int, dtype: torch.dtype
+    art: artifacts.Artifacts,
+    seqs_for_queries: Sequence[Sequence[Step]],
+    serve_len: int,
+    dtype: torch.dtype,
+    compile_encoder: bool = False,
 ) -> Scorer:
     """The model as the worker serves it (``Recommender``): the newest ``serve_len`` events only, the last
-    position's vector through the encoder in ``dtype`` (``resolve_precision``'s)."""
+    position's vector through the encoder in ``dtype`` (``resolve_precision``'s), compiled if asked and
+    possible here (``CompiledEncoder``, the ``serving_compile`` setting)."""
     from streamrec.models.serving import Recommender  # serving imports train, which imports us
 
     model = art.model
     encoder = Recommender.serving_encoder(model, dtype)
+    device = next(model.parameters()).device
+    compiled = CompiledEncoder(encoder) if compile_encoder and can_compile(device) else None
     embed = art.embedder.embed_queries if art.embedder is not None else None
     qindex, qtable = query_table(seqs_for_queries, embed) if embed else ({}, None)
     window = min(serve_len, model.config.max_len)
@@ -153,7 +168,9 @@ def served_scorer(
     def score(seqs: Sequence[Sequence[Step]]) -> torch.Tensor:
         items, kinds, qids = pad_batch([s[-window:] for s in seqs], window, qindex)
         with torch.inference_mode():
-            return serving_vectors(model, encoder, items, kinds, qids, qtable, table, window) @ vecs.T
+            return (
+                serving_vectors(model, encoder, items, kinds, qids, qtable, table, window, compiled) @ vecs.T
+            )
 
     return score
 
@@ -181,6 +198,7 @@ def evaluate(
     as_served: bool = True,
     serve_len: int = DEFAULT_SERVE_LEN,
     precision: Precision = "auto",
+    compile_encoder: bool = False,
 ) -> dict[str, object]:
     """Metrics of the model (if given) and each baseline on the test (or valid) split, as one dict. With
     ``as_served``, also the model as the worker serves it (``served_scorer``: its serving window and
@@ -208,10 +226,12 @@ def evaluate(
             from streamrec.models.serving import resolve_precision  # serving imports train, which imports us
 
             dtype = resolve_precision(precision, torch.device(device))
-            scorers["model_as_served"] = served_scorer(art, [c[0] for c in cases.values()], serve_len, dtype)
+            seqs = [c[0] for c in cases.values()]
+            scorers["model_as_served"] = served_scorer(art, seqs, serve_len, dtype, compile_encoder)
             result["served"] = {
                 "serve_len": min(serve_len, art.config.max_len),
                 "precision": str(dtype).removeprefix("torch."),
+                "compiled": compile_encoder and can_compile(torch.device(device)),
             }
         result["model_version"] = art.metadata.get("version")
     if "popular" in baselines:

@@ -38,14 +38,18 @@ class RankingProcessError(RuntimeError):
     """The ranking process did not start, or exited."""
 
 
-def _serve(conn: Connection, model_dir: str, device: str, threads: int, precision: Precision) -> None:
+def _serve(
+    conn: Connection, model_dir: str, device: str, threads: int, precision: Precision, compile_encoder: bool
+) -> None:
     """The child: load the model, then answer rank requests and apply upserts until the pipe closes."""
     from streamrec.models.serving import Recommender, set_threads  # torch is the child's alone
 
     set_threads(threads)
     recommender = Recommender.load(Path(model_dir), device=device, precision=precision)
+    if compile_encoder:
+        recommender.compile_encoder()
     recommender.warm_up()
-    conn.send("ready")
+    conn.send(("ready", recommender.encoder_compiled))
     while True:
         try:
             request = conn.recv()
@@ -80,6 +84,7 @@ class _Child:
     def __init__(self, args: tuple[Any, ...], upserted: dict[str, CatalogItem], name: str) -> None:
         self._args, self._upserted, self._name = args, upserted, name
         self.restarts = 0
+        self.encoder_compiled = False  # what the child said once warmed up (``Recommender.encoder_compiled``)
         self._spawn()
 
     def _spawn(self) -> None:
@@ -93,14 +98,15 @@ class _Child:
 
     def wait_ready(self) -> None:
         try:
-            ready = self._conn.poll(START_TIMEOUT_S) and self._conn.recv() == "ready"
+            message = self._conn.recv() if self._conn.poll(START_TIMEOUT_S) else None
         except (EOFError, OSError):
-            ready = False
-        if not ready:
+            message = None
+        if not (isinstance(message, tuple) and message[0] == "ready"):
             self.close()
             raise RankingProcessError(
                 f"the ranking process for {self._args[0]} did not start (exit code {self._process.exitcode})"
             )
+        self.encoder_compiled = bool(message[1])
         if self._upserted:
             self.send(("upsert", list(self._upserted.values())))
 
@@ -163,7 +169,8 @@ class ProcessRecommender(ServesItemMap):
     """A ``Recommender`` whose ranking runs in ``processes`` child processes (see the module docstring): a
     batch of at least 2 x MIN_USERS_PER_PROCESS users is shared among them in consecutive slices, ranked at
     the same time, and their answers joined (``merge_ranked``); a smaller one goes to the first whole. A
-    user's list does not depend on the batch or the process that ranks it (``serving_vectors``). Thread-safe:
+    user's list does not depend on the batch or the process that ranks it (``serving_vectors``; compiled,
+    bar near-ties within bfloat16's rounding). Thread-safe:
     one request at a time goes through the pipes; a ranking holds them from ``prepare`` until its answers
     are in."""
 
@@ -174,6 +181,7 @@ class ProcessRecommender(ServesItemMap):
         threads: int = 1,
         precision: Precision = "auto",
         processes: int = 1,
+        compile_encoder: bool = False,
     ) -> None:
         if processes < 1:
             raise ValueError(f"processes must be at least 1, not {processes}")
@@ -183,7 +191,7 @@ class ProcessRecommender(ServesItemMap):
         # in one upsert and appends the new ones in the order the item map did (bounded by the catalogue).
         self._upserted: dict[str, CatalogItem] = {}
         self._lock = threading.Lock()
-        args = (str(self._model_dir), device, threads, precision)
+        args = (str(self._model_dir), device, threads, precision, compile_encoder)
         self._children: list[_Child] = []
         try:
             for n in range(processes):  # all loading at once, then each waited for
@@ -210,6 +218,11 @@ class ProcessRecommender(ServesItemMap):
     @property
     def alive(self) -> bool:
         return all(child.alive for child in self._children)
+
+    @property
+    def encoder_compiled(self) -> bool:
+        """Whether every ranking process serves the compiled encoder (``serving_compile``)."""
+        return all(child.encoder_compiled for child in self._children)
 
     def close(self) -> None:
         for child in self._children:

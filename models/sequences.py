@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -10,6 +14,11 @@ from torch import nn
 
 from streamrec.models.data import PAD, Step
 from streamrec.models.encoder import SequenceEncoder
+
+log = logging.getLogger(__name__)
+
+# encode_last's signature: (item vectors (B, L, dim), kinds (B, L), query vectors or None) -> (B, dim)
+EncodeLast = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def pad_batch(
@@ -81,6 +90,41 @@ def row_bucket(rows: int) -> int:
     return next(b for b in SERVING_ROW_BUCKETS if b >= rows)
 
 
+def can_compile(device: torch.device) -> bool:
+    """Whether ``CompiledEncoder`` can be built here: torch.compile's CPU back-end (inductor) writes C++ and
+    needs a compiler to build it; on a GPU it would need Triton, which the CPU wheels lack."""
+    compiler = os.environ.get("CXX") or "g++"
+    return device.type == "cpu" and any(shutil.which(c) for c in (compiler, "c++", "clang++"))
+
+
+class CompiledEncoder:
+    """``encoder.encode_last`` compiled with torch.compile, the batch dimension dynamic: inductor fuses the
+    blocks' elementwise work (gates, SiLU, the residual adds, layer norms) into a few loops, where the eager
+    encoder makes a pass over memory per operation (the production-shape model in bfloat16, one thread:
+    49-60 against 65-90 us per user, docs/performance.md, round 19). Compiling takes 13-25 s on 2 cores
+    the first time (``warm_up`` does it) and is cached on disk for the next process. A compile that fails,
+    then or at a new shape later, is logged once and the eager encoder answers from then on: compiling is a
+    speed-up, never a reason to stop ranking."""
+
+    def __init__(self, encoder: SequenceEncoder) -> None:
+        self._eager: EncodeLast = encoder.encode_last
+        self._compiled: EncodeLast = torch.compile(encoder.encode_last, dynamic=True)
+        self.failed: str | None = None  # why the eager encoder answers, once compiling has failed
+
+    def __call__(
+        self, item_vecs: torch.Tensor, kinds: torch.Tensor, query_vecs: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.failed is None:
+            try:
+                # A fresh tensor: a view's base and an autograd key are guarded on, and would compile anew
+                # for a batch whose kinds arrive as a slice, or made outside inference mode.
+                return self._compiled(item_vecs, kinds.clone(), query_vecs)
+            except Exception as exc:  # inductor's errors have no common base; any one means eager from now
+                self.failed = f"{type(exc).__name__}: {str(exc)[:300]}"
+                log.warning("compiling the serving encoder failed, serving it uncompiled: %s", self.failed)
+        return self._eager(item_vecs, kinds, query_vecs)
+
+
 def serving_vectors(
     model: SequenceEncoder,
     encoder: SequenceEncoder,
@@ -90,17 +134,22 @@ def serving_vectors(
     qtable: torch.Tensor | None,
     table: torch.Tensor,
     window: int | None = None,
+    encode_last: EncodeLast | None = None,
 ) -> torch.Tensor:
     """The served user vectors, (B, dim) in float32: ``hidden_states(..., last=True)`` with the blocks run by
     ``encoder``, the model itself or a copy of it in another precision (``Recommender``'s bfloat16), in
     chunks of SERVING_CHUNK_USERS. Every batch, one user too, goes through ``encoder``: a user's vector must
-    not depend on the batch it shares (`streamrec shadow` compares served lists exactly). ``table``: the
+    not depend on the batch it shares (`streamrec shadow` compares served lists exactly). The eager encoder
+    gives the same bits in any batch; a ``CompiledEncoder``'s kernels round differently per batch shape, so
+    through it a vector depends on the batch within bfloat16's rounding (lists, at near-ties). ``table``: the
     item vectors in the encoder's precision; queries are projected by ``model`` and cast to it.
 
     With ``window``, every window is left-padded to that length and every chunk's rows to a
     SERVING_ROW_BUCKETS size, so the encoder sees the shapes ``warm_up`` built. Padding is masked: a user's
     vector is the same, up to float rounding, with or without it, and no longer depends on the longest
-    window of the batch it shares."""
+    window of the batch it shares. ``encode_last``: what runs ``encoder``'s blocks (a ``CompiledEncoder``
+    of it); default, ``encoder.encode_last`` itself."""
+    encode = encode_last or encoder.encode_last
     device = table.device
     items, kinds, qids = items.to(device), kinds.to(device), qids.to(device)
     if window is not None and items.shape[1] < window:
@@ -119,17 +168,35 @@ def serving_vectors(
                 torch.cat([t, t[:1].expand(extra, -1)]) for t in (chunk_items, chunk_kinds, chunk_qids)
             )
         qvecs = qspace[chunk_qids] if qspace is not None else None  # row 0, padding, is a zero vector
-        out[rows] = encoder.encode_last(table[chunk_items], chunk_kinds, qvecs)[:n]
+        out[rows] = encode(table[chunk_items], chunk_kinds, qvecs)[:n]
     return out
 
 
-def warm_up(model: SequenceEncoder, encoder: SequenceEncoder, table: torch.Tensor, window: int) -> None:
+def warm_up(
+    model: SequenceEncoder,
+    encoder: SequenceEncoder,
+    table: torch.Tensor,
+    window: int,
+    encode_last: EncodeLast | None = None,
+) -> float:
     """Run ``encoder`` once at every serving shape (SERVING_ROW_BUCKETS users x ``window`` events), so that
-    no ranking pays for building a shape's kernels (0.34 s in bfloat16 for the Beauty model, round 17)."""
+    no ranking pays for building a shape's kernels (0.34 s in bfloat16 for the Beauty model, round 17), or,
+    through a ``CompiledEncoder``, for compiling (a batch without searches and, with a text tower, one with
+    them: two graphs). Seconds taken."""
+    start = time.perf_counter()
     ones = torch.ones(SERVING_CHUNK_USERS, window, dtype=torch.long)
+    qtables: list[torch.Tensor | None] = [None]
+    if model.config.text_dim:
+        qtables.append(torch.zeros(2, model.config.text_dim, device=table.device))
     with torch.inference_mode():
-        for rows in SERVING_ROW_BUCKETS:
-            serving_vectors(model, encoder, ones[:rows], ones[:rows], ones[:rows] * 0, None, table, window)
+        for qtable in qtables:
+            for rows in (
+                SERVING_CHUNK_USERS,
+                *SERVING_ROW_BUCKETS,
+            ):  # the largest first: its graph covers all
+                r = ones[:rows]
+                serving_vectors(model, encoder, r, r, r * 0, qtable, table, window, encode_last)
+    return time.perf_counter() - start
 
 
 @torch.inference_mode()

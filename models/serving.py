@@ -5,6 +5,7 @@ catalogue, and turn a micro-batch of user states into ranked, explained recommen
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -27,10 +28,12 @@ from streamrec.models.item_map import (
     RankInputs,
     ServesItemMap,
 )
-from streamrec.models.sequences import serving_vectors, warm_up
+from streamrec.models.sequences import CompiledEncoder, can_compile, serving_vectors, warm_up
 from streamrec.models.text import MiniLMEmbedder
 from streamrec.models.train import native_bf16, resolve_device
 from streamrec.records import CatalogItem, EventKind, RankedBatch, Reason, RecommendedItem, UserState
+
+log = logging.getLogger(__name__)
 
 _PURCHASE_INT = int(EventKind.PURCHASE)
 
@@ -132,6 +135,7 @@ class Recommender(ServesItemMap):
         self._device = device
         self.precision = precision
         self._encoder = self.serving_encoder(self._model, precision)
+        self._compiled: CompiledEncoder | None = None  # compile_encoder()'s; None: the eager encoder
         self._embedder = art.embedder
         self._items = ItemMap(
             art.items.ids,
@@ -196,11 +200,30 @@ class Recommender(ServesItemMap):
         index.to_gpu_if_available() if dev.type == "cuda" else None
         return cls(art, index, index_version, dev, serve_len, resolve_precision(precision, dev))
 
+    def compile_encoder(self) -> bool:
+        """Serve users through the encoder compiled (``sequences.CompiledEncoder``; the ``serving_compile``
+        setting), where this machine can compile it: whether it will be. ``warm_up`` compiles it."""
+        if not can_compile(self._device):
+            log.info("serving the encoder uncompiled: no C++ compiler for torch.compile's CPU back-end")
+            return False
+        with self._lock:
+            self._compiled = CompiledEncoder(self._encoder)
+        return True
+
+    @property
+    def encoder_compiled(self) -> bool:
+        """Whether users go through the compiled encoder (asked for, and compiling has not failed)."""
+        return self._compiled is not None and self._compiled.failed is None
+
     def warm_up(self) -> None:
         """Build the encoder's kernels for every serving shape now, before the first ranking needs them
-        (``sequences.warm_up``): what a worker does once it has loaded a model it is about to serve."""
+        (``sequences.warm_up``), compiling it if ``compile_encoder`` asked: what a worker does once it has
+        loaded a model it is about to serve."""
         with self._lock:
-            warm_up(self._model, self._encoder, self._table_t, self.serve_len)
+            seconds = warm_up(self._model, self._encoder, self._table_t, self.serve_len, self._compiled)
+        if self._compiled is not None:
+            how = "compiled" if self.encoder_compiled else "uncompiled (compiling failed)"
+            log.info("serving encoder %s, warmed up in %.1f s", how, seconds)
 
     def _rank_popular(self) -> np.ndarray:
         order = np.argsort(-self._popularity, kind="stable")
@@ -330,14 +353,15 @@ class Recommender(ServesItemMap):
                     qtable,
                     self._table_t,
                     window=self.serve_len,
+                    encode_last=self._compiled,
                 )
             user_vecs = h.cpu().numpy()
             t2 = clock()
-            most_excluded = max(len(excluded[i]) for i in warm)
-            fetch = min(self._index.size, k + most_excluded + 8)
-            scores, found = self._index.search(user_vecs, fetch, self._in_stock)  # recommendable items only
-            t3 = clock()
             warm_excluded = [excluded[u] for u in warm]
+            # recommendable items only: in stock and not bought (the search masks both)
+            fetch = min(self._index.size, k + 8)
+            scores, found = self._index.search(user_vecs, fetch, self._in_stock, excluded=warm_excluded)
+            t3 = clock()
             picked, picked_scores = self._rank(found, scores, warm_excluded, k)
             t4 = clock()
             config = self.search_steering  # read once: it may be replaced meanwhile

@@ -406,6 +406,7 @@ def eval_cmd(
         split=split,
         as_served=as_served,
         precision=settings_from_env().serving_precision,
+        compile_encoder=settings_from_env().serving_compile,
     )
     if as_json:
         print(json.dumps(result))

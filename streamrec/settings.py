@@ -329,6 +329,14 @@ class Settings(BaseSettings):
         "(AMX or AVX-512 BF16; the production-size encoder about 2x faster, NDCG@10 0.12% lower on Beauty: "
         "docs/performance.md, round 16), else float32. Item scores are float32 either way.",
     )
+    serving_compile: bool = Field(
+        True,
+        description="Compile the served encoder with torch.compile where a C++ compiler is found (CPU): "
+        "its elementwise work fused, ~25-35% less encoder time per user for the production-size model "
+        "(docs/performance.md, round 19). A worker's first start compiles for 15-25 s (cached on disk "
+        "after, under TORCHINDUCTOR_CACHE_DIR); a failed compile is logged and the encoder served "
+        "uncompiled. false: always uncompiled.",
+    )
     serving_threads: int = Field(
         1,
         description="CPU threads of the worker's encoder and index search (torch, FAISS). One is steadier "

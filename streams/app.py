@@ -69,6 +69,7 @@ def load_recommender(settings: Settings, model_dir: Path | None = None) -> Recom
             threads=settings.serving_threads,
             precision=settings.serving_precision,
             processes=settings.ranking_processes,
+            compile_encoder=settings.serving_compile,
         )
     from streamrec.models.serving import Recommender as ModelRecommender
     from streamrec.models.serving import set_threads
@@ -77,6 +78,8 @@ def load_recommender(settings: Settings, model_dir: Path | None = None) -> Recom
     recommender = ModelRecommender.load(
         Path(path), device=settings.device, precision=settings.serving_precision
     )
+    if settings.serving_compile:
+        recommender.compile_encoder()
     recommender.warm_up()
     return recommender
 
@@ -93,6 +96,7 @@ def ranking_process_health(recommender: Recommender) -> dict[str, Any] | None:
         "pids": recommender.pids,
         "alive": recommender.alive,
         "restarts": recommender.restarts,
+        "encoder_compiled": recommender.encoder_compiled,
     }
 
 

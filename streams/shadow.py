@@ -227,6 +227,9 @@ def compare(
     limits = StateLimits(settings.history_length, settings.max_purchased, settings.dedupe_window)
     comparison = build_pairs(records, filters, served, k, limits)
     candidate = Recommender.load(model_dir, device=settings.device, precision=settings.serving_precision)
+    if settings.serving_compile:  # as the workers serve it: compiled kernels round a little differently
+        candidate.compile_encoder()
+        candidate.warm_up()
     candidate.upsert_items(read_catalog(settings))
     ranked: list[list[str]] = []
     states = [p.state for p in comparison.pairs]

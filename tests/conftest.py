@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,11 @@ from streamrec import native
 from streamrec.settings import Settings
 
 T = TypeVar("T")
+
+# The workers the tests start serve the eager encoder: compiling it (``serving_compile``, the default) adds
+# 5-25 s to every start. The compiled path has its own tests (test_models_serving), and test_demo runs
+# `make demo` with the defaults.
+os.environ.setdefault("STREAMREC_SERVING_COMPILE", "false")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

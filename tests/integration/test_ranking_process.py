@@ -5,15 +5,18 @@ it. Real child processes, the tiny model trained on sample shoppers."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from streamrec.models.ranking_process import ProcessRecommender, RankingProcessError
 from streamrec.models.registry import current
+from streamrec.models.sequences import can_compile
 from streamrec.models.serving import Recommender
 from streamrec.records import CatalogItem, EventKind, HistoryEntry, RankedBatch, UserState
 from streamrec.sample import sample_catalog
@@ -95,6 +98,36 @@ def test_a_new_item_reaches_the_child(ranker: ProcessRecommender, model_dir: Pat
     users = [UserState("fan", [H(EventKind.CLICK, 1, item_id="brand-new-1")]), *shoppers(local.item_ids)]
     assert same(ranker.rank(users, 10), local.rank(users, 10))
     assert ranker.index_version == local.index_version
+
+
+def test_a_ranking_process_serves_the_compiled_encoder_when_asked(
+    ranker: ProcessRecommender, model_dir: Path
+) -> None:
+    """``serving_compile`` (the worker's default) reaches the child: it compiles while it warms up, says so
+    (the worker's /health shows it), and ranks what the eager child does, bar near-ties."""
+    if not can_compile(torch.device("cpu")):
+        pytest.skip("no C++ compiler here: the child serves the eager encoder")
+    assert not ranker.encoder_compiled  # asked for nothing
+    compiled = ProcessRecommender(model_dir, compile_encoder=True)
+    try:
+        assert compiled.encoder_compiled
+        rng = random.Random(4)
+        ids = compiled.item_ids
+        users = [
+            UserState(
+                f"u{u}", [H(EventKind.CLICK, t, item_id=rng.choice(ids)) for t in range(rng.randint(1, 9))]
+            )
+            for u in range(200)
+        ]
+        eager = Recommender.load(model_dir)  # the fixture's child has had upserts: compare with the model
+        want, got = eager.rank(users, 10).all_items(), compiled.rank(users, 10).all_items()
+        overlap = [
+            len({i.item_id for i in a} & {i.item_id for i in b}) / 10 for a, b in zip(want, got, strict=True)
+        ]
+        assert sum(overlap) / len(overlap) >= 0.97
+        assert all(len(row) == 10 for row in got)
+    finally:
+        compiled.close()
 
 
 def test_a_child_that_died_is_started_again_with_the_catalogue_it_had(model_dir: Path) -> None:

@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from streamrec.models import registry, synthetic
 from streamrec.models.evaluate import evaluate
 from streamrec.models.item_map import ItemMap, merge_ranked
-from streamrec.models.sequences import SERVING_CHUNK_USERS, SERVING_ROW_BUCKETS
+from streamrec.models.sequences import SERVING_CHUNK_USERS, SERVING_ROW_BUCKETS, can_compile
 from streamrec.models.serving import Recommender, SearchSteering, resolve_precision
 from streamrec.models.train import TrainConfig, train
-from streamrec.records import CatalogItem, Event, EventKind, HistoryEntry, UserState
+from streamrec.records import CatalogItem, Event, EventKind, HistoryEntry, RecommendedItem, UserState
 from streamrec.state import StateLimits, apply_event
 from tests.unit.reference_serving import reference_recommend
 
@@ -464,11 +464,11 @@ def test_eval_scores_the_model_as_the_worker_serves_it(model_dir: Path, tmp_path
     data = synthetic.write(tmp_path / "data")
     max_len = json.loads((model_dir / "config.json").read_text())["encoder"]["max_len"]
     whole = evaluate(data, model_dir, baselines=(), serve_len=max_len, precision="float32")
-    assert whole["served"] == {"serve_len": max_len, "precision": "float32"}
+    assert whole["served"] == {"serve_len": max_len, "precision": "float32", "compiled": False}
     full, served = whole["model"], whole["model_as_served"]
     assert served["ndcg@10"] == pytest.approx(full["ndcg@10"], abs=1e-3)  # type: ignore[index]
     short = evaluate(data, model_dir, baselines=(), serve_len=2, precision="bfloat16")
-    assert short["served"] == {"serve_len": 2, "precision": "bfloat16"}
+    assert short["served"] == {"serve_len": 2, "precision": "bfloat16", "compiled": False}
     expected = 1 - short["model_as_served"]["ndcg@10"] / short["model"]["ndcg@10"]  # type: ignore[index]
     assert short["served_ndcg_loss"] == pytest.approx(expected, abs=1e-4)
     assert "model_as_served" not in evaluate(data, model_dir, baselines=(), as_served=False)
@@ -557,3 +557,66 @@ def test_a_batch_ranked_in_slices_and_merged_is_the_batch_ranked_whole(rec: Reco
     )
     overlapping = [set(a.reasons) & set(b.reasons) for a, b in zip(parts, parts[1:], strict=False)]
     assert any(overlapping)  # the slices' codes did meet: merging had to number them anew
+
+
+def test_the_compiled_encoder_ranks_as_the_eager_one_whatever_the_batch(model_dir: Path) -> None:
+    """``serving_compile`` (the default): the encoder compiled by torch.compile recommends what the eager
+    encoder does, bar near-ties. Its kernels round differently for different batch shapes, so a user's
+    list depends on the batch only at near-ties: scores agree within bfloat16's rounding. Asked for every
+    batch size, no later batch compiles again (``warm_up`` built what serving meets)."""
+    if not can_compile(torch.device("cpu")):
+        pytest.skip("no C++ compiler on this machine: the worker serves the eager encoder (tested below)")
+    eager = Recommender.load(model_dir, device="cpu", precision="bfloat16")
+    fast = Recommender.load(model_dir, device="cpu", precision="bfloat16")
+    assert fast.compile_encoder()
+    fast.warm_up()
+    assert fast.encoder_compiled
+    compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    users = [*browsing_shoppers(300), UserState("s", [H(EventKind.SEARCH, 1, query="espresso coffee")])]
+    want, got = eager.recommend(users, 10), fast.recommend(users, 10)
+
+    def agree(a: list[list[RecommendedItem]], b: list[list[RecommendedItem]], share: float) -> None:
+        pairs = list(zip(a, b, strict=True))
+        overlap = [len({i.item_id for i in x} & {i.item_id for i in y}) / 10 for x, y in pairs]
+        assert np.mean(overlap) >= share
+        assert np.mean([x[0].item_id == y[0].item_id for x, y in pairs]) >= share
+        assert np.allclose([x[0].score for x, _ in pairs], [y[0].score for _, y in pairs], atol=0.05)
+
+    agree(want, got, 0.97)
+    for size in (1, 37, 128):
+        n = 60 if size == 1 else len(users)
+        agree([r for s in range(0, n, size) for r in fast.recommend(users[s : s + size], 10)], got[:n], 0.97)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiles
+    assert fast.encoder_compiled  # no shape on the way made it give up
+
+
+def test_a_compile_that_fails_leaves_the_eager_encoder_serving(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Compiling is a speed-up: when it fails (no compiler, an inductor error at warm-up or at a later
+    shape), the worker logs why once and ranks with the eager encoder, the same lists."""
+    from streamrec.models import sequences
+
+    def broken(fn: object, **_: object) -> object:
+        def compiled(*args: object) -> object:
+            raise RuntimeError("inductor: C++ compile error")
+
+        return compiled
+
+    monkeypatch.setattr(sequences.torch, "compile", broken)
+    eager = Recommender.load(model_dir, device="cpu", precision="float32")
+    fast = Recommender.load(model_dir, device="cpu", precision="float32")
+    assert fast.compile_encoder()
+    with caplog.at_level("WARNING"):
+        fast.warm_up()
+        fast.warm_up()
+    assert not fast.encoder_compiled
+    why = "RuntimeError: inductor: C++ compile error"
+    warned = [r.message for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [f"compiling the serving encoder failed, serving it uncompiled: {why}"]
+    users = browsing_shoppers(40)
+    assert fast.recommend(users, 10) == eager.recommend(users, 10)
+
+    monkeypatch.setattr(sequences.shutil, "which", lambda name: None)  # no compiler at all: not even tried
+    assert not can_compile(torch.device("cpu"))
+    assert not eager.compile_encoder() and not eager.encoder_compiled
