@@ -203,8 +203,13 @@ class Recommender(ServesItemMap):
     def compile_encoder(self) -> bool:
         """Serve users through the encoder compiled (``sequences.CompiledEncoder``; the ``serving_compile``
         setting), where this machine can compile it: whether it will be. ``warm_up`` compiles it."""
+        if self._device.type != "cpu":
+            return False  # torch.compile on a GPU needs Triton, which is not a dependency: eager there
         if not can_compile(self._device):
-            log.info("serving the encoder uncompiled: no C++ compiler for torch.compile's CPU back-end")
+            log.warning(
+                "serving the encoder uncompiled: no C++ compiler (g++, c++, clang++ or $CXX) for "
+                "torch.compile's CPU back-end; install one, or set STREAMREC_SERVING_COMPILE=false"
+            )
             return False
         with self._lock:
             self._compiled = CompiledEncoder(self._encoder)

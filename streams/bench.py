@@ -1123,7 +1123,10 @@ def _model_part(
     from streamrec.models.perf import encoder_timings, recommend_timings
     from streamrec.models.serving import Recommender
 
-    recommender = Recommender.load(model_dir, device="cpu")
+    recommender = Recommender.load(model_dir, device="cpu", precision=settings.serving_precision)
+    if settings.serving_compile:  # served as a worker serves it
+        recommender.compile_encoder()
+    recommender.warm_up()
     users = realistic_states(settings, templates=500, catalog=catalog)
     result: dict[str, Any] = {
         "torch_threads": torch.get_num_threads(),
@@ -1131,6 +1134,8 @@ def _model_part(
             "dir": model_dir.name,
             "serve_len": recommender.serve_len,
             "items": recommender.num_items,
+            "precision": str(recommender.precision).removeprefix("torch."),
+            "encoder_compiled": recommender.encoder_compiled,
             "recommend_cpu": recommend_timings(recommender, users, config.batch_sizes),
         },
     }
