@@ -101,10 +101,10 @@ class CompiledEncoder:
     """``encoder.encode_last`` compiled with torch.compile, the batch dimension dynamic: inductor fuses the
     blocks' elementwise work (gates, SiLU, the residual adds, layer norms) into a few loops, where the eager
     encoder makes a pass over memory per operation (the production-shape model in bfloat16, one thread:
-    49-60 against 65-90 us per user, docs/performance.md, round 19). Compiling takes 13-25 s on 2 cores
-    the first time (``warm_up`` does it) and is cached on disk for the next process. A compile that fails,
-    then or at a new shape later, is logged once and the eager encoder answers from then on: compiling is a
-    speed-up, never a reason to stop ranking."""
+    49-60 against 69-79 us per user, docs/performance.md, round 19). Compiling takes ~22 s on 2 cores the
+    first time (``warm_up`` does it), 7-9 s with inductor's disk cache from an earlier process. A compile
+    that fails, then or at a new shape later, is logged once and the eager encoder answers from then on:
+    compiling is a speed-up, never a reason to stop ranking."""
 
     def __init__(self, encoder: SequenceEncoder) -> None:
         self._eager: EncodeLast = encoder.encode_last
@@ -190,10 +190,8 @@ def warm_up(
         qtables.append(torch.zeros(2, model.config.text_dim, device=table.device))
     with torch.inference_mode():
         for qtable in qtables:
-            for rows in (
-                SERVING_CHUNK_USERS,
-                *SERVING_ROW_BUCKETS,
-            ):  # the largest first: its graph covers all
+            # The largest first: a compiled encoder's first graph, dynamic in the batch, covers all but one.
+            for rows in (SERVING_CHUNK_USERS, *SERVING_ROW_BUCKETS):
                 r = ones[:rows]
                 serving_vectors(model, encoder, r, r, r * 0, qtable, table, window, encode_last)
     return time.perf_counter() - start

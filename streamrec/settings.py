@@ -332,10 +332,12 @@ class Settings(BaseSettings):
     serving_compile: bool = Field(
         True,
         description="Compile the served encoder with torch.compile where a C++ compiler is found (CPU): "
-        "its elementwise work fused, ~25-35% less encoder time per user for the production-size model "
-        "(docs/performance.md, round 19). A worker's first start compiles for 15-25 s (cached on disk "
-        "after, under TORCHINDUCTOR_CACHE_DIR); a failed compile is logged and the encoder served "
-        "uncompiled. false: always uncompiled.",
+        "its elementwise work fused, ~25-30% less encoder time per user and +19% events/s for the "
+        "production-size model (docs/performance.md, round 19). A ranking process compiles while it warms "
+        "up: ~22 s the first time on 2 cores, 7-9 s once inductor's disk cache (TORCHINDUCTOR_CACHE_DIR) "
+        "holds it; a failed compile is logged and the encoder served uncompiled. Scores then depend on "
+        "the batch within bfloat16's rounding (lists at near-ties). false: uncompiled, the same bits in "
+        "any batch.",
     )
     serving_threads: int = Field(
         1,

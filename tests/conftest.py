@@ -16,7 +16,7 @@ from streamrec.settings import Settings
 T = TypeVar("T")
 
 # The workers the tests start serve the eager encoder: compiling it (``serving_compile``, the default) adds
-# 5-25 s to every start. The compiled path has its own tests (test_models_serving), and test_demo runs
+# 7-22 s to every start. The compiled path has its own tests (test_models_serving), and test_demo runs
 # `make demo` with the defaults.
 os.environ.setdefault("STREAMREC_SERVING_COMPILE", "false")
 
