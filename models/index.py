@@ -50,16 +50,23 @@ def _drop_excluded(
     scores: np.ndarray, found: np.ndarray, excluded: Sequence[Collection[int]], k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """A wide search's first k results per query that its ``excluded`` does not hold, order kept; missing
-    results have index -1 (score -inf), as FAISS answers."""
-    out_scores = np.full((len(found), k), -np.inf, dtype=np.float32)
-    out_found = np.full((len(found), k), -1, dtype=np.int64)
-    for row, skip in enumerate(excluded):
-        keep = np.flatnonzero(found[row] >= 0)
-        if skip:
-            keep = keep[~np.isin(found[row, keep], np.fromiter(skip, dtype=np.int64, count=len(skip)))]
-        keep = keep[:k]
-        out_scores[row, : len(keep)] = scores[row, keep]
-        out_found[row, : len(keep)] = found[row, keep]
+    results have index -1 (score -inf), as FAISS answers; (query, item) pairs are one sorted key."""
+    rows = len(found)
+    width = int(max(found.max(initial=0), max((max(skip) for skip in excluded if skip), default=0))) + 2
+    banned = np.fromiter(
+        (row * width + item for row, skip in enumerate(excluded) for item in skip if item >= 0),
+        dtype=np.int64,
+    )
+    banned.sort()
+    keys = np.arange(rows, dtype=np.int64)[:, None] * width + np.where(found >= 0, found, 0)
+    at = np.minimum(np.searchsorted(banned, keys), max(len(banned) - 1, 0))
+    keep = found >= 0
+    if len(banned):
+        keep &= banned[at] != keys
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept first, in the search's order
+    kept = np.take_along_axis(keep, order, axis=1)
+    out_found = np.where(kept, np.take_along_axis(found, order, axis=1), -1)
+    out_scores = np.where(kept, np.take_along_axis(scores, order, axis=1), -np.inf).astype(np.float32)
     return out_scores, out_found
 
 
