@@ -46,23 +46,28 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return top.values, columns_of.gather(1, top.indices)
 
 
-def _drop_excluded(
-    scores: np.ndarray, found: np.ndarray, excluded: Sequence[Collection[int]], k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """A wide search's first k results per query that its ``excluded`` does not hold, order kept; missing
-    results have index -1 (score -inf), as FAISS answers; (query, item) pairs are one sorted key."""
-    rows = len(found)
-    width = int(max(found.max(initial=0), max((max(skip) for skip in excluded if skip), default=0))) + 2
+def excluded_hits(found: np.ndarray, excluded: Sequence[Collection[int]]) -> np.ndarray:
+    """Per result of a search, (queries, k) item indices: whether its query's ``excluded`` holds it. The
+    (query, item) pairs are one sorted int64 key each, looked up with searchsorted (np.isin: ~4x slower)."""
+    if not any(excluded):
+        return np.zeros(found.shape, dtype=bool)
+    width = int(max(found.max(initial=0), max(max(skip) for skip in excluded if skip))) + 2
     banned = np.fromiter(
         (row * width + item for row, skip in enumerate(excluded) for item in skip if item >= 0),
         dtype=np.int64,
     )
     banned.sort()
-    keys = np.arange(rows, dtype=np.int64)[:, None] * width + np.where(found >= 0, found, 0)
+    keys = np.arange(len(found), dtype=np.int64)[:, None] * width + np.where(found >= 0, found, 0)
     at = np.minimum(np.searchsorted(banned, keys), max(len(banned) - 1, 0))
-    keep = found >= 0
-    if len(banned):
-        keep &= banned[at] != keys
+    return (banned[at] == keys) if len(banned) else np.zeros(found.shape, dtype=bool)
+
+
+def _drop_excluded(
+    scores: np.ndarray, found: np.ndarray, excluded: Sequence[Collection[int]], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A wide search's first k results per query that its ``excluded`` does not hold, order kept; missing
+    results have index -1 (score -inf), as FAISS answers."""
+    keep = (found >= 0) & ~excluded_hits(found, excluded)
     order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept first, in the search's order
     kept = np.take_along_axis(keep, order, axis=1)
     out_found = np.where(kept, np.take_along_axis(found, order, axis=1), -1)

@@ -19,7 +19,7 @@ import torch
 from streamrec.models import artifacts
 from streamrec.models.data import PAD
 from streamrec.models.encoder import SequenceEncoder
-from streamrec.models.index import ItemIndex
+from streamrec.models.index import ItemIndex, excluded_hits
 from streamrec.models.item_map import (
     DEFAULT_SERVE_LEN,
     ItemMap,
@@ -422,20 +422,9 @@ class Recommender(ServesItemMap):
 
     def _recommendable(self, found: np.ndarray, excluded: list[set[int]]) -> np.ndarray:
         """Per candidate: real, in stock and not excluded from its row."""
-        rows = found.shape[0]
         valid = found > PAD  # FAISS answers -1 when it has fewer than asked
         valid &= self._in_stock[np.where(valid, found, PAD)]  # in_stock[PAD] is False
-        if any(excluded):
-            width = np.int64(len(self._in_stock))
-            banned = np.array(
-                [row * int(width) + idx for row, skip in enumerate(excluded) for idx in skip], dtype=np.int64
-            )
-            banned.sort()
-            keys = np.arange(rows, dtype=np.int64)[:, None] * width + np.where(valid, found, PAD)
-            at = np.searchsorted(banned, keys)  # np.isin sorted keys and banned together: ~4x slower
-            at[at == len(banned)] = 0
-            valid &= banned[at] != keys
-        return valid
+        return valid & ~excluded_hits(found, excluded)
 
     def _steering_queries(self, qids: np.ndarray, qtext: np.ndarray, config: SearchSteering) -> np.ndarray:
         """Per warm row, the id of the query that steers it (``SearchSteering``), 0 for none: the newest
