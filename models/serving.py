@@ -367,7 +367,7 @@ class Recommender(ServesItemMap):
             fetch = min(self._index.size, k + 8)
             scores, found = self._index.search(user_vecs, fetch, self._in_stock, excluded=warm_excluded)
             t3 = clock()
-            picked, picked_scores = self._rank(found, scores, warm_excluded, k)
+            picked, picked_scores = _first(found, scores, found > PAD, k)  # the search left out the rest
             t4 = clock()
             config = self.search_steering  # read once: it may be replaced meanwhile
             steering = self._steering_queries(qids, qtext, config)
@@ -412,13 +412,6 @@ class Recommender(ServesItemMap):
         with torch.inference_mode():
             qspace = self._model.query_vectors(qtable).cpu().numpy()
         return qtable, qspace, text
-
-    def _rank(
-        self, found: np.ndarray, scores: np.ndarray, excluded: list[set[int]], k: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The first k candidates of each row, in the index's order, that are real, in stock and not
-        excluded; (rows, k) item indices (PAD where fewer) and their scores (0 there)."""
-        return _first(found, scores, self._recommendable(found, excluded), k)
 
     def _recommendable(self, found: np.ndarray, excluded: list[set[int]]) -> np.ndarray:
         """Per candidate: real, in stock and not excluded from its row."""
