@@ -90,6 +90,26 @@ def row_bucket(rows: int) -> int:
     return next(b for b in SERVING_ROW_BUCKETS if b >= rows)
 
 
+# The shortest window a serving batch is trimmed to (see ``window_buckets``). Shorter is cheaper still
+# (the production-shape model, compiled, one thread: 21 µs per user at 4 events, 15 at 2, 10 at 1), but a
+# window of one event would be its own compiled graph, and two events' saving over four is small.
+SHORTEST_WINDOW = 2
+
+
+def window_buckets(window: int) -> tuple[int, ...]:
+    """The window lengths a serving batch's users are encoded at: powers of two from SHORTEST_WINDOW below
+    ``window``, then ``window``. A user is encoded at the shortest that holds their events, so the blocks
+    do not run over padding: the encoder's work grows with the window (the production-shape model, compiled,
+    one thread: 46 µs per user at 16 events, 31 at 8, 21 at 4; docs/performance.md, round 20), and a shop's
+    active users include many with a few events (new users, first sessions)."""
+    out = []
+    length = SHORTEST_WINDOW
+    while length < window:
+        out.append(length)
+        length *= 2
+    return (*out, window)
+
+
 def can_compile(device: torch.device) -> bool:
     """Whether ``CompiledEncoder`` can be built here: torch.compile's CPU back-end (inductor) writes C++ and
     needs a compiler to build it; on a GPU it would need Triton, which the CPU wheels lack."""
@@ -144,14 +164,18 @@ def serving_vectors(
     through it a vector depends on the batch within bfloat16's rounding (lists, at near-ties). ``table``: the
     item vectors in the encoder's precision; queries are projected by ``model`` and cast to it.
 
-    With ``window``, every window is left-padded to that length and every chunk's rows to a
-    SERVING_ROW_BUCKETS size, so the encoder sees the shapes ``warm_up`` built. Padding is masked: a user's
-    vector is the same, up to float rounding, with or without it, and no longer depends on the longest
-    window of the batch it shares. ``encode_last``: what runs ``encoder``'s blocks (a ``CompiledEncoder``
-    of it); default, ``encoder.encode_last`` itself."""
+    With ``window``, each user is encoded at the shortest of ``window_buckets(window)`` that holds their
+    events (users grouped by it, input order kept within a group), their window left-padded to it, and
+    every chunk's rows padded to a SERVING_ROW_BUCKETS size, so the encoder sees the shapes ``warm_up``
+    built. Padding is masked: a user's vector is the same, up to float rounding, at any padded length, and
+    the length it is encoded at follows from their own events alone, never from the batch they share.
+    ``encode_last``: what runs ``encoder``'s blocks (a ``CompiledEncoder`` of it); default,
+    ``encoder.encode_last`` itself."""
     encode = encode_last or encoder.encode_last
     device = table.device
     items, kinds, qids = items.to(device), kinds.to(device), qids.to(device)
+    if window is not None and items.shape[1] > window:
+        raise ValueError(f"windows of {items.shape[1]} events for a serving window of {window}")
     if window is not None and items.shape[1] < window:
         pad = (window - items.shape[1], 0)
         items, kinds, qids = (nn.functional.pad(t, pad) for t in (items, kinds, qids))
@@ -159,16 +183,24 @@ def serving_vectors(
     if qtable is not None and model.config.text_dim and qtable.shape[1] == model.config.text_dim:
         qspace = model.query_vectors(qtable.to(device)).to(table.dtype)
     out = torch.empty(len(items), model.config.dim, device=device)
-    for start in range(0, len(items), SERVING_CHUNK_USERS):
-        rows = slice(start, start + SERVING_CHUNK_USERS)
-        chunk_items, chunk_kinds, chunk_qids = items[rows], kinds[rows], qids[rows]
-        n = len(chunk_items)
-        if window is not None and (extra := row_bucket(n) - n):
-            chunk_items, chunk_kinds, chunk_qids = (
-                torch.cat([t, t[:1].expand(extra, -1)]) for t in (chunk_items, chunk_kinds, chunk_qids)
-            )
-        qvecs = qspace[chunk_qids] if qspace is not None else None  # row 0, padding, is a zero vector
-        out[rows] = encode(table[chunk_items], chunk_kinds, qvecs)[:n]
+    if window is None:
+        groups = [(torch.arange(len(items), device=device), items.shape[1])]
+    else:
+        lengths = window_buckets(window)
+        # windows are left-padded: a user's events are the last (kinds > 0).sum() columns
+        at = torch.bucketize((kinds > 0).sum(dim=1), torch.tensor(lengths, device=device))
+        groups = [(torch.nonzero(at == b).flatten(), lengths[b]) for b in torch.unique(at).tolist()]
+    for members, length in groups:
+        for start in range(0, len(members), SERVING_CHUNK_USERS):
+            rows = members[start : start + SERVING_CHUNK_USERS]
+            chunk_items, chunk_kinds, chunk_qids = (t[rows, -length:] for t in (items, kinds, qids))
+            n = len(rows)
+            if window is not None and (extra := row_bucket(n) - n):
+                chunk_items, chunk_kinds, chunk_qids = (
+                    torch.cat([t, t[:1].expand(extra, -1)]) for t in (chunk_items, chunk_kinds, chunk_qids)
+                )
+            qvecs = qspace[chunk_qids] if qspace is not None else None  # row 0, padding, is a zero vector
+            out[rows] = encode(table[chunk_items], chunk_kinds, qvecs)[:n].to(out.dtype)
     return out
 
 
@@ -179,21 +211,24 @@ def warm_up(
     window: int,
     encode_last: EncodeLast | None = None,
 ) -> float:
-    """Run ``encoder`` once at every serving shape (SERVING_ROW_BUCKETS users x ``window`` events), so that
-    no ranking pays for building a shape's kernels (0.34 s in bfloat16 for the Beauty model, round 17), or,
-    through a ``CompiledEncoder``, for compiling (a batch without searches and, with a text tower, one with
-    them: two graphs). Seconds taken."""
+    """Run ``encoder`` once at every serving shape (SERVING_ROW_BUCKETS users x ``window_buckets(window)``
+    events), so that no ranking pays for building a shape's kernels (0.34 s per window length in bfloat16
+    for the Beauty model, round 17), or, through a ``CompiledEncoder``, for compiling (a batch without
+    searches and, with a text tower, one with them). Seconds taken."""
     start = time.perf_counter()
-    ones = torch.ones(SERVING_CHUNK_USERS, window, dtype=torch.long)
     qtables: list[torch.Tensor | None] = [None]
     if model.config.text_dim:
         qtables.append(torch.zeros(2, model.config.text_dim, device=table.device))
     with torch.inference_mode():
         for qtable in qtables:
-            # The largest first: a compiled encoder's first graph, dynamic in the batch, covers all but one.
-            for rows in (SERVING_CHUNK_USERS, *SERVING_ROW_BUCKETS):
-                r = ones[:rows]
-                serving_vectors(model, encoder, r, r, r * 0, qtable, table, window, encode_last)
+            for length in reversed(window_buckets(window)):
+                # Windows of exactly ``length`` events: each encoded at that length.
+                ones = torch.ones(SERVING_CHUNK_USERS, window, dtype=torch.long)
+                ones[:, : window - length] = 0
+                # The largest first: a compiled graph, dynamic in the batch, covers all but one.
+                for rows in (SERVING_CHUNK_USERS, *SERVING_ROW_BUCKETS):
+                    r = ones[:rows]
+                    serving_vectors(model, encoder, r, r, r * 0, qtable, table, window, encode_last)
     return time.perf_counter() - start
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from streamrec.models.data import PAD, Step
-from streamrec.models.sequences import hidden_states, pad_batch
+from streamrec.models.sequences import hidden_states, pad_batch, window_buckets
 from streamrec.models.serving import Recommender
 from streamrec.records import EventKind, RecommendedItem, UserState
 
@@ -116,13 +116,19 @@ def reference_recommend(rec: Recommender, users: list[UserState], k: int) -> lis
         qindex = {q: j + 1 for j, q in enumerate(queries)}
         qtable, qspace, qtext = rec._query_tables(queries)
         items, kinds, qids = pad_batch(warm_steps, rec.serve_len, qindex)
-        # every window as long as the serving window, as served (the padding is masked)
+        # every window as long as the serving window, as served (the padding is masked) ...
         pad = (rec.serve_len - items.shape[1], 0)
         items, kinds, qids = (torch.nn.functional.pad(t, pad) for t in (items, kinds, qids))
         length = items.shape[1]
+        # ... and encoded at the shortest serving length that holds their events: users of one length together
+        cuts = [next(b for b in window_buckets(rec.serve_len) if b >= int((row > 0).sum())) for row in kinds]
+        h = torch.zeros(len(warm), rec._model.config.dim)
         with torch.inference_mode():
-            h = hidden_states(rec._model, items, kinds, qids, qtable, rec._vectors_t, last=True)
-        user_vecs = h.float().cpu().numpy()
+            for cut in set(cuts):
+                rows = torch.tensor([r for r, c in enumerate(cuts) if c == cut])
+                some = [t[rows, length - cut :] for t in (items, kinds, qids)]
+                h[rows] = hidden_states(rec._model, *some, qtable, rec._vectors_t, last=True).float()
+        user_vecs = h.cpu().numpy()
         n_out = int((~rec._in_stock[1:]).sum())
         most_excluded = max(len(excluded[i]) for i in warm)
         fetch = min(rec._index.size, k + most_excluded + min(n_out, 4 * k + 64) + 8)

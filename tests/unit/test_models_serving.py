@@ -19,7 +19,13 @@ from hypothesis import strategies as st
 from streamrec.models import registry, synthetic
 from streamrec.models.evaluate import evaluate
 from streamrec.models.item_map import ItemMap, merge_ranked
-from streamrec.models.sequences import SERVING_CHUNK_USERS, SERVING_ROW_BUCKETS, can_compile
+from streamrec.models.sequences import (
+    SERVING_CHUNK_USERS,
+    SERVING_ROW_BUCKETS,
+    can_compile,
+    serving_vectors,
+    window_buckets,
+)
 from streamrec.models.serving import Recommender, SearchSteering, resolve_precision
 from streamrec.models.train import TrainConfig, train
 from streamrec.records import CatalogItem, Event, EventKind, HistoryEntry, RecommendedItem, UserState
@@ -429,6 +435,27 @@ def test_a_batch_larger_than_the_encoder_chunk_ranks_each_user_as_alone(rec: Rec
     )
 
 
+def test_each_user_is_encoded_at_their_own_window_length_as_over_the_full_window(rec: Recommender) -> None:
+    """The encoder runs each user at the shortest serving length that holds their events (``window_buckets``):
+    what it saves is the work over padding, which is masked, so every vector is the one the full serving
+    window gives, up to float rounding, for windows of every length in one batch."""
+    lengths = [1, 2, 3, 4, 5, 8, 9, 15, 16, 7, 1, 16, 2]
+    rng = random.Random(11)
+    users = [UserState(f"u{n}", clicks(*rng.choices(CATEGORY_ITEMS, k=n)), []) for n in lengths]
+    inputs = rec.inputs(users)
+    items, kinds, qids = (torch.from_numpy(a) for a in inputs[1:4])
+    window = rec.serve_len
+    assert set(window_buckets(window)) > {window} and items.shape[1] == window  # several lengths meet
+    with torch.inference_mode():
+        served = serving_vectors(
+            rec._model, rec._encoder, items, kinds, qids, None, rec._table_t, window=window
+        )
+        full = rec._encoder.encode_last(rec._table_t[items], kinds.clone(), None)
+    assert torch.allclose(served, full, atol=1e-5)
+    with pytest.raises(ValueError, match="serving window"):
+        serving_vectors(rec._model, rec._encoder, items, kinds, qids, None, rec._table_t, window=window - 1)
+
+
 def test_bfloat16_serving_recommends_what_float32_does(model_dir: Path, rec: Recommender) -> None:
     """The bfloat16 encoder (``serving_precision``) is a speed-up, not another model: its top 10 is
     float32's, bar near-ties, and its scores are within bfloat16's rounding of float32's."""
@@ -507,8 +534,8 @@ def test_rankings_of_any_size_meet_only_the_shapes_the_warm_up_built(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """In bfloat16 the CPU builds the encoder's kernels per input shape on first use (15-45 ms each for the
-    Beauty model): a worker warms every serving shape up once, and no batch, whatever its users and windows,
-    meets another one."""
+    Beauty model): a worker warms every serving shape up once (every row bucket at every window length), and
+    no batch, whatever its users and windows, meets another one."""
     rec = Recommender.load(model_dir, device="cpu")
     seen: list[tuple[int, ...]] = []
     encode_last = rec._encoder.encode_last
@@ -520,15 +547,17 @@ def test_rankings_of_any_size_meet_only_the_shapes_the_warm_up_built(
     monkeypatch.setattr(rec._encoder, "encode_last", recording)
     rec.warm_up()
     built = set(seen)
-    assert len(built) == len(SERVING_ROW_BUCKETS)
+    assert built == {(r, w) for r in SERVING_ROW_BUCKETS for w in window_buckets(rec.serve_len)}
     seen.clear()
     rng = random.Random(5)
     for n in [1, 2, 5, 7, 13, 31, 100, 257, 600]:
         users = [
-            UserState(f"u{u}", clicks(*rng.sample(CATEGORY_ITEMS, rng.randint(1, 3))), []) for u in range(n)
+            UserState(f"u{u}", clicks(*rng.choices(CATEGORY_ITEMS, k=rng.randint(1, 20))), [])
+            for u in range(n)
         ]
         rec.recommend(users, 5)
     assert seen and set(seen) <= built
+    assert {w for _, w in seen} == set(window_buckets(rec.serve_len))  # each length met
 
 
 def test_a_batch_ranked_in_slices_and_merged_is_the_batch_ranked_whole(rec: Recommender) -> None:
