@@ -21,8 +21,10 @@ from streamrec.models.evaluate import evaluate
 from streamrec.models.item_map import ItemMap, merge_ranked
 from streamrec.models.sequences import (
     SERVING_CHUNK_USERS,
+    SERVING_MIN_GROUP,
     SERVING_ROW_BUCKETS,
     can_compile,
+    length_groups,
     serving_vectors,
     window_buckets,
 )
@@ -454,6 +456,49 @@ def test_each_user_is_encoded_at_their_own_window_length_as_over_the_full_window
     assert torch.allclose(served, full, atol=1e-5)
     with pytest.raises(ValueError, match="serving window"):
         serving_vectors(rec._model, rec._encoder, items, kinds, qids, None, rec._table_t, window=window - 1)
+
+
+def test_through_the_compiled_encoder_a_length_few_users_hold_is_encoded_with_a_longer_one(
+    rec: Recommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An encoder call costs ~1 ms however few users it holds: through a compiled encoder a small batch is
+    not cut into a call per window length. A length held by fewer than SERVING_MIN_GROUP users goes up to
+    the next longer one (those carried with it counting), and the vectors are what every user's own length
+    gives, up to float rounding. The eager encoder keeps every user at their own length (the same bits in
+    any batch)."""
+    shapes: list[tuple[int, ...]] = []
+
+    def recording(item_vecs: torch.Tensor, kinds: torch.Tensor, query_vecs: torch.Tensor | None = None):
+        shapes.append(tuple(kinds.shape))
+        return rec._encoder.encode_last(item_vecs, kinds, query_vecs)
+
+    from streamrec.models import sequences
+
+    monkeypatch.setattr(sequences.torch, "compile", lambda fn, **_: recording)  # "compiled": recorded
+    compiled = sequences.CompiledEncoder(rec._encoder)
+    rng = random.Random(4)
+    lengths = [1] * 70 + [3] * 10 + [7] * 60 + [12] * 3
+    rng.shuffle(lengths)
+    users = [UserState(f"u{n}", clicks(*rng.choices(CATEGORY_ITEMS, k=n)), []) for n in lengths]
+    items, kinds, qids = (torch.from_numpy(a) for a in rec.inputs(users)[1:4])
+    window = rec.serve_len
+    assert window == 16 and SERVING_MIN_GROUP == 64
+    with torch.inference_mode():
+        merged = serving_vectors(
+            rec._model, rec._encoder, items, kinds, qids, None, rec._table_t, window, compiled
+        )
+        own = serving_vectors(rec._model, rec._encoder, items, kinds, qids, None, rec._table_t, window)
+    # 70 users at 2 events; the 10 at 4 wait for 8 and go with its 60; the 3 at 16 alone (none longer)
+    assert sorted(shapes) == [(3, 16), (96, 2), (96, 8)]  # rows padded to the row buckets
+    assert torch.allclose(merged, own, atol=1e-5)
+    assert [(len(rows), n) for rows, n in length_groups(torch.tensor([1, 3, 9]), window, 1)] == [
+        (1, 2),
+        (1, 4),
+        (1, 16),
+    ]
+    assert [(rows.tolist(), n) for rows, n in length_groups(torch.tensor([1, 3, 9]), window, 64)] == [
+        ([0, 1, 2], 16)
+    ]
 
 
 def test_bfloat16_serving_recommends_what_float32_does(model_dir: Path, rec: Recommender) -> None:
