@@ -77,10 +77,10 @@ def hidden_states(
 # 127 -> 71 in bfloat16, between 256 and 512 alike; 64 and less pay per-call overhead).
 SERVING_CHUNK_USERS = 256
 # The encoder's batch shapes at serving: a chunk's rows are padded up to the next of these, and its windows to
-# the full serving window, so that the encoder sees a few shapes, each built once (``warm_up``). In bfloat16
-# the CPU's kernels are built per shape on their first call: 15-45 ms more than the next call of the Beauty
-# model for every new (users, window) pair (a ranking of 17 users: 33.7 ms the first time, 12.3 the next),
-# which a worker at 1,000 events/s, whose micro-batches hold any number of users, paid again and again.
+# one of ``window_buckets``' lengths, so that the encoder sees a few shapes, each built once (``warm_up``). In
+# bfloat16 the CPU's kernels are built per shape on their first call: 15-45 ms more than the next call of the
+# Beauty model for every new (users, window) pair (a ranking of 17 users: 33.7 ms the first time, 12.3 the
+# next), which a worker at 1,000 events/s, whose micro-batches hold any number of users, paid again and again.
 # At most half of a chunk's rows are padding (a copy of its first row), fewer above 16 users.
 SERVING_ROW_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, SERVING_CHUNK_USERS)
 
