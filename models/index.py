@@ -228,8 +228,12 @@ class ItemIndex:
         found = np.empty((len(queries), k), dtype=np.int64)
         step = max(1, DENSE_CHUNK_SCORES // len(ids))
         with torch.inference_mode():
+            # One score matrix for every chunk: a fresh one per chunk came from new pages of memory, and their
+            # first writes made the product cost half as much again (docs/performance.md, round 21).
+            chunk_scores = torch.empty(min(step, len(queries)), len(ids))
             for start in range(0, len(queries), step):
-                product = torch.from_numpy(queries[start : start + step]) @ vectors.T
+                chunk = torch.from_numpy(queries[start : start + step])
+                product = torch.matmul(chunk, vectors.T, out=chunk_scores[: len(chunk)])
                 product += hidden
                 if masked is not None:
                     lo, hi = np.searchsorted(masked[0], [start, start + step])

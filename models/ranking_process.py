@@ -16,6 +16,7 @@ one and nothing references it any more."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import multiprocessing as mp
 import threading
@@ -42,13 +43,20 @@ def _serve(
     conn: Connection, model_dir: str, device: str, threads: int, precision: Precision, compile_encoder: bool
 ) -> None:
     """The child: load the model, then answer rank requests and apply upserts until the pipe closes."""
-    from streamrec.models.serving import Recommender, set_threads  # torch is the child's alone
+    # torch is the child's alone
+    from streamrec.models.serving import Recommender, keep_freed_memory, set_threads
 
+    keep_freed_memory()
     set_threads(threads)
     recommender = Recommender.load(Path(model_dir), device=device, precision=precision)
     if compile_encoder:
         recommender.compile_encoder()
     recommender.warm_up()
+    # What loading made (torch, the model, the index) is never scanned again by a full collection: with
+    # the default settings, those a batch's windows set off took ~5 µs per user ranked (docs/performance.md,
+    # round 21). As the worker does (``quiet_gc`` in streams/app.py).
+    gc.collect()
+    gc.freeze()
     conn.send(("ready", recommender.encoder_compiled))
     while True:
         try:

@@ -72,8 +72,9 @@ def load_recommender(settings: Settings, model_dir: Path | None = None) -> Recom
             compile_encoder=settings.serving_compile,
         )
     from streamrec.models.serving import Recommender as ModelRecommender
-    from streamrec.models.serving import set_threads
+    from streamrec.models.serving import keep_freed_memory, set_threads
 
+    keep_freed_memory()
     set_threads(settings.serving_threads)
     recommender = ModelRecommender.load(
         Path(path), device=settings.device, precision=settings.serving_precision

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import platform
 import random
 import shutil
 import threading
@@ -28,7 +29,7 @@ from streamrec.models.sequences import (
     serving_vectors,
     window_buckets,
 )
-from streamrec.models.serving import Recommender, SearchSteering, resolve_precision
+from streamrec.models.serving import Recommender, SearchSteering, keep_freed_memory, resolve_precision
 from streamrec.models.train import TrainConfig, train
 from streamrec.records import CatalogItem, Event, EventKind, HistoryEntry, RecommendedItem, UserState
 from streamrec.state import StateLimits, apply_event
@@ -694,3 +695,10 @@ def test_a_compile_that_fails_leaves_the_eager_encoder_serving(
     monkeypatch.setattr(sequences.shutil, "which", lambda name: None)  # no compiler at all: not even tried
     assert not can_compile(torch.device("cpu"))
     assert not eager.compile_encoder() and not eager.encoder_compiled
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_a_serving_process_keeps_freed_memory_where_the_c_library_is_glibc() -> None:
+    # The call reaches glibc's mallopt with its two settings accepted (it answers 0 to a value it refuses,
+    # as it would to a wrong signature); elsewhere it is skipped and changes nothing but speed.
+    assert keep_freed_memory()
