@@ -8,19 +8,23 @@ batch's changed states through a pipe as the bytes it has just encoded for its c
 and purchases from the bytes (``ItemMap.inputs_from_bytes``), so the worker, the busier process, does not
 (docs/performance.md, round 13). ``prepare`` takes ``UserState`` objects instead and reads their windows in
 the worker (``ItemMap.inputs``). Either way the child answers with the top-k in arrays (``RankedArrays``).
-Catalogue upserts go to both, in order, so an item has the same index on both sides. A child that dies is
-started again, with every upsert it had, and the ranking it was doing is asked of the new one. The child
-exits when the worker closes its end of the pipe: at shutdown, or once a promoted model has replaced this
-one and nothing references it any more."""
+Requests go out as they are made, each answered in the order sent: the next batch's request waits in the
+child (a thread there reads the pipe) while it ranks the current one, so it starts on it at once
+(docs/performance.md, round 21). Catalogue upserts go to both, in order, so an item has the same index on
+both sides. A child that dies is started again, with every upsert it had, and asked again every ranking it
+had not answered. The child exits when the worker closes its end of the pipe: at shutdown, or once a
+promoted model has replaced this one and nothing references it any more."""
 
 from __future__ import annotations
 
-import contextlib
 import gc
+import itertools
 import logging
 import multiprocessing as mp
+import queue
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -58,11 +62,9 @@ def _serve(
     gc.collect()
     gc.freeze()
     conn.send(("ready", recommender.encoder_compiled))
-    while True:
-        try:
-            request = conn.recv()
-        except EOFError:
-            return  # the worker closed its end
+    requests: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+    threading.Thread(target=_read_requests, args=(conn, requests), name="requests", daemon=True).start()
+    while (request := requests.get()) is not None:  # None: the worker closed its end
         if request[0] == "rank":
             _, inputs, k = request
             conn.send(recommender.rank_arrays(inputs, k))
@@ -71,6 +73,16 @@ def _serve(
             conn.send(recommender.rank_arrays(recommender.inputs_from_bytes(states), k))
         elif request[0] == "upsert":
             recommender.upsert_items(request[1])
+
+
+def _read_requests(conn: Connection, requests: queue.SimpleQueue[tuple[Any, ...] | None]) -> None:
+    """The child's reader: every request as it arrives, so that the worker's send never waits for the
+    ranking in progress; None once the pipe is closed."""
+    try:
+        while True:
+            requests.put(conn.recv())
+    except (EOFError, OSError):
+        requests.put(None)
 
 
 def _close(conn: Connection, process: BaseProcess) -> None:
@@ -87,12 +99,22 @@ MIN_USERS_PER_PROCESS = 256
 
 
 class _Child:
-    """One ranking process and its pipe. Started again when it dies, with every upsert it had."""
+    """One ranking process and its pipe. Requests are sent as they are made and answered in the order sent;
+    a child that dies is started again, with every upsert it had, and sent again every request it had not
+    answered. Thread-safe: one thread may send while another waits for an answer."""
 
     def __init__(self, args: tuple[Any, ...], upserted: dict[str, CatalogItem], name: str) -> None:
         self._args, self._upserted, self._name = args, upserted, name
         self.restarts = 0
         self.encoder_compiled = False  # what the child said once warmed up (``Recommender.encoder_compiled``)
+        # The pipe's sending side and restarts. Waiting for an answer does not hold it: the next request may
+        # go out meanwhile.
+        self._lock = threading.RLock()
+        self._receiving = threading.Lock()  # one reader of answers at a time
+        self._unanswered: deque[tuple[int, tuple[Any, ...]]] = deque()  # (ticket, request), in the order sent
+        self._answers: dict[int, RankedArrays] = {}  # received, not yet taken
+        self._abandoned: set[int] = set()  # tickets whose answer nobody will take
+        self._generation = 0  # counts starts: a thread restarts only the child that failed it
         self._spawn()
 
     def _spawn(self) -> None:
@@ -103,6 +125,7 @@ class _Child:
         child_end.close()
         self._conn, self._process = conn, process
         self._finalizer = weakref.finalize(self, _close, conn, process)
+        self._generation += 1
 
     def wait_ready(self) -> None:
         try:
@@ -118,13 +141,24 @@ class _Child:
         if self._upserted:
             self.send(("upsert", list(self._upserted.values())))
 
-    def restart(self) -> None:
-        code = self._process.exitcode
-        self.close()
-        self.restarts += 1
-        log.warning("the ranking process %s exited (exit code %s): starting it again", self._name, code)
-        self._spawn()
-        self.wait_ready()
+    def restart(self, failed: int | None = None) -> bool:
+        """Start the child again, send it every upsert and every request it had not answered, in order;
+        ``failed``: the start that failed the caller, so that a child another thread has started again
+        meanwhile is left alone (False)."""
+        with self._lock:
+            if failed is not None and failed != self._generation:
+                return False
+            code = self._process.exitcode
+            self.close()
+            self.restarts += 1
+            log.warning("the ranking process %s exited (exit code %s): starting it again", self._name, code)
+            self._spawn()
+            self.wait_ready()
+            self._unanswered = deque((t, r) for t, r in self._unanswered if t not in self._abandoned)
+            self._abandoned.clear()
+            for _, request in self._unanswered:
+                self.send(request)
+            return True
 
     @property
     def pid(self) -> int | None:
@@ -137,24 +171,58 @@ class _Child:
     def close(self) -> None:
         self._finalizer()
 
-    def ask(self, request: tuple[Any, ...]) -> None:
-        """Send a request; a child that died is started again and sent it."""
-        try:
-            self.send(request)
-        except RankingProcessError:
-            self.restart()
-            self.send(request)
+    def upsert(self, items: list[CatalogItem]) -> None:
+        """Send an upsert; a child that died is started again, which sends it with the others."""
+        with self._lock:
+            started = self._generation
+            try:
+                self.send(("upsert", items))
+            except RankingProcessError:
+                self.restart(started)
 
-    def answer(self, request: tuple[Any, ...]) -> RankedArrays:
-        """The answer to ``request``; a child that died meanwhile is started again and asked again (if the new
-        one dies too, that is the error)."""
-        try:
-            arrays: RankedArrays = self.receive()
-        except RankingProcessError:
-            self.restart()
-            self.send(request)
-            arrays = self.receive()
-        return arrays
+    def ask(self, ticket: int, request: tuple[Any, ...]) -> None:
+        """Send a request, answered under ``ticket``; a child that died is started again and sent it."""
+        with self._lock:
+            self._unanswered.append((ticket, request))
+            started = self._generation
+            try:
+                self.send(request)
+            except RankingProcessError:
+                self.restart(started)  # which sends it, with every other one unanswered
+
+    def answer(self, ticket: int) -> RankedArrays:
+        """The answer to the request sent under ``ticket``, once the answers to those sent before it are in
+        (kept for their callers); a child that dies meanwhile is started again and asked again (if the new
+        one dies too, that is the error, and the request is dropped)."""
+        with self._receiving:
+            retried = False
+            while ticket not in self._answers:
+                started = self._generation
+                try:
+                    arrays: RankedArrays = self.receive()
+                except RankingProcessError:
+                    try:
+                        if retried or not self._unanswered:
+                            raise
+                        retried = self.restart(started)
+                    except RankingProcessError:
+                        self.abandon(ticket)
+                        raise
+                    continue
+                with self._lock:
+                    done, _ = self._unanswered.popleft()
+                if done in self._abandoned:
+                    self._abandoned.discard(done)
+                else:
+                    self._answers[done] = arrays
+            return self._answers.pop(ticket)
+
+    def abandon(self, ticket: int) -> None:
+        """Nobody takes the answer to ``ticket``: not asked of a new child, dropped when it comes."""
+        with self._lock:
+            self._answers.pop(ticket, None)
+            if any(t == ticket for t, _ in self._unanswered):
+                self._abandoned.add(ticket)  # its answer still comes in its turn
 
     def send(self, message: tuple[Any, ...]) -> None:
         try:
@@ -178,9 +246,10 @@ class ProcessRecommender(ServesItemMap):
     batch of at least 2 x MIN_USERS_PER_PROCESS users is shared among them in consecutive slices, ranked at
     the same time, and their answers joined (``merge_ranked``); a smaller one goes to the first whole. A
     user's list does not depend on the batch or the process that ranks it (``serving_vectors``; compiled,
-    bar near-ties within bfloat16's rounding). Thread-safe:
-    one request at a time goes through the pipes; a ranking holds them from ``prepare`` until its answers
-    are in."""
+    bar near-ties within bfloat16's rounding). Thread-safe: ``prepare`` sends at once, in one order to
+    every child, and may be called again before the call it returned has its answers (each child answers
+    in the order sent). A call ``prepare`` returned that is never made leaves its answer kept (memory) once
+    a later one is taken."""
 
     def __init__(
         self,
@@ -198,7 +267,8 @@ class ProcessRecommender(ServesItemMap):
         # Every item upserted, its last write, in order of first appearance: a restarted child gets them again
         # in one upsert and appends the new ones in the order the item map did (bounded by the catalogue).
         self._upserted: dict[str, CatalogItem] = {}
-        self._lock = threading.Lock()
+        self._sending = threading.Lock()  # requests and upserts go out in one order to every child
+        self._tickets = itertools.count()
         args = (str(self._model_dir), device, threads, precision, compile_encoder)
         self._children: list[_Child] = []
         try:
@@ -237,17 +307,14 @@ class ProcessRecommender(ServesItemMap):
             child.close()
 
     def upsert_items(self, items: list[CatalogItem]) -> None:
-        # Under the lock: a ranking's item indices are taken after every upsert the children have had, or
-        # before the ones they have not.
-        with self._lock:
+        # In the sending order: a ranking sent before this reads item indices without these items, one sent
+        # after with them, in the children as in the item map.
+        with self._sending:
             self._items.upsert(items)
             for item in items:
                 self._upserted[item.item_id] = item
             for child in self._children:
-                try:
-                    child.send(("upsert", items))
-                except RankingProcessError:
-                    child.restart()  # which sends it, with the others
+                child.upsert(items)
 
     def rank(self, users: list[UserState], k: int) -> RankedBatch:
         return self.prepare(users, k)()
@@ -276,38 +343,32 @@ class ProcessRecommender(ServesItemMap):
         return [slice(start, start + size) for start in range(0, len(users), size)]
 
     def _ask(self, make_requests: Callable[[], list[tuple[Any, ...]]]) -> Callable[[], RankedBatch]:
-        """Send a batch's rank requests, one per child (made under the lock, after every upsert sent before
-        them); the call returned waits for the answers, releases the lock and joins them into the batch."""
-        self._lock.acquire()
-        sent: list[tuple[_Child, tuple[Any, ...]]] = []
-        try:
+        """Send a batch's rank requests, one per child, at once (made in the sending order, after every upsert
+        sent before them); the call returned waits for their answers and joins them into the batch. Another
+        batch may be sent before this one is answered: each child answers in the order sent."""
+        with self._sending:
+            ticket = next(self._tickets)
             requests = make_requests()
-            for child, request in zip(self._children, requests, strict=False):
-                child.ask(request)
-                sent.append((child, request))
-        except BaseException:
-            # The children asked already answer all the same: read those answers, or a later ranking would
-            # take them for its own.
-            for child, request in sent:
-                with contextlib.suppress(RankingProcessError):
-                    child.answer(request)
-            self._lock.release()
-            raise
-        return lambda: self._answers(requests).batch(self._items.ids)
+            asked = self._children[: len(requests)]
+            try:
+                for child, request in zip(asked, requests, strict=True):
+                    child.ask(ticket, request)
+            except BaseException:
+                for child in asked:  # the children asked already answer all the same: dropped when it comes
+                    child.abandon(ticket)
+                raise
+        return lambda: self._answers(ticket, asked).batch(self._items.ids)
 
-    def _answers(self, requests: list[tuple[Any, ...]]) -> RankedArrays:
-        """Every child's answer, each one read even when another failed (an unread answer would be taken by
-        the next ranking); the first failure is raised after."""
+    def _answers(self, ticket: int, children: list[_Child]) -> RankedArrays:
+        """Every child's answer to ``ticket``, each one read even when another failed; the first failure is
+        raised after."""
         parts: list[RankedArrays] = []
         failed: RankingProcessError | None = None
-        try:
-            for child, request in zip(self._children, requests, strict=False):
-                try:
-                    parts.append(child.answer(request))
-                except RankingProcessError as exc:
-                    failed = failed or exc
-        finally:
-            self._lock.release()
+        for child in children:
+            try:
+                parts.append(child.answer(ticket))
+            except RankingProcessError as exc:
+                failed = failed or exc
         if failed is not None:
             raise failed
         return merge_ranked(parts)

@@ -163,6 +163,44 @@ def test_a_child_that_died_is_started_again_with_the_catalogue_it_had(model_dir:
         ranker.close()
 
 
+def test_rankings_sent_before_the_last_is_answered_get_their_own_answers_across_a_restart(
+    model_dir: Path,
+) -> None:
+    """The event stage sends the next batch while the child ranks the current one: three requests in the
+    pipe at once, their answers taken in another order than sent, each gets its own; a child that dies with
+    three requests waiting (stopped, then killed) is started again and answers all three."""
+    ranker, local = ProcessRecommender(model_dir), Recommender.load(model_dir)
+    ids = local.item_ids
+    batches = [
+        [
+            UserState(
+                f"b{b}u{n}",
+                [
+                    H(EventKind.CLICK, t, item_id=ids[(b * 31 + n * 7 + t) % len(ids)])
+                    for t in range(1 + (n + b) % 5)
+                ],
+            )
+            for n in range(40)
+        ]
+        for b in range(3)
+    ]
+    expected = [local.rank(batch, 10) for batch in batches]
+    try:
+        finishes = [ranker.prepare(batch, 10) for batch in batches]
+        for b in (2, 0, 1):
+            assert same(finishes[b](), expected[b])
+        stopped = ranker.pid
+        assert stopped is not None
+        os.kill(stopped, signal.SIGSTOP)
+        waiting = [ranker.prepare_encoded([encode_state(u) for u in batch], 10) for batch in batches]
+        os.kill(stopped, signal.SIGKILL)
+        for finish, want in zip(waiting, expected, strict=True):
+            assert same(finish(), want)
+        assert ranker.pid not in (stopped, None) and ranker.restarts == 1
+    finally:
+        ranker.close()
+
+
 def test_two_ranking_processes_share_a_big_batch_and_rank_each_user_as_one_would(
     model_dir: Path, tmp_path: Path
 ) -> None:
