@@ -666,7 +666,7 @@ def test_the_compiled_encoder_ranks_as_the_eager_one_whatever_the_batch(model_di
 
 
 def test_a_compile_that_fails_leaves_the_eager_encoder_serving(
-    model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     """Compiling is a speed-up: when it fails (no compiler, an inductor error at warm-up or at a later
     shape), the worker logs why once and ranks with the eager encoder, the same lists."""
@@ -691,6 +691,11 @@ def test_a_compile_that_fails_leaves_the_eager_encoder_serving(
     assert warned == [f"compiling the serving encoder failed, serving it uncompiled: {why}"]
     users = browsing_shoppers(40)
     assert fast.recommend(users, 10) == eager.recommend(users, 10)
+
+    # `streamrec eval` (STREAMREC_SERVING_COMPILE) reports what served: the eager encoder, not the compile
+    data = synthetic.write(tmp_path / "data")
+    report = evaluate(data, model_dir, baselines=(), precision="float32", compile_encoder=True)
+    assert report["served"]["compiled"] is False  # type: ignore[index]
 
     monkeypatch.setattr(sequences.shutil, "which", lambda name: None)  # no compiler at all: not even tried
     assert not can_compile(torch.device("cpu"))
