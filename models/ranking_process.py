@@ -141,12 +141,12 @@ class _Child:
         if self._upserted:
             self.send(("upsert", list(self._upserted.values())))
 
-    def restart(self, failed: int | None = None) -> bool:
+    def restart(self, failed: int) -> bool:
         """Start the child again, send it every upsert and every request it had not answered, in order;
         ``failed``: the start that failed the caller, so that a child another thread has started again
         meanwhile is left alone (False)."""
         with self._lock:
-            if failed is not None and failed != self._generation:
+            if failed != self._generation:
                 return False
             code = self._process.exitcode
             self.close()
@@ -172,23 +172,24 @@ class _Child:
         self._finalizer()
 
     def upsert(self, items: list[CatalogItem]) -> None:
-        """Send an upsert; a child that died is started again, which sends it with the others."""
-        with self._lock:
-            started = self._generation
-            try:
-                self.send(("upsert", items))
-            except RankingProcessError:
-                self.restart(started)
+        """Send an upsert (already among those a new child gets)."""
+        self._send_or_restart(("upsert", items))
 
     def ask(self, ticket: int, request: tuple[Any, ...]) -> None:
-        """Send a request, answered under ``ticket``; a child that died is started again and sent it."""
+        """Send a request, answered under ``ticket``."""
         with self._lock:
             self._unanswered.append((ticket, request))
+            self._send_or_restart(request)
+
+    def _send_or_restart(self, message: tuple[Any, ...]) -> None:
+        """Send ``message``; a child that died is started again instead, which sends it with every upsert
+        and every request unanswered."""
+        with self._lock:
             started = self._generation
             try:
-                self.send(request)
+                self.send(message)
             except RankingProcessError:
-                self.restart(started)  # which sends it, with every other one unanswered
+                self.restart(started)
 
     def answer(self, ticket: int) -> RankedArrays:
         """The answer to the request sent under ``ticket``, once the answers to those sent before it are in
