@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +28,21 @@ DENSE_CHUNK_SCORES = 3 << 19
 # The dense table's rows come in blocks of this many items; a query's top k is taken from the k blocks with
 # the best maxima (``top_k``): exact, and a top-k over k x BLOCK scores instead of all of them.
 BLOCK = 64
+# Where the CPU multiplies bfloat16 natively (AMX, AVX512-BF16; ``ItemIndex.coarse``), the dense search
+# scores every item in bfloat16 first, about 4x cheaper than in float32, takes the best k + COARSE_ITEMS from
+# the k + COARSE_BLOCKS blocks with the best maxima, scores those again in float32 and keeps the best k. A
+# bound on bfloat16's error then proves, query by query, that no other item could beat them; a query it
+# cannot settle is scored again in float32 in full. The answer is the float32 search's (docs/performance.md,
+# round 22).
+COARSE_BLOCKS = 2
+COARSE_ITEMS = 14
+# |exact - bfloat16 score| <= COARSE_ERROR x |query| x |item| + COARSE_ROUNDING x |bfloat16 score|: rounding
+# the query and the item to bfloat16 (2^-8 of each term, with their product), float32 sums (of d terms:
+# d x 2^-24, here and in the float32 scores it is compared with; under 1e-4 together up to COARSE_MAX_DIM),
+# and the sum's rounding to bfloat16 (2^-8 of it: 2^-8 / (1 - 2^-8) of the bfloat16 score).
+COARSE_ERROR = 2 * 2.0**-8 + 2 * 2.0**-16 + 1e-4
+COARSE_ROUNDING = 2.0**-8 * (1 + 2.0**-7)
+COARSE_MAX_DIM = 512
 
 
 def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,6 +61,51 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     top = torch.topk(candidates, k, dim=1)
     columns_of = (best.unsqueeze(2) * BLOCK + torch.arange(BLOCK)).reshape(rows, k * BLOCK)
     return top.values, columns_of.gather(1, top.indices)
+
+
+def coarse_top_k(
+    queries: torch.Tensor,
+    table: torch.Tensor,
+    coarse_table: torch.Tensor,
+    longest: float,
+    k: int,
+    scores: torch.Tensor,
+    coarse_scores: torch.Tensor,
+    hide: Callable[[torch.Tensor], None],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``top_k`` of ``queries @ table.T`` (float32, rows in whole blocks) from a bfloat16 product: values,
+    columns and, per query, whether the answer is settled (proved to be float32's); a query that is not must
+    be searched again exactly. ``coarse_table`` is ``table`` in bfloat16, ``longest`` its largest row norm,
+    ``scores`` and ``coarse_scores`` (float32 and bfloat16, at least as many rows as queries) are written,
+    and ``hide`` sets -inf in a score matrix where items may not be found.
+
+    Settled: every item not scored again in float32 has a bfloat16 score at most ``unseen`` (the best block
+    left out, or the best candidate left out), so its exact score is at most ``unseen`` plus the error bound
+    (COARSE_ERROR); when the k-th exact score reaches that, nothing left out could beat it."""
+    rows = len(queries)
+    scores = scores[:rows]
+    scores.copy_(torch.matmul(queries.to(torch.bfloat16), coarse_table.T, out=coarse_scores[:rows]))
+    hide(scores)
+    by_block = scores.view(rows, -1, BLOCK)
+    blocks = k + COARSE_BLOCKS
+    best = torch.topk(by_block.amax(dim=2), blocks + 1, dim=1)  # best first: the last one is left out
+    chosen = best.indices[:, :blocks]
+    candidates = by_block[torch.arange(rows).unsqueeze(1), chosen].reshape(rows, blocks * BLOCK).numpy()
+    # The best k + COARSE_ITEMS candidates in any order after the best one left out (numpy's partition:
+    # a third of torch.topk's time here)
+    split = candidates.shape[1] - k - COARSE_ITEMS - 1
+    order = torch.from_numpy(np.argpartition(candidates, split, axis=1)[:, split:])
+    near = torch.from_numpy(candidates).gather(1, order)
+    columns = (chosen.unsqueeze(2) * BLOCK + torch.arange(BLOCK)).reshape(rows, blocks * BLOCK)
+    columns = columns.gather(1, order[:, 1:])
+    exact = torch.bmm(table[columns], queries.unsqueeze(2)).squeeze(2)
+    exact = torch.where(torch.isfinite(near[:, 1:]), exact, -torch.inf)  # hidden stays hidden
+    top = torch.topk(exact, k, dim=1)
+    unseen = torch.maximum(best.values[:, -1], near[:, 0])
+    bound = COARSE_ERROR * longest * torch.linalg.vector_norm(queries, dim=1) + COARSE_ROUNDING * unseen.abs()
+    kth = top.values[:, -1]
+    settled = torch.isfinite(kth) & (kth >= unseen + bound)
+    return top.values, columns.gather(1, top.indices), settled
 
 
 def excluded_hits(found: np.ndarray, excluded: Sequence[Collection[int]]) -> np.ndarray:
@@ -75,6 +137,20 @@ def _drop_excluded(
     return out_scores, out_found
 
 
+def _rows_of(
+    cells: tuple[np.ndarray, np.ndarray] | None, rows: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The excluded ``cells`` (query, row; queries ascending) of ``rows`` (ascending) of n queries, renumbered
+    as the queries of a search of those rows only."""
+    if cells is None:
+        return None
+    renumbered = np.full(n, -1, dtype=np.int64)
+    renumbered[rows] = np.arange(len(rows))
+    query = renumbered[cells[0]]
+    kept = query >= 0
+    return query[kept], cells[1][kept]
+
+
 def _gpu_available() -> bool:
     if not hasattr(faiss, "StandardGpuResources"):
         return False
@@ -82,6 +158,87 @@ def _gpu_available() -> bool:
         return faiss.get_num_gpus() > 0
     except Exception:  # a CPU build without the symbol, or a broken driver: CPU it is
         return False
+
+
+@dataclass
+class _DenseTable:
+    """The items a dense search may find, in whole blocks of BLOCK rows: their vectors, then zero rows
+    (padding, hidden in every search)."""
+
+    allowed: np.ndarray | None  # what it was made for
+    vectors: torch.Tensor  # (rows, d) float32
+    ids: torch.Tensor  # (rows,) the item index of each row, -1 for padding
+    items: int  # rows that hold an item; the rest are padding
+    row_of: np.ndarray  # item index -> row (-1: none)
+    coarse: torch.Tensor | None  # the vectors in bfloat16, for ``coarse_top_k``
+    longest: float  # the largest row norm, rounded up
+
+    @classmethod
+    def of(
+        cls, vectors: np.ndarray, ids: np.ndarray, allowed: np.ndarray | None, coarse: bool
+    ) -> _DenseTable:
+        """The rows of ``vectors`` (item indices ``ids``) that ``allowed`` allows (None: all of them)."""
+        if allowed is not None:
+            inside = (ids >= 0) & (ids < len(allowed))
+            keep = np.zeros(len(ids), dtype=bool)
+            keep[inside] = allowed[ids[inside]]
+            vectors, ids = vectors[keep], ids[keep]
+        n = len(ids)
+        rows = max(1, -(-n // BLOCK)) * BLOCK
+        stored = np.zeros((rows, vectors.shape[1]), dtype=np.float32)
+        stored[:n] = vectors
+        padded_ids = np.full(rows, -1, dtype=np.int64)
+        padded_ids[:n] = ids
+        row_of = np.full(int(padded_ids.max()) + 2, -1, dtype=np.int64)
+        row_of[ids] = np.arange(n)
+        table = torch.from_numpy(stored)
+        longest = float(np.linalg.norm(stored.astype(np.float64), axis=1).max()) * (1 + 1e-6)
+        return cls(
+            None if allowed is None else allowed.copy(),
+            table,
+            torch.from_numpy(padded_ids),
+            n,
+            row_of,
+            table.to(torch.bfloat16) if coarse else None,
+            longest,
+        )
+
+    def hide(self, cells: tuple[torch.Tensor, torch.Tensor] | None, scores: torch.Tensor) -> None:
+        """-inf in a chunk's scores for the padding rows (every query) and the excluded ``cells``."""
+        if self.items < scores.shape[1]:
+            scores[:, self.items :] = -torch.inf
+        if cells is not None:
+            scores[cells] = -torch.inf
+
+    def exact_top_k(
+        self,
+        queries: torch.Tensor,
+        k: int,
+        scores: torch.Tensor,
+        cells: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row scored in float32 into ``scores`` (at least as many rows as queries), then ``top_k``."""
+        product = torch.matmul(queries, self.vectors.T, out=scores[: len(queries)])
+        self.hide(cells, product)
+        return top_k(product, k)
+
+    def excluded_cells(
+        self, excluded: Sequence[Collection[int]] | None, n: int
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The score matrix's cells that ``excluded`` masks, as (query, row) index arrays, queries in
+        ascending order; None for none. Item indices the table lacks mask nothing."""
+        if excluded is None or not any(excluded):
+            return None
+        if len(excluded) != n:
+            raise ValueError(f"excluded has {len(excluded)} rows for {n} queries")
+        lengths = np.fromiter(map(len, excluded), dtype=np.int64, count=n)
+        items = np.fromiter(itertools.chain.from_iterable(excluded), dtype=np.int64, count=int(lengths.sum()))
+        query = np.repeat(np.arange(n, dtype=np.int64), lengths)
+        inside = (items >= 0) & (items < len(self.row_of))
+        rows = np.full(len(items), -1, dtype=np.int64)
+        rows[inside] = self.row_of[items[inside]]
+        kept = rows >= 0
+        return query[kept], rows[kept]
 
 
 class ItemIndex:
@@ -92,9 +249,11 @@ class ItemIndex:
         self.kind = kind
         self._index = index if index is not None else self._empty(dim, kind)
         self._gpu_res: object | None = None
-        self._dense: tuple[torch.Tensor, torch.Tensor] | None = None  # (vectors, ids) of a small flat index
-        self._hidden: tuple[np.ndarray | None, torch.Tensor] | None = None  # the last allowed and its mask
-        self._row_of = np.zeros(0, dtype=np.int64)  # item index -> the dense table's row (-1: none)
+        # A small flat index on the CPU is searched as a dense table of the items that may be found, kept
+        # while ``allowed`` stays the same (a catalogue changes far less often than a one-user search runs)
+        self._dense: _DenseTable | None = None
+        # Score in bfloat16 first, then settle in float32 (COARSE_ERROR): for CPUs that run bfloat16 natively
+        self.coarse = False
 
     @staticmethod
     def _empty(dim: int, kind: IndexKind, nlist: int = 1) -> faiss.Index:
@@ -140,8 +299,7 @@ class ItemIndex:
         self._index.add_with_ids(
             np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)
         )
-        self._dense = self._hidden = None
-        self._row_of = np.zeros(0, dtype=np.int64)
+        self._dense = None
 
     def search(
         self,
@@ -191,6 +349,8 @@ class ItemIndex:
         """What answers ``search`` now: a torch matrix product and top-k for a small flat index on the CPU,
         else the FAISS index (its class, and its search parameters)."""
         if self._dense_search:
+            if self.coarse:
+                return "torch bfloat16 matmul, float32 rescoring + block-maxima top-k (exact)"
             return "torch matmul + block-maxima top-k (exact)"
         inner: Any = faiss.downcast_index(self._index)
         if isinstance(inner, faiss.IndexIDMap):
@@ -209,79 +369,88 @@ class ItemIndex:
         allowed: np.ndarray | None = None,
         excluded: Sequence[Collection[int]] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        if self._dense is None:
-            mapped: Any = faiss.downcast_index(self._index)
-            flat: Any = faiss.downcast_index(mapped.index)
-            n = flat.ntotal
-            rows = -(-n // BLOCK) * BLOCK  # whole blocks: the last one padded with zero vectors, id -1
-            stored = np.zeros((rows, flat.d), dtype=np.float32)
-            stored[:n] = faiss.rev_swig_ptr(flat.get_xb(), n * flat.d).reshape(n, flat.d)
-            padded_ids = np.full(rows, -1, dtype=np.int64)
-            padded_ids[:n] = faiss.vector_to_array(mapped.id_map)
-            self._dense = torch.from_numpy(stored), torch.from_numpy(padded_ids)
-            self._row_of = np.full(int(padded_ids.max()) + 2, -1, dtype=np.int64)
-            self._row_of[padded_ids[:n]] = np.arange(n)
-        vectors, ids = self._dense
-        hidden = self._hidden_rows(None if allowed is None else np.asarray(allowed, dtype=bool), ids)
-        masked = self._excluded_cells(excluded, len(queries))
-        scores = np.empty((len(queries), k), dtype=np.float32)
-        found = np.empty((len(queries), k), dtype=np.int64)
-        step = max(1, DENSE_CHUNK_SCORES // len(ids))
-        with torch.inference_mode():
-            # One score matrix for every chunk: a fresh one per chunk came from new pages of memory, and their
-            # first writes made the product cost half as much again (docs/performance.md, round 21).
-            chunk_scores = torch.empty(min(step, len(queries)), len(ids))
-            for start in range(0, len(queries), step):
-                chunk = torch.from_numpy(queries[start : start + step])
-                product = torch.matmul(chunk, vectors.T, out=chunk_scores[: len(chunk)])
-                product += hidden
-                if masked is not None:
-                    lo, hi = np.searchsorted(masked[0], [start, start + step])
-                    cells = (torch.from_numpy(masked[0][lo:hi] - start), torch.from_numpy(masked[1][lo:hi]))
-                    product[cells] = -torch.inf
-                values, at = top_k(product, k)
-                scores[start : start + step] = values.numpy()
-                found[start : start + step] = ids[at].numpy()
+        table = self._dense_table(None if allowed is None else np.asarray(allowed, dtype=bool))
+        masked = table.excluded_cells(excluded, len(queries))
+        coarse = (
+            table.coarse is not None
+            and len(table.ids) >= 2 * BLOCK * (k + COARSE_BLOCKS + 1)
+            and table.vectors.shape[1] <= COARSE_MAX_DIM
+        )
+        scores, found, unsettled = self._dense_pass(table, queries, k, masked, coarse)
+        if len(unsettled):
+            # Searched again together: one float32 product for a few queries costs nearly what it costs for
+            # a hundred (the table is read from memory either way)
+            again = _rows_of(masked, unsettled, len(queries))
+            scores[unsettled], found[unsettled], _ = self._dense_pass(
+                table, queries[unsettled], k, again, False
+            )
         found[~np.isfinite(scores)] = -1  # fewer allowed items than asked for: as FAISS answers
         return scores, found
 
-    def _excluded_cells(
-        self, excluded: Sequence[Collection[int]] | None, n: int
-    ) -> tuple[np.ndarray, np.ndarray] | None:
-        """The score matrix's cells that ``excluded`` masks, as (query, table row) index arrays, queries in
-        ascending order; None for none. Item indices the table lacks mask nothing."""
-        if excluded is None or not any(excluded):
-            return None
-        if len(excluded) != n:
-            raise ValueError(f"excluded has {len(excluded)} rows for {n} queries")
-        lengths = np.fromiter(map(len, excluded), dtype=np.int64, count=n)
-        items = np.fromiter(itertools.chain.from_iterable(excluded), dtype=np.int64, count=int(lengths.sum()))
-        query = np.repeat(np.arange(n, dtype=np.int64), lengths)
-        inside = (items >= 0) & (items < len(self._row_of))
-        rows = np.full(len(items), -1, dtype=np.int64)
-        rows[inside] = self._row_of[items[inside]]
-        kept = rows >= 0
-        return query[kept], rows[kept]
+    def _dense_pass(
+        self,
+        table: _DenseTable,
+        queries: np.ndarray,
+        k: int,
+        masked: tuple[np.ndarray, np.ndarray] | None,
+        coarse: bool,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Scores and item indices of the best k, and (with ``coarse``) the queries left unsettled."""
+        scores = np.empty((len(queries), k), dtype=np.float32)
+        found = np.empty((len(queries), k), dtype=np.int64)
+        unsettled: list[np.ndarray] = []
+        step = max(1, DENSE_CHUNK_SCORES // len(table.ids))
+        with torch.inference_mode():
+            # One score matrix for every chunk: a fresh one per chunk came from new pages of memory, and their
+            # first writes made the product cost half as much again (docs/performance.md, round 21).
+            chunk_scores = torch.empty(min(step, len(queries)), len(table.ids))
+            coarse_scores = torch.empty(chunk_scores.shape if coarse else 0, dtype=torch.bfloat16)
+            for start in range(0, len(queries), step):
+                chunk = torch.from_numpy(queries[start : start + step])
+                cells = None
+                if masked is not None:
+                    lo, hi = np.searchsorted(masked[0], [start, start + step])
+                    cells = (torch.from_numpy(masked[0][lo:hi] - start), torch.from_numpy(masked[1][lo:hi]))
+                if coarse:
+                    assert table.coarse is not None
+                    values, at, settled = coarse_top_k(
+                        chunk,
+                        table.vectors,
+                        table.coarse,
+                        table.longest,
+                        k,
+                        chunk_scores,
+                        coarse_scores,
+                        partial(table.hide, cells),
+                    )
+                    unsettled.append(start + np.flatnonzero(~settled.numpy()))
+                else:
+                    values, at = table.exact_top_k(chunk, k, chunk_scores, cells)
+                scores[start : start + step] = values.numpy()
+                found[start : start + step] = table.ids[at].numpy()
+        return scores, found, np.concatenate(unsettled) if unsettled else np.zeros(0, dtype=np.int64)
 
-    def _hidden_rows(self, allowed: np.ndarray | None, ids: torch.Tensor) -> torch.Tensor:
-        """-inf for each row of the dense table whose item may not be found (padding, or not ``allowed``),
-        else 0: kept while ``allowed`` stays the same (a catalogue changes far less often than a one-user
-        search runs: building it cost more than scoring one user)."""
-        kept = self._hidden
-        if kept is not None and (
-            (allowed is None and kept[0] is None)
-            or (allowed is not None and kept[0] is not None and np.array_equal(kept[0], allowed))
+    def _dense_table(self, allowed: np.ndarray | None) -> _DenseTable:
+        """The dense table for ``allowed``: the one kept when it is the same, else a new one."""
+        kept = self._dense
+        if (
+            kept is not None
+            and (kept.coarse is not None) == self.coarse
+            and (
+                (allowed is None and kept.allowed is None)
+                or (
+                    allowed is not None and kept.allowed is not None and np.array_equal(kept.allowed, allowed)
+                )
+            )
         ):
-            return kept[1]
-        rows = ids.numpy()
-        ok = rows >= 0
-        if allowed is not None:
-            inside = ok & (rows < len(allowed))
-            ok = np.zeros(len(rows), dtype=bool)
-            ok[inside] = allowed[rows[inside]]
-        hidden = torch.from_numpy(np.where(ok, 0.0, -np.inf).astype(np.float32))
-        self._hidden = None if allowed is None else allowed.copy(), hidden
-        return hidden
+            return kept
+        mapped: Any = faiss.downcast_index(self._index)
+        flat: Any = faiss.downcast_index(mapped.index)
+        n = flat.ntotal
+        vectors = faiss.rev_swig_ptr(flat.get_xb(), n * flat.d).reshape(n, flat.d)
+        ids = faiss.vector_to_array(mapped.id_map)
+        self._dense = _DenseTable.of(vectors, ids, allowed, self.coarse)
+        return self._dense
 
     @property
     def size(self) -> int:

@@ -190,12 +190,16 @@ class Recommender(ServesItemMap):
         self._popularity = pop
         self._popular_order = self._rank_popular()
         self._index = index
+        # bfloat16 products settled in float32 where the CPU runs bfloat16 natively: the same answers
+        coarse = precision == torch.bfloat16 and device.type == "cpu"
+        index.coarse = coarse
         # The items' texts as the text embedder sees them, for searches to be matched against (None without
         # a text model). Rows are item indices; an item without text has a zero row and matches nothing.
         self._text_index: ItemIndex | None = None
         if self._embedder is not None and art.config.text_dim:
             texts = self._model.item_text[1:].cpu().numpy().astype(np.float32)
             self._text_index = ItemIndex.build(texts, np.arange(1, len(texts) + 1, dtype=np.int64))
+            self._text_index.coarse = coarse
         self.search_steering = SearchSteering.of(art.metadata)
         self._lock = threading.RLock()
         self.last_timings: dict[str, float] = {}  # seconds per phase of the last recommend() call

@@ -149,3 +149,71 @@ def test_the_block_maxima_top_k_is_torch_topk(
     assert torch.equal(values, expected)
     assert torch.equal(scores.gather(1, columns), values)
     assert all(len(set(row)) == k for row in columns.tolist())  # no column twice
+
+
+def _near_ties(rng: np.random.Generator, items: int, dim: int, tied: int) -> np.ndarray:
+    """Item vectors where ``tied`` items are one vector plus changes far below bfloat16's resolution (their
+    bfloat16 scores tie, their float32 scores do not), among items that score clearly lower."""
+    vectors = rng.normal(size=(items, dim)).astype(np.float32) * 0.5
+    base = rng.normal(size=dim).astype(np.float32) * 3
+    vectors[:tied] = base + rng.normal(size=(tied, dim)).astype(np.float32) * 1e-4
+    return vectors
+
+
+@pytest.mark.parametrize("case", ["random", "near ties"])
+def test_bfloat16_scoring_settled_in_float32_answers_as_the_float32_search(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the CPU runs bfloat16 natively the dense search scores in bfloat16 first and settles the best in
+    float32 (``coarse``): the same items in the same order as the float32 search, with allowed items,
+    excluded ones, chunks, and items whose bfloat16 scores tie."""
+    monkeypatch.setattr(index_module, "DENSE_CHUNK_SCORES", 37 * 4096)  # chunks of 37 queries
+    rng = np.random.default_rng(3)
+    items, dim = 4_000, 32
+    if case == "random":
+        vectors = rng.normal(size=(items, dim)).astype(np.float32)
+        queries = rng.normal(size=(90, dim)).astype(np.float32)
+    else:
+        vectors = _near_ties(rng, items, dim, tied=300)
+        queries = vectors[:1].repeat(90, axis=0) + rng.normal(size=(90, dim)).astype(np.float32) * 0.01
+    ids = rng.permutation(items * 2)[:items] + 1
+    exact, coarse = ItemIndex.build(vectors, ids), ItemIndex.build(vectors, ids)
+    coarse.coarse = True
+    assert coarse.search_method.startswith("torch bfloat16")
+    allowed = rng.random(items * 2 + 1) > 0.2
+    excluded = [set(rng.choice(ids, size=int(rng.integers(0, 40))).tolist()) for _ in queries]
+    for k in (1, 10, 18, 25):
+        for kwargs in ({}, {"allowed": allowed}, {"allowed": allowed, "excluded": excluded}):
+            want_scores, want = exact.search(queries, k, **kwargs)  # type: ignore[arg-type]
+            scores, found = coarse.search(queries, k, **kwargs)  # type: ignore[arg-type]
+            np.testing.assert_array_equal(found, want)
+            np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_a_query_the_error_bound_cannot_settle_is_searched_again_in_float32(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """300 items whose bfloat16 scores tie: the 32 scored again are not surely the best 10, the bound says so
+    and those queries are searched again in full. Without the bound (no error allowed for) the answer is
+    wrong, which is what the bound is for."""
+    rng = np.random.default_rng(4)
+    vectors = _near_ties(rng, 4_000, 32, tied=300)
+    queries = vectors[:1].repeat(20, axis=0) + rng.normal(size=(20, 32)).astype(np.float32) * 0.01
+    ids = np.arange(1, 4_001)
+    exact, coarse = ItemIndex.build(vectors, ids), ItemIndex.build(vectors, ids)
+    coarse.coarse = True
+    settled: list[int] = []
+    real = index_module.coarse_top_k
+
+    def counting(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        values, columns, ok = real(*args, **kwargs)  # type: ignore[arg-type]
+        settled.append(int(ok.sum()))
+        return values, columns, ok
+
+    monkeypatch.setattr(index_module, "coarse_top_k", counting)
+    want = exact.search(queries, 10)[1]
+    np.testing.assert_array_equal(coarse.search(queries, 10)[1], want)
+    assert sum(settled) < len(queries)  # some were searched again
+    monkeypatch.setattr(index_module, "COARSE_ERROR", 0.0)
+    monkeypatch.setattr(index_module, "COARSE_ROUNDING", 0.0)
+    assert not np.array_equal(coarse.search(queries, 10)[1], want)
