@@ -45,11 +45,6 @@ _PURGED = b"m:purged"  # written after a purge, to roll the manifest over (``pur
 ERASURE_KEY = b"\x00erased:"
 # Erasing a batch's users compacts each one's key range; more than this many compact the whole partition.
 PURGE_KEYS_SEPARATELY = 64
-# A partition reads a user's erasure marker only where a filter of this many bits (1 MB) says it may hold one:
-# a bit per marker written or restored, picked by its digest, never cleared (a stale bit costs one read).
-# Most shoppers were never erased, and with more shoppers than the state cache holds the marker was half of
-# the keys read per new shopper (docs/performance.md, round 22).
-ERASED_FILTER_BITS = 1 << 23
 
 
 def purge_keys(db: Rdict, keys: list[bytes], marker: bytes) -> None:
@@ -116,20 +111,6 @@ class PartitionStore:
         options.set_max_manifest_file_size(1)
         self.path = path
         self.db = Rdict(str(path), options)
-        self._erased = bytearray(ERASED_FILTER_BITS // 8)  # see ERASED_FILTER_BITS
-        for key in self.db.keys(from_key=_ERASED):
-            assert isinstance(key, bytes)  # raw mode
-            if not key.startswith(_ERASED):
-                break
-            self._mark_erased(key[len(_ERASED) :])
-
-    def _mark_erased(self, digest: bytes) -> None:
-        slot = int.from_bytes(digest[:4], "little") & (ERASED_FILTER_BITS - 1)
-        self._erased[slot >> 3] |= 1 << (slot & 7)
-
-    def _may_be_erased(self, digest: bytes) -> bool:
-        slot = int.from_bytes(digest[:4], "little") & (ERASED_FILTER_BITS - 1)
-        return bool(self._erased[slot >> 3] >> (slot & 7) & 1)
 
     @property
     def checkpoint(self) -> int | None:
@@ -146,15 +127,10 @@ class PartitionStore:
         if not user_ids and not erasures_of:
             return [], []
         keys: list[str | int | float | bytes | bool] = [_USER + u.encode() for u in user_ids]
-        digests = [erasure_digest(u) for u in erasures_of]
-        markers = [i for i, digest in enumerate(digests) if self._may_be_erased(digest)]
-        keys += [_ERASED + digests[i] for i in markers]
+        keys += [_ERASED + erasure_digest(u) for u in erasures_of]
         values = self.db[keys]
         assert isinstance(values, list)  # a list of keys reads a list (raw mode: bytes, None where absent)
-        erased = [0] * len(erasures_of)
-        for i, value in zip(markers, values[len(user_ids) :], strict=True):
-            erased[i] = erased_at_of(value)
-        return values[: len(user_ids)], erased
+        return values[: len(user_ids)], [erased_at_of(v) for v in values[len(user_ids) :]]
 
     def write(
         self,
@@ -173,7 +149,6 @@ class PartitionStore:
                 batch.put(key, value)
         for digest, erased_at in (erasures or {}).items():
             batch.put(_ERASED + digest, erasure_value(erased_at))
-            self._mark_erased(digest)  # before the write: a reader never misses a marker written
         if checkpoint is not None:
             batch.put(_CHECKPOINT, str(checkpoint).encode())
         self.db.write(batch)
