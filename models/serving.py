@@ -545,9 +545,11 @@ class Recommender(ServesItemMap):
         in embedding space, for the whole batch at once: (users, k) positions into the padded history."""
         unit = self._unit
         qunit = qspace / (np.linalg.norm(qspace, axis=1, keepdims=True) + 1e-9)
-        history = np.where((items > PAD)[..., None], unit[items], qunit[qids])  # (n, L, d)
+        history = unit[items]  # (n, L, d): the items' rows, then a search's query where it has no item
+        asked = (items == PAD) & (qids > 0)
+        history[asked] = qunit[qids[asked]]  # (np.where over both gathers: 5.0 against 2.9 µs per user)
         sims = unit[picked] @ history.transpose(0, 2, 1)  # (n, k, L); a batched matmul, ~5x einsum's speed
-        sims[np.broadcast_to(((items == PAD) & (qids == 0))[:, None, :], sims.shape)] = -np.inf
+        np.copyto(sims, -np.inf, where=((items == PAD) & (qids == 0))[:, None, :])  # neither: padding
         # Among equally similar anchors prefer the newest: it is what the user is doing now. "Equally" allows
         # for rounding: the matmul may sum one item's product at two positions (a click, then the purchase of
         # the same item) in different orders, a last-bit difference that depends on the batch's shape.

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamrec.models import registry, synthetic
+from streamrec.models.data import PAD
 from streamrec.models.evaluate import evaluate
 from streamrec.models.item_map import ItemMap, merge_ranked
 from streamrec.models.sequences import (
@@ -707,3 +708,46 @@ def test_a_serving_process_keeps_freed_memory_where_the_c_library_is_glibc() -> 
     # The call reaches glibc's mallopt with its two settings accepted (it answers 0 to a value it refuses,
     # as it would to a wrong signature); elsewhere it is skipped and changes nothing but speed.
     assert keep_freed_memory()
+
+
+def test_each_recommendation_is_explained_by_the_most_similar_step_of_the_history_newest_first(
+    rec: Recommender,
+) -> None:
+    """The anchor of a recommended item (what its reason names) is the history position, an item or a
+    search's query, whose vector is most like the item's; among equals (an item clicked, then bought) the
+    newest. The batched ``_anchors`` against a loop over every user, item and position."""
+    rng = np.random.default_rng(5)
+    n, length, k = 60, 16, 7
+    items = rng.integers(1, len(rec._unit), size=(n, length))
+    qids = np.zeros((n, length), dtype=np.int64)
+    searched = rng.random((n, length)) < 0.25
+    items[searched] = PAD
+    qids[searched] = rng.integers(1, 9, size=int(searched.sum()))
+    items[:, :3] = PAD  # short windows: padding first
+    qids[:, :3] = 0
+    same = rng.integers(1, len(rec._unit), size=len(items[::2]))
+    items[::2, 10:13] = same[:, None]  # the same item at three positions (viewed, viewed, bought)
+    qids[::2, 10:13] = 0
+    qspace = rng.normal(size=(9, rec._unit.shape[1])).astype(np.float32)
+    picked = rng.integers(1, len(rec._unit), size=(n, k))
+    picked[::2, 0] = same  # recommended what they had: equally similar at 10, 11 and 12
+    qunit = qspace / np.linalg.norm(qspace, axis=1, keepdims=True)
+
+    expected = np.zeros((n, k), dtype=np.int64)
+    for u in range(n):
+        for j in range(k):
+            target = rec._unit[picked[u, j]]
+            sims = {
+                pos: float(
+                    target @ (rec._unit[items[u, pos]] if items[u, pos] != PAD else qunit[qids[u, pos]])
+                )
+                for pos in range(length)
+                if items[u, pos] != PAD or qids[u, pos] > 0
+            }
+            best = max(sims.values())
+            expected[u, j] = max(pos for pos, sim in sims.items() if sim >= best - 1e-5)
+    anchors = rec._anchors(picked, items, qids, qspace)
+    np.testing.assert_array_equal(anchors, expected)
+    # the newest of the three (or a later view of it, drawn by chance)
+    assert (anchors[::2, 0] >= 12).all() and (items[::2][np.arange(len(same)), anchors[::2, 0]] == same).all()
+    assert (np.take_along_axis(items, anchors, axis=1) == PAD).any()  # some explained by a search
