@@ -376,14 +376,19 @@ class ItemIndex:
             and len(table.ids) >= 2 * BLOCK * (k + COARSE_BLOCKS + 1)
             and table.vectors.shape[1] <= COARSE_MAX_DIM
         )
-        scores, found, unsettled = self._dense_pass(table, queries, k, masked, coarse)
+        # The table holds only the allowed items (in whole blocks): k may be more than it has rows
+        taken = min(k, len(table.ids))
+        scores, found, unsettled = self._dense_pass(table, queries, taken, masked, coarse)
         if len(unsettled):
             # Searched again together: one float32 product for a few queries costs nearly what it costs for
             # a hundred (the table is read from memory either way)
             again = _rows_of(masked, unsettled, len(queries))
             scores[unsettled], found[unsettled], _ = self._dense_pass(
-                table, queries[unsettled], k, again, False
+                table, queries[unsettled], taken, again, False
             )
+        if taken < k:
+            scores = np.pad(scores, ((0, 0), (0, k - taken)), constant_values=-np.inf)
+            found = np.pad(found, ((0, 0), (0, k - taken)))
         found[~np.isfinite(scores)] = -1  # fewer allowed items than asked for: as FAISS answers
         return scores, found
 

@@ -217,3 +217,22 @@ def test_a_query_the_error_bound_cannot_settle_is_searched_again_in_float32(
     monkeypatch.setattr(index_module, "COARSE_ERROR", 0.0)
     monkeypatch.setattr(index_module, "COARSE_ROUNDING", 0.0)
     assert not np.array_equal(coarse.search(queries, 10)[1], want)
+
+
+@pytest.mark.parametrize("coarse", [False, True])
+def test_asking_for_more_items_than_may_be_found_gives_those_there_are(
+    coarse: bool, vectors: np.ndarray
+) -> None:
+    """A catalogue with three items in stock, asked for 100 (a shopper with many purchases asks wide): the
+    three, best first, then missing results (-1), as FAISS answers; nothing fails."""
+    index = ItemIndex.build(vectors, np.arange(1, 501))
+    index.coarse = coarse
+    allowed = np.zeros(501, dtype=bool)
+    allowed[[7, 70, 300]] = True
+    queries = vectors[:4]
+    scores, found = index.search(queries, 100, allowed, excluded=[{70}, set(), set(), {7, 70, 300}])
+    assert found.shape == scores.shape == (4, 100)
+    for row, (mine, skip) in enumerate(zip(found.tolist(), [{70}, set(), set(), {7, 70, 300}], strict=True)):
+        expected = sorted({7, 70, 300} - skip, key=lambda i: -float(vectors[i - 1] @ queries[row]))
+        assert mine == expected + [-1] * (100 - len(expected))
+    assert np.all(np.isneginf(scores[found == -1]))
