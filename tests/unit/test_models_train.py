@@ -310,7 +310,15 @@ def test_bf16_training_is_deterministic_and_learns(data_dir: Path, tmp_path: Pat
 MEASURED = {
     "amazon-beauty": (
         DataShape(12_101, 6.0, 0.0),
-        {"weight_decay": 0.1, "dim": 128, "lr": 5e-4, "max_minutes": 28.0, "prefixes": True},
+        {
+            "weight_decay": 0.1,
+            "dim": 128,
+            "lr": 5e-4,
+            "max_minutes": 28.0,
+            "prefixes": True,
+            "lr_decay": 0.3,
+            "lr_decay_patience": 1,
+        },
     ),
     "amazon-video-games": (
         DataShape(23_715, 6.0, 0.0),
