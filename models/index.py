@@ -170,8 +170,8 @@ class _DenseTable:
     ids: torch.Tensor  # (rows,) the item index of each row, -1 for padding
     items: int  # rows that hold an item; the rest are padding
     row_of: np.ndarray  # item index -> row (-1: none)
-    coarse: torch.Tensor | None  # the vectors in bfloat16, for ``coarse_top_k``
-    longest: float  # the largest row norm, rounded up
+    coarse: torch.Tensor | None = None  # the vectors in bfloat16, for ``coarse_top_k``
+    longest: float = 0.0  # the largest row norm, rounded up (with ``coarse`` only)
 
     @classmethod
     def of(
@@ -192,16 +192,13 @@ class _DenseTable:
         row_of = np.full(int(padded_ids.max()) + 2, -1, dtype=np.int64)
         row_of[ids] = np.arange(n)
         table = torch.from_numpy(stored)
-        longest = float(np.linalg.norm(stored.astype(np.float64), axis=1).max()) * (1 + 1e-6)
-        return cls(
-            None if allowed is None else allowed.copy(),
-            table,
-            torch.from_numpy(padded_ids),
-            n,
-            row_of,
-            table.to(torch.bfloat16) if coarse else None,
-            longest,
+        dense = cls(
+            None if allowed is None else allowed.copy(), table, torch.from_numpy(padded_ids), n, row_of
         )
+        if coarse:  # the bound's norm only where it is used: a float64 pass over the table at every rebuild
+            dense.coarse = table.to(torch.bfloat16)
+            dense.longest = float(np.linalg.norm(stored.astype(np.float64), axis=1).max()) * (1 + 1e-6)
+        return dense
 
     def hide(self, cells: tuple[torch.Tensor, torch.Tensor] | None, scores: torch.Tensor) -> None:
         """-inf in a chunk's scores for the padding rows (every query) and the excluded ``cells``."""
