@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 IndexKind = Literal["flat", "hnsw", "ivf"]
+log = logging.getLogger(__name__)
 _faiss: Any = faiss  # its type stubs lack the search parameters' keyword arguments
 
 # Up to this many items a flat index on the CPU is searched with one matrix product and torch.topk instead of
@@ -63,6 +65,44 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return top.values, columns_of.gather(1, top.indices)
 
 
+def block_maxima(scores: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """Each BLOCK columns' largest of bfloat16 ``scores`` (rows, columns in whole blocks), in float32 (exact),
+    through a float32 copy in ``buffer`` (at least as many rows): torch's reductions over bfloat16 are
+    three times slower than over float32, and a fresh copy per chunk would come from new pages."""
+    rows = len(scores)
+    copy = buffer[:rows]
+    copy.copy_(scores)
+    return copy.view(rows, -1, BLOCK).amax(dim=2)
+
+
+def _fused_maxima(scores: torch.Tensor) -> torch.Tensor:
+    return scores.view(scores.shape[0], -1, BLOCK).float().amax(dim=2)
+
+
+class CompiledMaxima:
+    """``block_maxima`` compiled with torch.compile: one pass that reads the bfloat16 scores and writes only
+    the maxima, where the eager one copies every score to float32 first (12,101 items, one thread: 2.6
+    against 5.3 µs per user; docs/performance.md, round 23). The same values (a maximum rounds nothing).
+    Compiling takes a few seconds once (``Recommender.warm_up``); one that fails is logged and the eager
+    ``block_maxima`` answers from then on."""
+
+    def __init__(self) -> None:
+        self._compiled = torch.compile(_fused_maxima, dynamic=True)
+        self.failed: str | None = None
+
+    def __call__(self, scores: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+        if self.failed is None:
+            try:
+                return self._compiled(scores)
+            except Exception as exc:  # inductor's errors have no common base; any one means eager from now
+                self.failed = f"{type(exc).__name__}: {str(exc)[:300]}"
+                log.warning("compiling the search's block maxima failed, eager from now: %s", self.failed)
+        return block_maxima(scores, buffer)
+
+
+Maxima = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def coarse_top_k(
     queries: torch.Tensor,
     table: torch.Tensor,
@@ -72,40 +112,45 @@ def coarse_top_k(
     scores: torch.Tensor,
     coarse_scores: torch.Tensor,
     hide: Callable[[torch.Tensor], None],
+    maxima: Maxima = block_maxima,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``top_k`` of ``queries @ table.T`` (float32, rows in whole blocks) from a bfloat16 product: values,
     columns and, per query, whether the answer is settled (proved to be float32's); a query that is not must
     be searched again exactly. ``coarse_table`` is ``table`` in bfloat16, ``longest`` its largest row norm,
-    ``scores`` and ``coarse_scores`` (float32 and bfloat16, at least as many rows as queries) are written,
-    and ``hide`` sets -inf in a score matrix where items may not be found.
+    ``coarse_scores`` (bfloat16, at least as many rows as queries) is written, ``scores`` (float32, as many)
+    is ``maxima``'s buffer, ``hide`` sets -inf in a score matrix where items may not be found.
 
     Settled: every item not scored again in float32 has a bfloat16 score at most ``unseen`` (the best block
     left out, or the best candidate left out), so its exact score is at most ``unseen`` plus the error bound
     (COARSE_ERROR); when the k-th exact score reaches that, nothing left out could beat it."""
     rows = len(queries)
-    scores = scores[:rows]
-    scores.copy_(torch.matmul(queries.to(torch.bfloat16), coarse_table.T, out=coarse_scores[:rows]))
-    hide(scores)
-    by_block = scores.view(rows, -1, BLOCK)
+    coarse = torch.matmul(queries.to(torch.bfloat16), coarse_table.T, out=coarse_scores[:rows])
+    hide(coarse)
+    block_max = maxima(coarse, scores)
     blocks = k + COARSE_BLOCKS
-    best = torch.topk(by_block.amax(dim=2), blocks + 1, dim=1)  # best first: the last one is left out
-    chosen = best.indices[:, :blocks]
-    candidates = by_block[torch.arange(rows).unsqueeze(1), chosen].reshape(rows, blocks * BLOCK).numpy()
+    best = torch.topk(block_max, blocks + 1, dim=1)  # best first: the last one is left out
+    chosen = best.indices[:, :blocks].numpy()
+    # The chosen blocks' scores, gathered as whole rows of BLOCK (numpy's take: a third of torch's indexing)
+    # in their bfloat16 bits, made float32 by a shift (bfloat16 is float32's upper half: exact)
+    per_row = block_max.shape[1]
+    flat = (np.arange(rows)[:, None] * per_row + chosen).reshape(-1)
+    bits = coarse.view(torch.int16).numpy().reshape(-1, BLOCK).take(flat, axis=0)
+    candidates = (bits.astype(np.int32) << 16).view(np.float32).reshape(rows, blocks * BLOCK)
     # The best k + COARSE_ITEMS candidates in any order after the best one left out (numpy's partition:
     # a third of torch.topk's time here)
     split = candidates.shape[1] - k - COARSE_ITEMS - 1
-    order = torch.from_numpy(np.argpartition(candidates, split, axis=1)[:, split:])
-    near = torch.from_numpy(candidates).gather(1, order)
-    columns = (chosen.unsqueeze(2) * BLOCK + torch.arange(BLOCK)).reshape(rows, blocks * BLOCK)
-    columns = columns.gather(1, order[:, 1:])
-    exact = torch.bmm(table[columns], queries.unsqueeze(2)).squeeze(2)
-    exact = torch.where(torch.isfinite(near[:, 1:]), exact, -torch.inf)  # hidden stays hidden
+    order = np.argpartition(candidates, split, axis=1)[:, split:]
+    near = torch.from_numpy(np.take_along_axis(candidates, order, axis=1))
+    picked = order[:, 1:]
+    columns = np.take_along_axis(chosen, picked // BLOCK, axis=1) * BLOCK + picked % BLOCK
+    exact = torch.bmm(torch.from_numpy(table.numpy().take(columns, axis=0)), queries.unsqueeze(2))
+    exact = torch.where(torch.isfinite(near[:, 1:]), exact.squeeze(2), -torch.inf)  # hidden stays hidden
     top = torch.topk(exact, k, dim=1)
     unseen = torch.maximum(best.values[:, -1], near[:, 0])
     bound = COARSE_ERROR * longest * torch.linalg.vector_norm(queries, dim=1) + COARSE_ROUNDING * unseen.abs()
     kth = top.values[:, -1]
     settled = torch.isfinite(kth) & (kth >= unseen + bound)
-    return top.values, columns.gather(1, top.indices), settled
+    return top.values, torch.from_numpy(columns).gather(1, top.indices), settled
 
 
 def excluded_hits(found: np.ndarray, excluded: Sequence[Collection[int]]) -> np.ndarray:
@@ -251,6 +296,8 @@ class ItemIndex:
         self._dense: _DenseTable | None = None
         # Score in bfloat16 first, then settle in float32 (COARSE_ERROR): for CPUs that run bfloat16 natively
         self.coarse = False
+        # How the bfloat16 search takes its block maxima: a ``CompiledMaxima`` where the encoder is compiled
+        self.maxima: Maxima = block_maxima
 
     @staticmethod
     def _empty(dim: int, kind: IndexKind, nlist: int = 1) -> faiss.Index:
@@ -424,6 +471,7 @@ class ItemIndex:
                         chunk_scores,
                         coarse_scores,
                         partial(table.hide, cells),
+                        self.maxima,
                     )
                     unsettled.append(start + np.flatnonzero(~settled.numpy()))
                 else:

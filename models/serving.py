@@ -20,7 +20,7 @@ import torch
 from streamrec.models import artifacts
 from streamrec.models.data import PAD
 from streamrec.models.encoder import SequenceEncoder
-from streamrec.models.index import ItemIndex, excluded_hits
+from streamrec.models.index import CompiledMaxima, ItemIndex, excluded_hits
 from streamrec.models.item_map import (
     DEFAULT_SERVE_LEN,
     ItemMap,
@@ -240,6 +240,12 @@ class Recommender(ServesItemMap):
             return False
         with self._lock:
             self._compiled = CompiledEncoder(self._encoder)
+            # The bfloat16 search's block maxima too (``index.CompiledMaxima``): one for both indexes
+            if self._index.coarse:
+                maxima = CompiledMaxima()
+                self._index.maxima = maxima
+                if self._text_index is not None:
+                    self._text_index.maxima = maxima
         return True
 
     @property
@@ -253,6 +259,10 @@ class Recommender(ServesItemMap):
         loaded a model it is about to serve."""
         with self._lock:
             seconds = warm_up(self._model, self._encoder, self._table_t, self.serve_len, self._compiled)
+            if isinstance(self._index.maxima, CompiledMaxima):
+                # compiled at one query and at two: torch.compile specialises a dimension of size 1
+                for rows in (1, 2):
+                    self._index.search(np.zeros((rows, self._index.dim), dtype=np.float32), 10)
         if self._compiled is not None:
             how = "compiled" if self.encoder_compiled else "uncompiled (compiling failed)"
             log.info("serving encoder %s, warmed up in %.1f s", how, seconds)

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamrec.models import index as index_module
-from streamrec.models.index import BLOCK, ItemIndex, top_k
+from streamrec.models.index import BLOCK, CompiledMaxima, ItemIndex, block_maxima, top_k
 from streamrec.models.perf import exact_top_k, index_timings, recall_at_k
+from streamrec.models.sequences import can_compile
 
 
 @pytest.fixture()
@@ -160,13 +161,17 @@ def _near_ties(rng: np.random.Generator, items: int, dim: int, tied: int) -> np.
     return vectors
 
 
+@pytest.mark.parametrize("maxima", ["eager", "compiled"])
 @pytest.mark.parametrize("case", ["random", "near ties"])
 def test_bfloat16_scoring_settled_in_float32_answers_as_the_float32_search(
-    case: str, monkeypatch: pytest.MonkeyPatch
+    case: str, maxima: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where the CPU runs bfloat16 natively the dense search scores in bfloat16 first and settles the best in
     float32 (``coarse``): the same items in the same order as the float32 search, with allowed items,
-    excluded ones, chunks, and items whose bfloat16 scores tie."""
+    excluded ones, chunks, and items whose bfloat16 scores tie; with the block maxima compiled (what a
+    worker whose encoder is compiled searches with) as with the eager ones."""
+    if maxima == "compiled" and not can_compile(torch.device("cpu")):
+        pytest.skip("no C++ compiler on this machine: the search takes its block maxima eagerly")
     monkeypatch.setattr(index_module, "DENSE_CHUNK_SCORES", 37 * 4096)  # chunks of 37 queries
     rng = np.random.default_rng(3)
     items, dim = 4_000, 32
@@ -179,6 +184,8 @@ def test_bfloat16_scoring_settled_in_float32_answers_as_the_float32_search(
     ids = rng.permutation(items * 2)[:items] + 1
     exact, coarse = ItemIndex.build(vectors, ids), ItemIndex.build(vectors, ids)
     coarse.coarse = True
+    if maxima == "compiled":
+        coarse.maxima = compiled = CompiledMaxima()
     assert coarse.search_method.startswith("torch bfloat16")
     allowed = rng.random(items * 2 + 1) > 0.2
     excluded = [set(rng.choice(ids, size=int(rng.integers(0, 40))).tolist()) for _ in queries]
@@ -188,6 +195,54 @@ def test_bfloat16_scoring_settled_in_float32_answers_as_the_float32_search(
             scores, found = coarse.search(queries, k, **kwargs)  # type: ignore[arg-type]
             np.testing.assert_array_equal(found, want)
             np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+    if maxima == "compiled":
+        assert compiled.failed is None  # answered compiled, not by falling back
+
+
+def test_the_compiled_block_maxima_are_the_eager_ones_at_any_number_of_rows() -> None:
+    """The block maxima of bfloat16 scores (hidden cells at -inf, negative scores, a row of one query, as a
+    chunk's last can be) are the same floats compiled as eager: a maximum rounds nothing."""
+    if not can_compile(torch.device("cpu")):
+        pytest.skip("no C++ compiler on this machine: the search takes its block maxima eagerly")
+    rng = np.random.default_rng(5)
+    compiled = CompiledMaxima()
+    for rows, blocks in ((1, 40), (2, 40), (37, 190), (258, 13)):
+        scores = torch.from_numpy(rng.normal(size=(rows, blocks * BLOCK)).astype(np.float32) - 0.5)
+        scores[:, -5:] = -torch.inf
+        scores[0, :BLOCK] = -torch.inf  # a whole block hidden
+        coarse = scores.to(torch.bfloat16)
+        want = block_maxima(coarse, torch.empty(rows, blocks * BLOCK))
+        got = compiled(coarse, torch.empty(0))
+        assert got.dtype == torch.float32 and got.shape == (rows, blocks)
+        assert torch.equal(got, want)
+        assert torch.equal(want, coarse.float().view(rows, blocks, BLOCK).amax(dim=2))
+    assert compiled.failed is None
+
+
+def test_block_maxima_whose_compile_fails_are_taken_eagerly(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Compiling is a speed-up: when it fails the search logs why once and answers as the eager one does."""
+
+    def broken(fn: object, **_: object) -> object:
+        def compiled(*args: object) -> object:
+            raise RuntimeError("inductor: C++ compile error")
+
+        return compiled
+
+    monkeypatch.setattr(index_module.torch, "compile", broken)
+    rng = np.random.default_rng(6)
+    vectors = rng.normal(size=(4_000, 32)).astype(np.float32)
+    queries = rng.normal(size=(30, 32)).astype(np.float32)
+    ids = np.arange(1, 4_001)
+    exact, coarse = ItemIndex.build(vectors, ids), ItemIndex.build(vectors, ids)
+    coarse.coarse, coarse.maxima = True, CompiledMaxima()
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            np.testing.assert_array_equal(coarse.search(queries, 10)[1], exact.search(queries, 10)[1])
+    warned = [r.message for r in caplog.records if r.levelname == "WARNING"]
+    why = "RuntimeError: inductor: C++ compile error"
+    assert warned == [f"compiling the search's block maxima failed, eager from now: {why}"]
 
 
 def test_a_query_the_error_bound_cannot_settle_is_searched_again_in_float32(
