@@ -5,6 +5,12 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
+# What a user was last shown (``OnlineAccuracy``): ids, or (None and) item indices into a catalogue, the
+# catalogue, further ids; then the version of the model that made it.
+Shown = tuple[frozenset[str] | None, list[int], list[str], list[str], str]
+_NO_INDICES: list[int] = []
+_NO_IDS: list[str] = []
+
 
 class OnlineAccuracy:
     """Online hit rate: the share of clicks and purchases on an item in the user's last recommendations.
@@ -18,7 +24,8 @@ class OnlineAccuracy:
     def __init__(self, window: int = 2_000, max_users: int = 200_000) -> None:
         self.window = window
         self.max_users = max_users
-        self._last: OrderedDict[str, tuple[frozenset[str], str]] = OrderedDict()
+        # user -> what they were last shown: their ids, or a ranked row (``recommended_row``), and the version
+        self._last: OrderedDict[str, Shown] = OrderedDict()
         self._recent: deque[bool] = deque(maxlen=window)
         self._baseline: list[bool] = []
         self.baseline_rate: float | None = None
@@ -32,17 +39,34 @@ class OnlineAccuracy:
         self.baseline_rate = None
 
     def recommended(self, user_id: str, item_ids: list[str], model_version: str = "") -> None:
-        self._last[user_id] = (frozenset(item_ids), model_version)
-        self._last.move_to_end(user_id)
-        while len(self._last) > self.max_users:
-            self._last.popitem(last=False)
+        self._remember(user_id, (frozenset(item_ids), _NO_INDICES, _NO_IDS, _NO_IDS, model_version))
+
+    def recommended_row(
+        self, user_id: str, catalogue: list[str], picked: list[int], extra: list[str], model_version: str
+    ) -> None:
+        """As ``recommended``, for a ranked row: item indices into ``catalogue`` (index i is
+        ``catalogue[i - 1]``), then ``extra`` ids. Kept as they are, not copied: the ids are looked up only if
+        the user acts on them, where a set of ids per recommendation cost the worker ~1.5 µs an event (a
+        million shoppers; docs/performance.md, round 23). ``catalogue`` only ever grows at its end."""
+        self._remember(user_id, (None, picked, catalogue, extra, model_version))
+
+    def _remember(self, user_id: str, shown: Shown) -> None:
+        last = self._last
+        if user_id in last:
+            last.move_to_end(user_id)
+        last[user_id] = shown
+        while len(last) > self.max_users:
+            last.popitem(last=False)
 
     def interacted(self, user_id: str, item_id: str) -> None:
         last = self._last.get(user_id)
         if last is None:
             return  # nothing was recommended to this user yet: no evidence either way
-        shown, version = last
-        hit = item_id in shown
+        ids, picked, catalogue, extra, version = last
+        if ids is not None:
+            hit = item_id in ids
+        else:
+            hit = item_id in extra or any(catalogue[i - 1] == item_id for i in picked)
         self.outcomes[version] = self.outcomes.get(version, 0) + 1
         if hit:
             self.hits[version] = self.hits.get(version, 0) + 1

@@ -101,6 +101,7 @@ ACCEPTED_SCHEMAS = frozenset([*EVENT_SCHEMAS, "UserDeletion"])
 OUTPUT_SCHEMAS = ("Recommendation", "DeadLetter", "FineTuneTrigger", "CanaryReport")
 ANY_PARTITION = -1  # librdkafka's RD_KAFKA_PARTITION_UA: the producer's partitioner picks (murmur2 by key)
 THREAD_MIN_USERS = 200  # users to rank from which a batch's ranking runs in the serving thread
+NO_IDS: list[str] = []  # no further ids shown (``OnlineAccuracy.recommended_row``); never changed
 IDLE_POLL_S = 0.002  # with batches in flight, how long an idle loop waits for records before settling them
 
 
@@ -1061,6 +1062,7 @@ class EventStage:
                 for state, cause, backfill in changed
             ]
             split = ranked if isinstance(ranked, SplitBatch) else None  # a canary's: versions per row
+            whole = None if isinstance(ranked, SplitBatch) else ranked
             model = recommender.serving if isinstance(recommender, Canary) else recommender
             version = model.model_version
             if split is not None:
@@ -1074,8 +1076,14 @@ class EventStage:
                 key = state.user_id.encode()
                 self._produce(producer, shadow_topic if backfill else live, key, header + body, flight)
                 if not backfill:
-                    made_by = split.model_version(u) if split is not None else version
-                    self.accuracy.recommended(state.user_id, ranked.ids(u), made_by)
+                    if whole is not None:
+                        fills = whole.fills[u]
+                        extra = [i.item_id for i in fills] if fills else NO_IDS
+                        self.accuracy.recommended_row(
+                            state.user_id, whole.item_ids, whole.picked[u], extra, version
+                        )
+                    elif split is not None:
+                        self.accuracy.recommended(state.user_id, split.ids(u), split.model_version(u))
                     out.latencies_ms.append(publish - cause.timestamp)
                     latency.observe((publish - cause.timestamp) / 1000)
             out.recommendations += len(changed)

@@ -62,3 +62,21 @@ def test_hits_are_counted_for_the_version_that_made_the_users_last_recommendatio
     assert acc.by_version() == {"v1": (1, 1), "v2": (1, 3)}
     acc.reset()  # a new model resets the drift baseline, not what each version scored
     assert acc.by_version() == {"v1": (1, 1), "v2": (1, 3)}
+
+
+def test_a_ranked_row_counts_hits_as_its_ids_would() -> None:
+    """``recommended_row`` keeps the worker's ranked row (item indices into the catalogue, then the
+    popularity fill's ids) and looks the ids up only when the user acts: the same hits and misses, per
+    version, as the ids themselves, also after the catalogue grew."""
+    catalogue = ["a", "b", "c", "d"]
+    by_row, by_ids = OnlineAccuracy(window=4), OnlineAccuracy(window=4)
+    by_row.recommended_row("u1", catalogue, [3, 1], ["z"], "v1")  # c, a, then the fill's z
+    by_ids.recommended("u1", ["c", "a", "z"], "v1")
+    by_row.recommended_row("u2", catalogue, [2], [], "v2")
+    by_ids.recommended("u2", ["b"], "v2")
+    catalogue.append("e")  # a new item: indices already kept stay the same
+    for user, item in [("u1", "a"), ("u1", "z"), ("u1", "b"), ("u2", "b"), ("u2", "e"), ("u3", "a")]:
+        by_row.interacted(user, item)
+        by_ids.interacted(user, item)
+    assert by_row.by_version() == by_ids.by_version() == {"v1": (2, 3), "v2": (1, 2)}
+    assert by_row.rate == by_ids.rate == 0.5  # the last four outcomes: hit, miss, hit, miss
