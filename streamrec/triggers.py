@@ -46,7 +46,7 @@ class OnlineAccuracy:
     ) -> None:
         """As ``recommended``, for a ranked row: item indices into ``catalogue`` (index i is
         ``catalogue[i - 1]``), then ``extra`` ids. Kept as they are, not copied: the ids are looked up only if
-        the user acts on them, where a set of ids per recommendation cost the worker ~1.5 µs an event (a
+        the user acts on them, where a set of ids per recommendation cost the worker 2-3 µs an event (a
         million shoppers; docs/performance.md, round 23). ``catalogue`` only ever grows at its end."""
         self._remember(user_id, (None, picked, catalogue, extra, model_version))
 
