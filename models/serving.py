@@ -260,9 +260,11 @@ class Recommender(ServesItemMap):
         with self._lock:
             seconds = warm_up(self._model, self._encoder, self._table_t, self.serve_len, self._compiled)
             if isinstance(self._index.maxima, CompiledMaxima):
-                # compiled at one query and at two: torch.compile specialises a dimension of size 1
+                # compiled at one query and at two: torch.compile specialises a dimension of size 1; over
+                # the items in stock, as rankings search, so the dense table built here is the one they use
                 for rows in (1, 2):
-                    self._index.search(np.zeros((rows, self._index.dim), dtype=np.float32), 10)
+                    queries = np.zeros((rows, self._index.dim), dtype=np.float32)
+                    self._index.search(queries, 10, self._in_stock)
         if self._compiled is not None:
             how = "compiled" if self.encoder_compiled else "uncompiled (compiling failed)"
             log.info("serving encoder %s, warmed up in %.1f s", how, seconds)

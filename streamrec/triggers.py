@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 # catalogue, further ids; then the version of the model that made it.
 Shown = tuple[frozenset[str] | None, list[int], list[str], list[str], str]
 _NO_INDICES: list[int] = []
-_NO_IDS: list[str] = []
+NO_IDS: list[str] = []  # no ids (``recommended_row``'s ``extra`` when there are none); never changed
 
 
 class OnlineAccuracy:
@@ -39,7 +39,7 @@ class OnlineAccuracy:
         self.baseline_rate = None
 
     def recommended(self, user_id: str, item_ids: list[str], model_version: str = "") -> None:
-        self._remember(user_id, (frozenset(item_ids), _NO_INDICES, _NO_IDS, _NO_IDS, model_version))
+        self._remember(user_id, (frozenset(item_ids), _NO_INDICES, NO_IDS, NO_IDS, model_version))
 
     def recommended_row(
         self, user_id: str, catalogue: list[str], picked: list[int], extra: list[str], model_version: str

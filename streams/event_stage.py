@@ -91,7 +91,7 @@ from streamrec.streams.state_store import (
     erasure_digest,
     erasure_value,
 )
-from streamrec.triggers import OnlineAccuracy
+from streamrec.triggers import NO_IDS, OnlineAccuracy
 from streamrec.validation import Rejection, ValidationRules, shown, validate_deletion, validate_event
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,6 @@ ACCEPTED_SCHEMAS = frozenset([*EVENT_SCHEMAS, "UserDeletion"])
 OUTPUT_SCHEMAS = ("Recommendation", "DeadLetter", "FineTuneTrigger", "CanaryReport")
 ANY_PARTITION = -1  # librdkafka's RD_KAFKA_PARTITION_UA: the producer's partitioner picks (murmur2 by key)
 THREAD_MIN_USERS = 200  # users to rank from which a batch's ranking runs in the serving thread
-NO_IDS: list[str] = []  # no further ids shown (``OnlineAccuracy.recommended_row``); never changed
 IDLE_POLL_S = 0.002  # with batches in flight, how long an idle loop waits for records before settling them
 
 
