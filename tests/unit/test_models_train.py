@@ -386,9 +386,9 @@ MEASURED = {
     "ml-1m": (
         DataShape(3_416, 96.0, 0.0),
         {
-            "max_len": 100,
+            "max_len": 200,
             "dropout": 0.2,
-            "batch_size": 64,
+            "batch_size": 32,
             "lr_decay": 0.3,
             "lr_decay_patience": 1,
             "all_windows": True,
