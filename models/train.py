@@ -383,11 +383,12 @@ def train_step_loss(
     n_items = model.config.num_items
     sampled_softmax = 0 < negatives < n_items
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=low_precision)
-    # With sampled negatives, the vectors of the batch's items and its negatives only: the whole table's,
-    # forward and backward, were ~40% of a prefix-training step on Yelp (20,033 items, 128 windows a batch).
-    # Both come from one call: one gather and one gradient of the ID table per step instead of two (each a
-    # dense table of zeros written and summed, ~4 ms of a 78 ms Yelp step). ``at`` is each item's row in
-    # ``vecs``.
+    # With sampled negatives, the vectors of the batch's items only (and, below, of its negatives): the whole
+    # table's, forward and backward, were ~40% of a prefix-training step on Yelp (20,033 items, 128 windows
+    # a batch). ``at`` is each item's row in ``vecs``.
+    # The negatives' vectors come from the same call: one gather and one gradient of the ID table per step
+    # instead of two (each a dense table of zeros written and summed; with Yelp's 20,033 items ~4 ms of a
+    # 78 ms step).
     sampled = torch.randint(1, n_items + 1, (negatives,), device=device) if sampled_softmax else None
     present, at = torch.unique(items, return_inverse=True) if sampled_softmax else (None, items)
     with autocast():
