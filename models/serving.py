@@ -103,19 +103,20 @@ class SearchSteering:
     shop of new items). Query and items share one text space, the text embedder's, where the query's words
     meet the items' titles and descriptions whether the model trained on them or not. So when a search is
     among a user's ``recent`` newest window events, the newest such query is also matched against the items'
-    texts (one index search per batch, of its distinct steering queries). Its nearest ``pool`` x k texts that
-    are at least ``min_similarity`` alike (cosine) are its matches, and the user's own scores (the encoder's,
-    as for every pick) choose which of them fill ``slots(k)`` of the k slots, reason ``matches_search``: the
-    encoder's first k - slots(k) picks keep their order, and the matches are interleaved with them, evenly,
-    the encoder's pick first. A search for what the shop does not sell matches nothing and leaves its slots
-    to the encoder; a window without a recent search is ranked exactly as without steering; ``share`` 0
-    turns steering off. A model directory may set its own (metadata ``search_steering``, as
-    ``{"share": 0.3, "recent": 3}``). The figures behind the defaults: ``benchmarks/search_steering.py``."""
+    texts (one index search per batch, of its distinct steering queries). Of its nearest ``pool`` x k texts
+    of items the user may be recommended (in stock, not bought), those at least ``min_similarity`` alike
+    (cosine) are its matches, and the user's own scores (the encoder's, as for every pick) choose which of
+    them fill ``slots(k)`` of the k slots, reason ``matches_search``: the encoder's first k - slots(k) picks
+    keep their order, and the matches are interleaved with them, evenly, the encoder's pick first. A search
+    for what the shop does not sell matches nothing and leaves its slots to the encoder; a window without a
+    recent search is ranked exactly as without steering; ``share`` 0 turns steering off. A model directory
+    may set its own (metadata ``search_steering``, as ``{"share": 0.3, "recent": 3}``). The figures behind
+    the defaults: ``benchmarks/search_steering.py``."""
 
     share: float = 0.3  # of the k slots, the query's matches take this share, rounded half up
     recent: int = 3  # a search steers while it is one of the user's newest `recent` window events
     min_similarity: float = 0.4  # a match's least cosine similarity to the query, in the text space
-    pool: int = 3  # the query's nearest pool x k item texts are its candidates
+    pool: int = 3  # the query's nearest pool x k recommendable item texts are its candidates
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.share <= 1.0 or self.recent < 1 or self.pool < 1:
@@ -515,7 +516,12 @@ class Recommender(ServesItemMap):
         fetch = min(self._text_index.size, config.pool * k + max(len(e) for e in excluded))
         similarity, found = self._text_index.search(qtext[queries], fetch, self._in_stock)
         found, similarity = found[at], similarity[at]
-        valid = self._recommendable(found, excluded) & (similarity >= config.min_similarity)
+        # Each row's pool: its query's nearest pool x k recommendable texts. The search went wider, by the
+        # most purchases of a steered user in the batch, so that a row has them after dropping its own
+        # purchases; what lies beyond them is not this row's, or a user's list would depend on the batch.
+        recommendable = self._recommendable(found, excluded)
+        pooled = recommendable & (np.cumsum(recommendable, axis=1) <= config.pool * k)
+        valid = pooled & (similarity >= config.min_similarity)
         valid &= ~(found[:, :, None] == kept[:, None, :]).any(axis=2)
         # Which of them: this user's, as the encoder scores every item for them.
         mine = (self._vectors[np.maximum(found, PAD)] * user_vecs[:, None, :]).sum(axis=2)

@@ -83,14 +83,15 @@ def _query_candidates(
 def _steered(
     rec: Recommender, ranked: list[Candidate], nearest: list[Candidate], user: np.ndarray, k: int
 ) -> list[tuple[Candidate, bool]]:
-    """Slot by slot: the query's slots take its matches (its nearest texts, alike enough, not among the
-    encoder's kept picks, its first k - slots) in the order of the user's scores, the other slots the
-    encoder's picks in order; a list that runs out leaves its slots to the other. Per filled slot, the pick
-    (with the user's score) and whether it is the query's."""
+    """Slot by slot: the query's slots take its matches (of its nearest pool x k recommendable texts, those
+    alike enough and not among the encoder's kept picks, its first k - slots) in the order of the user's
+    scores, the other slots the encoder's picks in order; a list that runs out leaves its slots to the
+    other. Per filled slot, the pick (with the user's score) and whether it is the query's."""
     slots = rec.search_steering.slots(k)
     kept = {idx for idx, _ in ranked[: k - slots]}
     alike = rec.search_steering.min_similarity
-    matches = [idx for idx, similarity in nearest if idx not in kept and similarity >= alike]
+    pool = nearest[: rec.search_steering.pool * k]
+    matches = [idx for idx, similarity in pool if idx not in kept and similarity >= alike]
     mine = (rec._vectors[matches] * user).sum(axis=1).tolist() if matches else []
     queue = sorted(zip(matches, mine, strict=True), key=lambda match: -match[1])[:slots]
     taken = {idx for idx, _ in queue}

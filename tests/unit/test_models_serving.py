@@ -306,6 +306,32 @@ def test_users_without_a_recent_search_get_what_they_got_before(rec: Recommender
     assert steered == rec.recommend(quiet, 10)
 
 
+def test_a_steered_users_list_does_not_depend_on_who_shares_the_batch(rec: Recommender) -> None:
+    """The query's candidates are its nearest pool x k texts the user may be recommended, whoever else the
+    micro-batch holds: a batch-mate with purchases (which widen the batch's text search) changes nothing, so
+    a replay's shadow comparison of the served model with itself agrees."""
+    publish_catalogue(rec)
+    # The query's nearest texts are four tents, each a word further than the one before (no ties in the text
+    # search); further still, tents described as laptops are, to this laptop shopper, the better scored.
+    words = ["sturdy", "waterproof", "family", "dome", "tunnel", "pop-up", "green", "blue", "orange"]
+    near = [" ".join(["camping tent", *words[:j]]) for j in range(4)]
+    far = [" ".join(["camping tent notebook computer laptop", *words[: j + 1]]) for j in range(8)]
+    rec.upsert_items(
+        [CatalogItem(f"tent-{j}", "Tent", "outdoor", 1.0, True, text) for j, text in enumerate(near + far)]
+    )
+    rec.search_steering = SearchSteering(share=0.5, pool=1)  # k 4: 2 slots, from the 4 nearest texts
+    searcher = UserState("s", [*clicks("laptop-3", "laptop-4"), H(EventKind.SEARCH, 5, query="camping tent")])
+    hoarder = UserState("h", [H(EventKind.SEARCH, 1, query="camping tent")], purchased=CATEGORY_ITEMS[:8])
+
+    def picks(items: list[RecommendedItem]) -> list[tuple[str, str]]:
+        return [(r.item_id, r.reason) for r in items]  # scores: up to the batch's rounding
+
+    [alone] = rec.recommend([searcher], 4)
+    assert {r.item_id for r in alone} & {"tent-0", "tent-1", "tent-2", "tent-3"}
+    assert picks(rec.recommend([hoarder, searcher], 4)[1]) == picks(alone)
+    assert picks(rec.recommend([searcher, hoarder], 4)[0]) == picks(alone)
+
+
 def test_search_steering_is_the_models_own_and_spreads_its_slots(model_dir: Path, tmp_path: Path) -> None:
     assert SearchSteering.of({}) == SearchSteering()
     assert SearchSteering.of({"search_steering": {"share": 0.5}}) == SearchSteering(share=0.5)
