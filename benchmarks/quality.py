@@ -248,7 +248,13 @@ def main() -> None:
     )
     parser.add_argument("--preset", default="auto", help="auto: the default recipe (TrainConfig.for_data)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per training")
-    parser.add_argument("--set", nargs="*", default=[], help="TrainConfig overrides, e.g. negatives=2048")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        action="extend",
+        default=[],
+        help="TrainConfig overrides, e.g. negatives=2048 bf16=true (repeatable)",
+    )
     parser.add_argument(
         "--cold-start",
         action="store_true",

@@ -44,6 +44,21 @@ class EncoderConfig:
         return cls(**{k: v for k, v in raw.items() if k in names})  # type: ignore[arg-type]
 
 
+class FastDropout(nn.Dropout):
+    """nn.Dropout with its mask from uniform draws: CPU torch draws a Bernoulli mask element by element,
+    about three times as slow as ``rand`` and a comparison (a (128, 16, 128) hidden state: 3.1 against 1.1
+    ms; seven dropouts were ~9% of a Yelp training step). Same distribution, other random numbers; inference
+    is untouched. It keeps ``p``, which GPT-2's attention reads when it applies dropout itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.p == 1.0:
+            return x * 0.0
+        keep = torch.rand_like(x) >= self.p
+        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+
+
 class SequenceEncoder(nn.Module):
     """Input token = item vector (or projected query text for a search) + event-kind embedding;
     positions count back from the newest event, so a short serving window uses training's positions."""
@@ -90,6 +105,10 @@ class SequenceEncoder(nn.Module):
                 activation_function="gelu",  # exact GELU: one fused op, ~2x faster on CPU than the tanh form,
             )
         )
+        for parent in self.backbone.modules():
+            for name, child in parent.named_children():
+                if type(child) is nn.Dropout:
+                    setattr(parent, name, FastDropout(child.p))
         # Gates live beside the backbone, so a plain model's state_dict is unchanged.
         self.attn_gates = nn.ModuleList(nn.Linear(d, d) for _ in range(config.layers) if config.gated)
         self.mlp_gates = nn.ModuleList(nn.Linear(d, d) for _ in range(config.layers) if config.gated)
@@ -115,7 +134,9 @@ class SequenceEncoder(nn.Module):
         """(num_items + 1, dim) item table used for both input and output; row 0 (padding) is zero. With
         ``rows``, those rows alone, computed alone (the same numbers): sampled-softmax training needs a
         batch's items and its negatives, not the table."""
-        ids = self.item_id.weight if rows is None else self.item_id.weight[rows]
+        # An embedding lookup rather than indexing: the same rows and gradient, whose backward adds rows into
+        # the table's gradient instead of a deterministic index_put (2.2 against 3.4-4.0 ms a Yelp step).
+        ids = self.item_id.weight if rows is None else nn.functional.embedding(rows, self.item_id.weight)
         if id_mask is not None:
             ids = ids * (id_mask if rows is None else id_mask[rows]).unsqueeze(1)
         return ids + self.content_vectors(rows)

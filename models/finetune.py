@@ -33,6 +33,7 @@ from streamrec.models.train import (
     TrainConfig,
     build_model,
     length_batches,
+    optimizer,
     resolve_device,
     seed_everything,
     text_embedder,
@@ -280,7 +281,7 @@ def _train(
     windows = training_windows(seqs, config.max_len, all_windows=True)
     if not windows:
         return []
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt = optimizer(model, config)
     rng = random.Random(config.seed)
     stop_at = started + config.max_minutes * 60
     history = []

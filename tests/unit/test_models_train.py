@@ -15,12 +15,14 @@ from torch.nn import functional as F
 from streamrec.models import synthetic
 from streamrec.models import train as train_module
 from streamrec.models.data import PAD, Interactions, Step, load
+from streamrec.models.encoder import FastDropout
 from streamrec.models.evaluate import evaluate_scorer
 from streamrec.models.sequences import hidden_states, pad_batch
 from streamrec.models.train import (
     DataShape,
     TrainConfig,
     build_model,
+    optimizer,
     recipe,
     softmax_cross_entropy,
     train,
@@ -44,6 +46,54 @@ def test_same_seed_same_model(data_dir: Path, tmp_path: Path) -> None:
     sa = torch.load(a / "model.pt", weights_only=True)
     sb = torch.load(b / "model.pt", weights_only=True)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_training_dropout_drops_its_share_and_keeps_the_mean(p: float) -> None:
+    """The encoder's dropout (uniform draws against p, not a Bernoulli mask) zeroes a share p of the values
+    and scales the rest by 1 / (1 - p), so a hidden state's expected value is unchanged; at inference, and
+    with p = 0, it passes values through untouched."""
+    torch.manual_seed(3)
+    drop = FastDropout(p).train()
+    x = torch.rand(256, 16, 128) + 0.5
+    y = drop(x)
+    zeroed = (y == 0).float().mean().item()
+    assert abs(zeroed - p) < 0.01
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p))
+    assert abs(y.mean().item() / x.mean().item() - 1) < 0.01
+    assert drop.eval()(x) is x
+    assert FastDropout(0.0).train()(x) is x
+    assert torch.equal(FastDropout(1.0).train()(x), torch.zeros_like(x))
+
+
+def test_every_dropout_in_the_encoder_is_the_fast_one(data_dir: Path) -> None:
+    """GPT-2's dropouts (embedding, attention, residual, feed-forward) are all replaced, each with the
+    encoder's rate; plain and gated blocks alike."""
+    data = load(data_dir)
+    for gated in (False, True):
+        model = build_model(data, quick(gated=gated, dropout=0.3), None)
+        drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+        assert drops and all(type(m) is FastDropout and m.p == 0.3 for m in drops)
+
+
+def test_the_optimiser_is_fused_adamw_with_the_configured_rate_and_decay(data_dir: Path) -> None:
+    """Training's AdamW runs the fused kernel on CPU (one pass per parameter) and steps as the loop
+    implementation does, up to rounding."""
+    data = load(data_dir)
+    config = quick(weight_decay=0.1, lr=0.01)
+    models = [build_model(data, config, None) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = optimizer(models[0], config)
+    loop = torch.optim.AdamW(models[1].parameters(), lr=0.01, weight_decay=0.1, foreach=False)
+    assert fused.defaults["fused"] and fused.defaults["lr"] == 0.01 and fused.defaults["weight_decay"] == 0.1
+    for _ in range(3):
+        for model, opt in zip(models, (fused, loop), strict=True):
+            for param in model.parameters():
+                param.grad = torch.ones_like(param) * 0.01
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_model_directory_is_state_dict_and_json(data_dir: Path, tmp_path: Path) -> None:
@@ -255,7 +305,8 @@ def test_sampled_softmax_computes_only_the_items_it_uses_with_the_whole_tables_n
     got_loss, got_grads = step()
     model.item_vectors = whole_table  # type: ignore[method-assign]
     want_loss, want_grads = step()
-    assert rows_asked == [len({s.item for seq in batch for s in seq} | {PAD}), 40]
+    # one call: the batch's items (padding included) and then its 40 negatives
+    assert rows_asked == [len({s.item for seq in batch for s in seq} | {PAD}) + 40]
     assert data.num_items > 40 + sum(map(len, batch))  # fewer rows than the table: the point of it
     torch.testing.assert_close(got_loss, want_loss, rtol=0, atol=0)
     assert len(got_grads) == len(want_grads)
