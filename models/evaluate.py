@@ -14,7 +14,7 @@ import torch
 
 from streamrec.models import artifacts
 from streamrec.models.data import PAD, Interactions, Step, leave_one_out, load
-from streamrec.models.item_map import DEFAULT_SERVE_LEN, Precision
+from streamrec.models.item_map import Precision, model_serve_len
 from streamrec.models.sequences import (
     CompiledEncoder,
     can_compile,
@@ -214,13 +214,13 @@ def evaluate(
     split: str = "test",
     device: str = "cpu",
     as_served: bool = True,
-    serve_len: int = DEFAULT_SERVE_LEN,
+    serve_len: int | None = None,
     precision: Precision = "auto",
     compile_encoder: bool = False,
 ) -> dict[str, object]:
     """Metrics of the model (if given) and each baseline on the test (or valid) split, as one dict. With
-    ``as_served``, also the model as the worker serves it (``served_scorer``: its serving window and
-    precision) as ``model_as_served``, and what that costs in NDCG@10 against the full model
+    ``as_served``, also the model as the worker serves it (``served_scorer``: its serving window, the
+    model's own unless ``serve_len`` is given, and precision) as ``model_as_served``, and what that costs in NDCG@10 against the full model
     (``served_ndcg_loss``, a share of the full model's)."""
     dataset = data if isinstance(data, Interactions) else load(Path(data))
     result: dict[str, object] = {
@@ -245,9 +245,10 @@ def evaluate(
 
             dtype = resolve_precision(precision, torch.device(device))
             seqs = [c[0] for c in cases.values()]
-            served = scorers["model_as_served"] = served_scorer(art, seqs, serve_len, dtype, compile_encoder)
+            window = model_serve_len(art.metadata, art.config.max_len, serve_len)
+            served = scorers["model_as_served"] = served_scorer(art, seqs, window, dtype, compile_encoder)
             result["served"] = {
-                "serve_len": min(serve_len, art.config.max_len),
+                "serve_len": window,
                 "precision": str(dtype).removeprefix("torch."),
                 "compiled": False,  # whether the compiled encoder answered: known once it has
             }

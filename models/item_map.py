@@ -17,6 +17,14 @@ from streamrec.windows import Windows, windows, windows_from_bytes
 
 # Newest events fed to the encoder at serve time: cost grows with the window, quality saturates.
 DEFAULT_SERVE_LEN = 16
+
+
+def model_serve_len(metadata: dict, max_len: int, asked: int | None = None) -> int:
+    """The newest events per user that a model is served with: ``asked``, else the window its training
+    chose (metadata ``serve_len``; a model written before it had one: ``DEFAULT_SERVE_LEN``), at most its
+    trained ``max_len``."""
+    chosen = asked if asked is not None else int(metadata.get("serve_len", DEFAULT_SERVE_LEN))
+    return max(1, min(chosen, max_len))
 # The served encoder's precision (``serving.resolve_precision``); here, where no torch is imported.
 Precision = Literal["auto", "float32", "bfloat16"]
 
@@ -119,7 +127,7 @@ class ItemMap:
         self._upserts = 0
 
     @classmethod
-    def load(cls, model_dir: Path, serve_len: int = DEFAULT_SERVE_LEN) -> ItemMap:
+    def load(cls, model_dir: Path, serve_len: int | None = None) -> ItemMap:
         """The item map of a model directory (see ``models/artifacts.py``), read without loading the model."""
         directory = Path(model_dir)
         config = json.loads((directory / "config.json").read_text())
@@ -128,7 +136,7 @@ class ItemMap:
         ids = json.loads((directory / "items.json").read_text())["ids"]
         return cls(
             ids,
-            min(serve_len, int(config["encoder"]["max_len"])),
+            model_serve_len(metadata, int(config["encoder"]["max_len"]), serve_len),
             str(metadata.get("version", "unversioned")),
             str(index["index_version"]),
         )

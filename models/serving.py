@@ -22,12 +22,12 @@ from streamrec.models.data import PAD
 from streamrec.models.encoder import SequenceEncoder
 from streamrec.models.index import CompiledMaxima, ItemIndex, excluded_hits
 from streamrec.models.item_map import (
-    DEFAULT_SERVE_LEN,
     ItemMap,
     Precision,
     RankedArrays,
     RankInputs,
     ServesItemMap,
+    model_serve_len,
 )
 from streamrec.models.sequences import CompiledEncoder, can_compile, serving_vectors, warm_up
 from streamrec.models.text import MiniLMEmbedder
@@ -217,16 +217,18 @@ class Recommender(ServesItemMap):
         cls,
         model_dir: Path,
         device: str = "auto",
-        serve_len: int = DEFAULT_SERVE_LEN,
+        serve_len: int | None = None,
         precision: Precision = "auto",
     ) -> Recommender:
+        """``serve_len``: the newest events per user it encodes; default the model's own (``model_serve_len``)."""
         dev = resolve_device(device)
         art = artifacts.load(Path(model_dir), device=str(dev))
         index, index_version = ItemIndex.load(Path(model_dir))
         if isinstance(art.embedder, MiniLMEmbedder):
             art.embedder.warm()
         index.to_gpu_if_available() if dev.type == "cuda" else None
-        return cls(art, index, index_version, dev, serve_len, resolve_precision(precision, dev))
+        window = model_serve_len(art.metadata, art.config.max_len, serve_len)
+        return cls(art, index, index_version, dev, window, resolve_precision(precision, dev))
 
     def compile_encoder(self) -> bool:
         """Serve users through the encoder compiled (``sequences.CompiledEncoder``; the ``serving_compile``

@@ -388,6 +388,13 @@ def eval_cmd(
         help="Also score the model as the worker serves it (its serving window and precision) and report "
         "what that costs in NDCG@10 (served_ndcg_loss).",
     ),
+    serve_len: int = typer.Option(
+        None,
+        "--serve-len",
+        min=1,
+        help="The serving window to score as served: the newest events per user (default: the model's own, "
+        "from its training).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object only."),
 ) -> None:
     """Leave-one-out evaluation with full ranking: HR@10/20, NDCG@10/20, coverage, users evaluated."""
@@ -405,6 +412,7 @@ def eval_cmd(
         filter_seen=filter_seen,
         split=split,
         as_served=as_served,
+        serve_len=serve_len,
         precision=settings_from_env().serving_precision,
         compile_encoder=settings_from_env().serving_compile,
     )

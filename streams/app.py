@@ -63,13 +63,16 @@ def load_recommender(settings: Settings, model_dir: Path | None = None) -> Recom
     if settings.ranking_process:
         from streamrec.models.ranking_process import ProcessRecommender
 
-        return ProcessRecommender(
-            Path(path),
-            device=settings.device,
-            threads=settings.serving_threads,
-            precision=settings.serving_precision,
-            processes=settings.ranking_processes,
-            compile_encoder=settings.serving_compile,
+        return served_window_checked(
+            settings,
+            ProcessRecommender(
+                Path(path),
+                device=settings.device,
+                threads=settings.serving_threads,
+                precision=settings.serving_precision,
+                processes=settings.ranking_processes,
+                compile_encoder=settings.serving_compile,
+            ),
         )
     from streamrec.models.serving import Recommender as ModelRecommender
     from streamrec.models.serving import keep_freed_memory, set_threads
@@ -82,6 +85,22 @@ def load_recommender(settings: Settings, model_dir: Path | None = None) -> Recom
     if settings.serving_compile:
         recommender.compile_encoder()
     recommender.warm_up()
+    return served_window_checked(settings, recommender)
+
+
+def served_window_checked(settings: Settings, recommender: Recommender) -> Recommender:
+    """The recommender, after a warning when users' states keep fewer events than the model's serving
+    window: it is then served with what they keep, and ranks as its evaluation did not measure."""
+    window = getattr(recommender, "serve_len", None)
+    if window is not None and window > settings.history_length:
+        log.warning(
+            "model %s is served with the newest %d events per user but states keep %d "
+            "(STREAMREC_HISTORY_LENGTH): set it to at least %d to serve it as evaluated",
+            recommender.model_version,
+            window,
+            settings.history_length,
+            window,
+        )
     return recommender
 
 

@@ -574,6 +574,45 @@ def test_eval_scores_the_model_as_the_worker_serves_it(model_dir: Path, tmp_path
     assert "model_as_served" not in evaluate(data, model_dir, baselines=(), as_served=False)
 
 
+def test_a_model_is_served_and_evaluated_with_the_window_its_training_chose(
+    model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model's metadata names its serving window (``TrainConfig.serve_len``, at most its ``max_len``):
+    the worker's recommender, the ranking process's item map and `streamrec eval`'s served path all use it;
+    a model written before the key was kept is served with 16 events; a worker whose states keep fewer
+    events than the window says so at load."""
+    from streamrec.models.item_map import DEFAULT_SERVE_LEN, model_serve_len
+    from streamrec.settings import Settings
+    from streamrec.streams.app import load_recommender
+
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    max_len = json.loads((model_dir / "config.json").read_text())["encoder"]["max_len"]
+    assert meta["serve_len"] == min(DEFAULT_SERVE_LEN, max_len)  # written by train()
+    assert model_serve_len({}, 200) == DEFAULT_SERVE_LEN  # older models
+    assert model_serve_len({"serve_len": 50}, 200) == 50
+    assert model_serve_len({"serve_len": 50}, 20) == 20
+    assert model_serve_len({"serve_len": 50}, 200, asked=8) == 8
+
+    chosen = tmp_path / "chosen"
+    shutil.copytree(model_dir, chosen)
+    (chosen / "metadata.json").write_text(json.dumps({**meta, "serve_len": 5}))
+    assert Recommender.load(chosen, device="cpu").serve_len == 5
+    assert ItemMap.load(chosen).serve_len == 5
+    assert Recommender.load(chosen, device="cpu", serve_len=3).serve_len == 3
+    data = synthetic.write(tmp_path / "data")
+    assert evaluate(data, chosen, baselines=())["served"]["serve_len"] == 5  # type: ignore[index]
+
+    settings = Settings(history_length=4, serving_compile=False)
+    with caplog.at_level("WARNING", logger="streamrec.streams.app"):
+        served = load_recommender(settings, chosen)
+    assert served.serve_len == 5  # type: ignore[attr-defined]
+    assert "STREAMREC_HISTORY_LENGTH" in caplog.text and "at least 5" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="streamrec.streams.app"):
+        load_recommender(Settings(history_length=5, serving_compile=False), chosen)
+    assert "STREAMREC_HISTORY_LENGTH" not in caplog.text
+
+
 def test_the_bench_browses_the_served_models_own_catalogue(model_dir: Path) -> None:
     """`streamrec bench` with a model that is not the sample model: its shoppers browse the model's own
     items (issue 30: every window a real one), most popular first in each group of alike items, and

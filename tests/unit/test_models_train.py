@@ -387,6 +387,7 @@ MEASURED = {
         DataShape(3_416, 96.0, 0.0),
         {
             "max_len": 200,
+            "serve_len": 50,  # how workers serve it: the same trained weights
             "dropout": 0.2,
             "batch_size": 32,
             "lr_decay": 0.3,
