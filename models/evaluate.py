@@ -220,8 +220,8 @@ def evaluate(
 ) -> dict[str, object]:
     """Metrics of the model (if given) and each baseline on the test (or valid) split, as one dict. With
     ``as_served``, also the model as the worker serves it (``served_scorer``: its serving window, the
-    model's own unless ``serve_len`` is given, and precision) as ``model_as_served``, and what that costs in NDCG@10 against the full model
-    (``served_ndcg_loss``, a share of the full model's)."""
+    model's own unless ``serve_len`` is given, and precision) as ``model_as_served``, and what that costs
+    in NDCG@10 against the full model (``served_ndcg_loss``, a share of the full model's)."""
     dataset = data if isinstance(data, Interactions) else load(Path(data))
     result: dict[str, object] = {
         "data": dataset.source,

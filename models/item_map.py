@@ -25,6 +25,8 @@ def model_serve_len(metadata: dict, max_len: int, asked: int | None = None) -> i
     trained ``max_len``."""
     chosen = asked if asked is not None else int(metadata.get("serve_len", DEFAULT_SERVE_LEN))
     return max(1, min(chosen, max_len))
+
+
 # The served encoder's precision (``serving.resolve_precision``); here, where no torch is imported.
 Precision = Literal["auto", "float32", "bfloat16"]
 

@@ -220,7 +220,8 @@ class Recommender(ServesItemMap):
         serve_len: int | None = None,
         precision: Precision = "auto",
     ) -> Recommender:
-        """``serve_len``: the newest events per user it encodes; default the model's own (``model_serve_len``)."""
+        """``serve_len``: the newest events per user it encodes; default: the model's own
+        (``item_map.model_serve_len``)."""
         dev = resolve_device(device)
         art = artifacts.load(Path(model_dir), device=str(dev))
         index, index_version = ItemIndex.load(Path(model_dir))
