@@ -220,7 +220,12 @@ class Settings(BaseSettings):
         32, description="RocksDB block cache shared by all of a worker's state partitions."
     )
     top_k: int = Field(10, description="Recommendations per user.")
-    history_length: int = Field(50, description="Events kept per user (and encoder window).")
+    history_length: int = Field(
+        50,
+        description="Events kept per user. The served model encodes the newest of them: its own window "
+        "(metadata serve_len: 16, or 50 for models trained on long histories); a worker warns at load when "
+        "this is shorter.",
+    )
     max_purchased: int = Field(200, description="Purchased items remembered per user (never re-recommended).")
     dedupe_window: int = Field(64, description="Recent event ids remembered per user for de-duplication.")
     user_rate_limit: float = Field(
