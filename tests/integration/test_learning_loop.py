@@ -137,6 +137,7 @@ def test_a_shift_in_behaviour_is_learned_promoted_served_and_rolled_back(
     version = promoted["version"]
     meta = registry.read_metadata(settings.model_registry / version)
     assert meta["parent_version"] == first.name and meta["trigger"]["ids"] == promoted["triggers"]
+    assert meta["serve_len"] == registry.read_metadata(first)["serve_len"]  # served with the parent's window
     assert meta["trigger"]["reasons"][0] in {"new_data", "accuracy_drift"}
     window = meta["data_window"]
     assert window["events"] == sum(sent.values()) and window["new_items"] == len(LINE)
