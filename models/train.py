@@ -97,6 +97,11 @@ class TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in names})
 
+    @property
+    def serving_window(self) -> int:
+        """What the model's metadata names as its serving window (``serve_len``): at most ``max_len``."""
+        return min(self.serve_len, self.max_len)
+
 
 # LiGR-style blocks (gated residuals, SwiGLU) with clipped gradients, the base of the small and full
 # presets: on Amazon Beauty, valid NDCG@10 .0468 -> .0494 and test (seen excluded) .0879/.0505 ->
@@ -682,7 +687,7 @@ def train(
         "history": report["history"],
         "device": report["device"],
         "seed": config.seed,
-        "serve_len": min(config.serve_len, config.max_len),
+        "serve_len": config.serving_window,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     titles = [dataset.titles.get(i, f"item {i}") for i in dataset.item_ids]

@@ -60,47 +60,40 @@ def load_recommender(settings: Settings, model_dir: Path | None = None) -> Recom
             "For a first run: `streamrec models sample` (a small model, about a minute to train); with your "
             "own data: `streamrec train --data DIR --promote`."
         )
+    recommender = _load_model(settings, Path(path))
+    if recommender.serve_len > settings.history_length:  # served with what the states keep
+        log.warning(
+            "model %s is served with the newest %d events per user but states keep %d "
+            "(STREAMREC_HISTORY_LENGTH): set it to at least %d to serve it as evaluated",
+            recommender.model_version,
+            recommender.serve_len,
+            settings.history_length,
+            recommender.serve_len,
+        )
+    return recommender
+
+
+def _load_model(settings: Settings, path: Path) -> Recommender:
     if settings.ranking_process:
         from streamrec.models.ranking_process import ProcessRecommender
 
-        return served_window_checked(
-            settings,
-            ProcessRecommender(
-                Path(path),
-                device=settings.device,
-                threads=settings.serving_threads,
-                precision=settings.serving_precision,
-                processes=settings.ranking_processes,
-                compile_encoder=settings.serving_compile,
-            ),
+        return ProcessRecommender(
+            path,
+            device=settings.device,
+            threads=settings.serving_threads,
+            precision=settings.serving_precision,
+            processes=settings.ranking_processes,
+            compile_encoder=settings.serving_compile,
         )
     from streamrec.models.serving import Recommender as ModelRecommender
     from streamrec.models.serving import keep_freed_memory, set_threads
 
     keep_freed_memory()
     set_threads(settings.serving_threads)
-    recommender = ModelRecommender.load(
-        Path(path), device=settings.device, precision=settings.serving_precision
-    )
+    recommender = ModelRecommender.load(path, device=settings.device, precision=settings.serving_precision)
     if settings.serving_compile:
         recommender.compile_encoder()
     recommender.warm_up()
-    return served_window_checked(settings, recommender)
-
-
-def served_window_checked(settings: Settings, recommender: Recommender) -> Recommender:
-    """The recommender, after a warning when users' states keep fewer events than the model's serving
-    window: it is then served with what they keep, and ranks as its evaluation did not measure."""
-    window = getattr(recommender, "serve_len", None)
-    if window is not None and window > settings.history_length:
-        log.warning(
-            "model %s is served with the newest %d events per user but states keep %d "
-            "(STREAMREC_HISTORY_LENGTH): set it to at least %d to serve it as evaluated",
-            recommender.model_version,
-            window,
-            settings.history_length,
-            window,
-        )
     return recommender
 
 

@@ -111,6 +111,11 @@ class Recommender(Protocol):
     model_version: str
     index_version: str
 
+    @property
+    def serve_len(self) -> int:
+        """The newest events per user it encodes (the model's serving window)."""
+        ...
+
     def upsert_items(self, items: list[CatalogItem]) -> None: ...
 
     def rank(self, users: list[UserState], k: int) -> RankedBatch: ...

@@ -158,7 +158,7 @@ def train_candidate(
         "num_items": len(data.item_ids),
         "new_items": len(data.new_items),
         # served as its parent was (its training config is the parent's: TrainConfig.serve_len)
-        "serve_len": min(config.serve_len, config.max_len),
+        "serve_len": config.serving_window,
         "training_seconds": result.report["training_seconds"],
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -605,7 +605,7 @@ def test_a_model_is_served_and_evaluated_with_the_window_its_training_chose(
     settings = Settings(history_length=4, serving_compile=False)
     with caplog.at_level("WARNING", logger="streamrec.streams.app"):
         served = load_recommender(settings, chosen)
-    assert served.serve_len == 5  # type: ignore[attr-defined]
+    assert served.serve_len == 5
     assert "STREAMREC_HISTORY_LENGTH" in caplog.text and "at least 5" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="streamrec.streams.app"):
