@@ -5,6 +5,7 @@ pickle (tests/unit/test_untrusted_files.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +19,21 @@ from streamrec.models.text import MiniLMEmbedder, TextEmbedder, make_embedder
 HASHING_DIM = 256
 
 
+def text_digest(text: str | None) -> str:
+    """A short digest of an item's content text (None and "" alike: no text): what a model directory
+    records of the text each item's text row was embedded from, so that a worker can tell a rewritten
+    description from the one the model holds without embedding either."""
+    return hashlib.blake2b((text or "").encode(), digest_size=8).hexdigest()
+
+
 @dataclass
 class ItemTable:
     ids: list[str]  # ids[i - 1] is item index i
     titles: list[str]
     in_stock: list[bool]
+    # text_digest of the text each item's text row was embedded from; None (the whole table, or an item):
+    # not recorded (older models), and a worker takes the first catalogue text it sees as the model's
+    text_digests: list[str | None] | None = None
 
 
 @dataclass
@@ -56,7 +67,9 @@ def save(
     config = {"encoder": model.config.to_json(), "train": train_config}
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     (directory / "metadata.json").write_text(json.dumps(metadata, indent=2))
-    table = {"ids": items.ids, "titles": items.titles, "in_stock": items.in_stock}
+    table: dict[str, list] = {"ids": items.ids, "titles": items.titles, "in_stock": items.in_stock}
+    if items.text_digests is not None:
+        table["text_digests"] = items.text_digests
     (directory / "items.json").write_text(json.dumps(table))
     np.save(directory / "popularity.npy", popularity.astype(np.float32))
     if isinstance(embedder, MiniLMEmbedder):
@@ -72,7 +85,13 @@ def load(directory: Path, device: str = "cpu") -> Artifacts:
     model.load_state_dict(state)
     model.to(device).eval()
     table = json.loads((directory / "items.json").read_text())
-    items = ItemTable(table["ids"], table["titles"], [bool(x) for x in table["in_stock"]])
+    digests = table.get("text_digests")
+    items = ItemTable(
+        table["ids"],
+        table["titles"],
+        [bool(x) for x in table["in_stock"]],
+        [d if isinstance(d, str) else None for d in digests] if isinstance(digests, list) else None,
+    )
     return Artifacts(
         model=model,
         config=config,

@@ -36,6 +36,7 @@ from streamrec.models.train import (
     optimizer,
     resolve_device,
     seed_everything,
+    text_digests,
     text_embedder,
     train_epoch,
     training_windows,
@@ -211,6 +212,8 @@ class FineTuneResult:
     candidate: dict[str, float]  # on the slice
     parent: dict[str, float] | None  # the parent's, as it serves, on the same slice and item table
     report: dict[str, object]
+    # what each item's text row was embedded from (``artifacts.ItemTable.text_digests``)
+    text_digests: list[str | None] | None = None
 
 
 def fine_tune(
@@ -231,6 +234,10 @@ def fine_tune(
         art = artifacts.load(parent_dir)
         embedder = art.embedder
         start = expand(art.model, embedder, [data.texts.get(i) for i in data.new_items])
+        # the parent's text rows are kept (its digests), the new items' are their catalogue texts
+        parents = art.items.text_digests or [None] * len(art.items.ids)
+        news = [artifacts.text_digest(data.texts.get(i)) for i in data.new_items]
+        digests = None if embedder is None else [*parents, *news]
         parent_model = copy.deepcopy(start)
         mode = "full_retrain" if full_retrain else "fine_tune"
         if full_retrain:
@@ -239,6 +246,7 @@ def fine_tune(
         mode = "first_model"
         embedder = text_embedder(data.interactions(), config)
         start = build_model(data.interactions(), config, embedder)
+        digests = text_digests(data.interactions(), embedder)
     model = start.to(device)
     every = [*data.train.values(), *(prefix for prefix, _ in data.cases.values())]
     if embedder is not None:
@@ -264,7 +272,7 @@ def fine_tune(
         "cpu_seconds": round(_cpu_seconds() - cpu_started, 2),
         "device": str(device),
     }
-    return FineTuneResult(model, embedder, config, mode, candidate, parent_metrics, report)
+    return FineTuneResult(model, embedder, config, mode, candidate, parent_metrics, report, digests)
 
 
 def _train(
@@ -348,7 +356,7 @@ def save_candidate(
         model,
         asdict(result.config),
         metadata,
-        artifacts.ItemTable(list(data.item_ids), titles, in_stock),
+        artifacts.ItemTable(list(data.item_ids), titles, in_stock, result.text_digests),
         counts,
         result.embedder,
     )

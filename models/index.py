@@ -345,6 +345,31 @@ class ItemIndex:
         )
         self._dense = None
 
+    def replace(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """New vectors for items the index holds (a rewritten item's): the old rows go, these take their
+        ids. An HNSW graph cannot drop nodes, so it is built again from its vectors with these in place."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        leaving = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))
+        if self._gpu_res is not None:  # a GPU flat index cannot remove rows: replaced on the CPU
+            resources: Any = self._gpu_res
+            cpu = faiss.index_gpu_to_cpu(self._index)
+            cpu.remove_ids(leaving)
+            cpu.add_with_ids(vectors, ids)
+            self._index = faiss.index_cpu_to_gpu(resources, 0, cpu)
+        elif self.kind == "hnsw":
+            mapped: Any = faiss.downcast_index(self._index)
+            graph: Any = faiss.downcast_index(mapped.index)
+            held_ids = faiss.vector_to_array(mapped.id_map)
+            held = graph.reconstruct_n(0, graph.ntotal)
+            row_of = {int(item): row for row, item in enumerate(held_ids)}
+            held[[row_of[int(item)] for item in ids]] = vectors
+            self._index = ItemIndex.build(held, held_ids, "hnsw")._index
+        else:
+            self._index.remove_ids(leaving)
+            self._index.add_with_ids(vectors, ids)
+        self._dense = None
+
     def search(
         self,
         queries: np.ndarray,

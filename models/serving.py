@@ -201,6 +201,15 @@ class Recommender(ServesItemMap):
             texts = self._model.item_text[1:].cpu().numpy().astype(np.float32)
             self._text_index = ItemIndex.build(texts, np.arange(1, len(texts) + 1, dtype=np.int64))
             self._text_index.coarse = coarse
+        # The text each item's vectors and text row were made from (``artifacts.text_digest``): a catalogue
+        # record with another text is a rewritten description, embedded again (``upsert_items``). The
+        # model's digests where it recorded them; otherwise the first catalogue text seen stands for it.
+        self._text_digests: dict[str, str] = {}
+        if self._text_index is not None and art.items.text_digests is not None:
+            self._text_digests = {
+                i: d for i, d in zip(art.items.ids, art.items.text_digests, strict=True) if d is not None
+            }
+        self._trained_items = art.config.num_items  # item indices up to this have a trained ID row
         self.search_steering = SearchSteering.of(art.metadata)
         self._lock = threading.RLock()
         self.last_timings: dict[str, float] = {}  # seconds per phase of the last recommend() call
@@ -309,10 +318,16 @@ class Recommender(ServesItemMap):
     def upsert_items(self, items: list[CatalogItem]) -> None:
         """Catalogue records, in order. The first one makes the catalogue the only source of recommendable
         items: until then the model's own items (as trained) are served; from then on only items the
-        catalogue holds and has in stock. Items new to the model get their content vectors."""
+        catalogue holds and has in stock. Items new to the model get their content vectors. A known item
+        whose text (title, category, description) is not the one its vectors were made from is embedded
+        again: its text row, which searches are matched against, becomes the new text's; a new item's
+        vector becomes its new content vector, and a trained item's keeps its ID and attribute parts with
+        the new text's part in place of the old (the model's item tower on the new text)."""
         known = [i for i in items if i.item_id in self._index_of]
+        latest = {item.item_id: item for item in known}  # each known item's last write
         fresh = self._items.unknown(items)
-        vectors, texts = self._content_vectors(fresh)  # slow part, outside the lock
+        rewritten = self._rewritten(latest)
+        vectors, texts = self._content_vectors(fresh + rewritten)  # slow part, outside the lock
         with self._lock:
             if items and not self._catalogue_seen:
                 self._catalogue_seen = True
@@ -321,6 +336,13 @@ class Recommender(ServesItemMap):
                 idx = self._index_of[item.item_id]
                 self._titles[idx] = item.title
                 self._in_stock[idx] = bool(item.in_stock)
+            if self._text_index is not None:  # a model without digests: the first text seen stands for it
+                for item_id, item in latest.items():
+                    self._text_digests.setdefault(item_id, artifacts.text_digest(item.text))
+            if rewritten:
+                n = len(fresh)
+                self._rewrite(rewritten, vectors[n:], None if texts is None else texts[n:])
+                vectors, texts = vectors[:n], None if texts is None else texts[:n]
             added = self._items.add(fresh)
             new_items = [item for item, new in zip(fresh, added, strict=True) if new]
             if new_items:
@@ -330,15 +352,57 @@ class Recommender(ServesItemMap):
                 self._titles.extend(item.title for item in new_items)
                 # Swap-on-write for the arrays recommend() reads.
                 self._in_stock = np.concatenate([self._in_stock, [bool(i.in_stock) for i in new_items]])
-                self._vectors = np.concatenate([self._vectors, vectors])
-                self._vectors_t = torch.from_numpy(self._vectors).to(self._device)
-                self._table_t = self._vectors_t.to(self.precision)
-                self._unit = _unit(self._vectors)
+                self._set_vectors(np.concatenate([self._vectors, vectors]))
                 self._popularity = np.concatenate([self._popularity, np.zeros(len(new_items), np.float32)])
                 self._popular_order = self._rank_popular()
                 self._index.add(vectors, ids)
                 if self._text_index is not None and texts is not None:
                     self._text_index.add(texts[np.array(added, dtype=bool)], ids)
+                    for item in new_items:
+                        self._text_digests[item.item_id] = artifacts.text_digest(item.text)
+
+    def _rewritten(self, latest: dict[str, CatalogItem]) -> list[CatalogItem]:
+        """The known items of an upsert (each one's last write) whose text is not the one their vectors
+        were made from."""
+        if self._text_index is None:
+            return []  # no text model: an item's text is in none of its vectors
+        return [
+            item
+            for item in latest.values()
+            if self._text_digests.get(item.item_id, artifacts.text_digest(item.text))
+            != artifacts.text_digest(item.text)
+        ]
+
+    def _rewrite(self, items: list[CatalogItem], content: np.ndarray, texts: np.ndarray | None) -> None:
+        """Rewritten items' vectors and text rows (``upsert_items``, under the lock): ``content`` is each new
+        text's content vector, ``texts`` its text embedding."""
+        assert self._text_index is not None and texts is not None  # only a text model rewrites
+        rows = np.array([self._index_of[item.item_id] for item in items], dtype=np.int64)
+        vectors = self._vectors.copy()
+        trained = rows <= self._trained_items
+        vectors[rows[~trained]] = content[~trained]
+        if trained.any():
+            at = torch.from_numpy(rows[trained]).to(self._device)
+            new_text = torch.from_numpy(texts[trained]).to(self._device)
+            with torch.inference_mode():
+                # The item tower is linear in the text row: swap the old text's part for the new one's
+                old_part = self._model.query_vectors(self._model.item_text[at])
+                delta = self._model.query_vectors(new_text) - old_part
+                self._model.item_text[at] = new_text
+            vectors[rows[trained]] += delta.cpu().numpy().astype(np.float32)
+        self._set_vectors(vectors)
+        self._index.replace(vectors[rows], rows)
+        self._text_index.replace(texts, rows)
+        for item in items:
+            self._text_digests[item.item_id] = artifacts.text_digest(item.text)
+        log.info("%d rewritten catalogue items embedded again", len(items))
+
+    def _set_vectors(self, vectors: np.ndarray) -> None:
+        """A new item table for recommend() to read (swap-on-write: a ranking in flight keeps the old)."""
+        self._vectors = vectors
+        self._vectors_t = torch.from_numpy(vectors).to(self._device)
+        self._table_t = self._vectors_t.to(self.precision)
+        self._unit = _unit(vectors)
 
     # --- recommending ---------------------------------------------------------------------------------
     def recommend(self, users: list[UserState], k: int) -> list[list[RecommendedItem]]:

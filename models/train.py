@@ -258,6 +258,14 @@ def text_embedder(data: Interactions, config: TrainConfig) -> TextEmbedder | Non
     return make_embedder(name, dim=artifacts.HASHING_DIM)
 
 
+def text_digests(data: Interactions, embedder: TextEmbedder | None) -> list[str | None] | None:
+    """What ``build_model`` embedded each item's text row from (``artifacts.text_digest``; no text: a zero
+    row); None without a text model."""
+    if embedder is None:
+        return None
+    return [artifacts.text_digest(data.texts.get(item)) for item in data.item_ids]
+
+
 def build_model(data: Interactions, config: TrainConfig, embedder: TextEmbedder | None) -> SequenceEncoder:
     attrs = data.attributes if config.use_attributes else {}
     max_attrs = min(max((len(v) for v in attrs.values()), default=0), 16)
@@ -698,7 +706,7 @@ def train(
         model,
         asdict(config),
         metadata,
-        artifacts.ItemTable(list(dataset.item_ids), titles, in_stock),
+        artifacts.ItemTable(list(dataset.item_ids), titles, in_stock, text_digests(dataset, embedder)),
         popularity(dataset),
         embedder,
     )

@@ -44,6 +44,27 @@ def test_index_finds_the_best_inner_product(kind: str, vectors: np.ndarray, tmp_
     assert version == "v1.0" and loaded.size == 501 and loaded.kind == index.kind
 
 
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_replaced_vectors_are_what_the_index_finds_under_the_same_ids(kind: str, vectors: np.ndarray) -> None:
+    """A rewritten item's new vector takes its old one's place: found where the new one points, no longer
+    where the old one did, and the index holds as many items as before."""
+    ids = np.arange(1, 501)
+    index = ItemIndex.build(vectors, ids, kind)  # type: ignore[arg-type]
+    moved = np.array([7, 300])
+    fresh = np.random.default_rng(2).normal(size=(2, 16)).astype(np.float32)
+    index.search(vectors[:1], 5)  # a search first: the flat index's dense table must not outlive the change
+    index.replace(fresh, moved)
+    assert index.size == 500
+    _, found = index.search(fresh * 10, 1)
+    np.testing.assert_array_equal(found[:, 0], moved)
+    if kind == "flat":  # exact: the answers of the table with the new rows in place of the old
+        now = vectors.copy()
+        now[moved - 1] = fresh
+        queries = np.random.default_rng(3).normal(size=(40, 16)).astype(np.float32)
+        _, found = index.search(queries, 5)
+        np.testing.assert_array_equal(found, exact_top_k(now, queries, 5) + 1)
+
+
 def test_a_small_flat_index_answers_as_faiss_does_in_chunks_and_after_adds(
     vectors: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:

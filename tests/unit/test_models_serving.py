@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamrec.models import registry, synthetic
+from streamrec.models import artifacts, registry, synthetic
 from streamrec.models.data import PAD
 from streamrec.models.evaluate import evaluate
 from streamrec.models.item_map import ItemMap, merge_ranked
@@ -61,11 +61,17 @@ def clicks(*items: str) -> list[HistoryEntry]:
 CATEGORY_ITEMS = [f"{c}-{j}" for c in ("coffee", "shoes", "laptop", "garden", "camera") for j in range(20)]
 
 
+def catalogue_record(item_id: str, in_stock: bool = True) -> CatalogItem:
+    """A trained item's catalogue record, with the text the model was trained on (models/synthetic.py)."""
+    category, j = item_id.split("-")
+    return CatalogItem(
+        item_id, f"{category.title()} {j}", category, 10.0 + int(j), in_stock, synthetic.CATEGORIES[category]
+    )
+
+
 def publish_catalogue(rec: Recommender, out_of_stock: tuple[str, ...] = ()) -> None:
     """The shop publishes every item the model was trained on (a catalogue makes it the only source)."""
-    rec.upsert_items(
-        [CatalogItem(i, i.title(), i.split("-")[0], 1.0, i not in out_of_stock) for i in CATEGORY_ITEMS]
-    )
+    rec.upsert_items([catalogue_record(i, i not in out_of_stock) for i in CATEGORY_ITEMS])
 
 
 def test_trained_model_ranks_the_true_next_item_highly(rec: Recommender) -> None:
@@ -153,6 +159,64 @@ def test_new_item_with_content_is_embedded_near_similar_items(rec: Recommender) 
     assert same > other + 0.3
     [recs] = rec.recommend([UserState("s", [H(EventKind.SEARCH, 1, query="coffee espresso beans")])], 20)
     assert "grinder" in {r.item_id for r in recs}
+
+
+def test_the_model_records_the_text_each_item_was_embedded_from(model_dir: Path) -> None:
+    """So that a worker tells a description rewritten since training from the one the model holds."""
+    table = json.loads((model_dir / "items.json").read_text())
+    expected = [artifacts.text_digest(catalogue_record(i).text) for i in table["ids"]]
+    assert table["text_digests"] == expected
+
+
+def test_a_catalogue_with_the_trained_texts_leaves_every_vector_as_trained(rec: Recommender) -> None:
+    before = [rec.item_vector(i) for i in CATEGORY_ITEMS]
+    publish_catalogue(rec)
+    publish_catalogue(rec)  # sent again (a stock update): nothing is embedded again either
+    np.testing.assert_array_equal(np.stack(before), np.stack([rec.item_vector(i) for i in CATEGORY_ITEMS]))
+
+
+def test_a_rewritten_description_is_what_searches_and_the_items_vector_follow(
+    rec: Recommender, model_dir: Path
+) -> None:
+    """A shop fills in a new item's description, or rewrites a trained one's: a search for the new words
+    finds it, the old words no longer do, and its vector is the model's for the new text (a new item's
+    content vector; a trained item's ID and attributes with the new text's part)."""
+    publish_catalogue(rec)
+    first = CatalogItem("tent-9", "Item 9", None, 90.0, True, None)  # published before it was described
+    described = replace(
+        first, title="Pop-up Camping Tent", category="outdoor", description="a tent for camping"
+    )
+    rec.upsert_items([first])
+    searcher = UserState("s", [*clicks("coffee-3", "coffee-4"), H(EventKind.SEARCH, 9, query="camping tent")])
+
+    def steered() -> set[str]:
+        [recs] = rec.recommend([searcher], 10)
+        return {r.item_id for r in recs if r.reason == "matches_search"}
+
+    assert "tent-9" not in steered()
+    rec.upsert_items([described])
+    assert "tent-9" in steered()
+    told_first = Recommender.load(model_dir, device="cpu", precision="float32")
+    told_first.upsert_items([described])
+    np.testing.assert_allclose(
+        rec.item_vector("tent-9"), told_first.item_vector("tent-9"), rtol=1e-5, atol=1e-6
+    )
+
+    # A trained coffee item rewritten as a shoe: searched for as a shoe, and its vector is the model's item
+    # tower on the new text (what training would have made of it with the same weights)
+    shoe = replace(catalogue_record("coffee-3"), description="running shoe sneaker")
+    rec.upsert_items([shoe])
+    art = artifacts.load(model_dir)
+    row = art.items.ids.index("coffee-3") + 1
+    assert art.embedder is not None
+    with torch.inference_mode():
+        art.model.item_text[row] = torch.from_numpy(art.embedder.embed_items([shoe.text])[0])
+        expected = art.model.item_vectors()[row].numpy()
+    np.testing.assert_allclose(rec.item_vector("coffee-3"), expected, rtol=1e-5, atol=1e-5)
+    others = [i for i in CATEGORY_ITEMS if i != "coffee-3"]
+    np.testing.assert_array_equal(
+        np.stack([rec.item_vector(i) for i in others]), np.stack([told_first.item_vector(i) for i in others])
+    )
 
 
 def test_once_a_catalogue_exists_only_its_items_in_stock_are_recommended(rec: Recommender) -> None:

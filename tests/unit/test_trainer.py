@@ -196,6 +196,21 @@ def test_a_run_trains_a_candidate_and_scores_it_and_its_parent_on_the_same_slice
     assert result.report["cpu_seconds"] > 0
 
 
+def test_a_candidate_records_the_texts_its_item_rows_hold(parent: Path, tmp_path: Path) -> None:
+    """The parent's rows are kept, so its digests are; a new item's row is its catalogue text: a worker
+    serving the candidate embeds again only what was rewritten since (tests/unit/test_models_serving.py)."""
+    table = artifacts.load(parent).items
+    tent = CatalogItem("tent-1", "Dome Tent", "outdoor", description="a tent for camping")
+    events = [click(f"u{u}", table.ids[(u + s) % 10], u * 100 + s) for u in range(20) for s in range(4)]
+    events.sort(key=lambda e: e.timestamp)
+    data = finetune.temporal_split(events, table.ids, {"tent-1": tent}, eval_share=0.2, max_cases=50)
+    result = finetune.fine_tune(data, parent, TrainConfig.preset("tiny", epochs=1, max_minutes=1.0))
+    finetune.save_candidate(tmp_path / "c", result, data, {"index_version": "c.0"})
+    assert table.text_digests is not None and None not in table.text_digests
+    saved = artifacts.load(tmp_path / "c").items
+    assert saved.text_digests == [*table.text_digests, artifacts.text_digest(tent.text)]
+
+
 def test_promotion_needs_the_margin_and_a_slice() -> None:
     parent = {"ndcg@10": 0.10, "users": 50}
     assert finetune.decide({"ndcg@10": 0.12, "users": 50}, parent, "ndcg@10", 0.05)[0]
