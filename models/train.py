@@ -12,12 +12,13 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from streamrec.models import artifacts, registry
@@ -79,6 +80,9 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 2
     eval_users: int = 0  # validation users per epoch (0 = all)
+    # Validate and keep an exponential moving average of the weights (this decay per step; 0 = off): the
+    # raw weights' validation swings from epoch to epoch with the sampled negatives' noise
+    ema: float = 0.0
 
     @classmethod
     def preset(cls, name: str, **overrides: object) -> TrainConfig:
@@ -348,9 +352,11 @@ def train_epoch(
     blocked: torch.Tensor | None,
     config: TrainConfig,
     deadline: float,
+    averaged: AveragedModel | None = None,
 ) -> tuple[float, int]:
     """One pass of optimiser steps over ``batches``, cut at ``deadline`` (perf_counter); (summed loss,
-    steps). Training from scratch and fine-tuning share it."""
+    steps), with ``averaged`` (``config.ema``'s average) moved after each step. Training from scratch and
+    fine-tuning share it."""
     total, steps = 0.0, 0
     for batch in batches:
         loss = train_step_loss(
@@ -369,6 +375,8 @@ def train_epoch(
         if config.clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
         opt.step()
+        if averaged is not None:
+            averaged.update_parameters(model)
         total += loss.item()
         steps += 1
         if time.perf_counter() > deadline:
@@ -606,6 +614,10 @@ def fit(
         else None
     )
     rng = random.Random(config.seed)
+    # The weights validated and kept: the model's, or their moving average (parameters only: the buffers,
+    # item texts and attribute ids, stay the model's)
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema)) if config.ema else None
+    kept = cast(SequenceEncoder, averaged.module) if averaged is not None else model
     best: dict[str, float] = {"ndcg@10": -1.0}
     best_state = copy.deepcopy(model.state_dict())
     best_epoch, history = 0, []
@@ -615,8 +627,8 @@ def fit(
         model.train()
         batches = length_batches(train_seqs, config.batch_size, rng)
         bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False, unit="batch")
-        total, steps = train_epoch(model, opt, bar, qindex, qtable, blocked, config, deadline)
-        metrics = _validate(model, valid, qindex, qtable, config.novel_only)
+        total, steps = train_epoch(model, opt, bar, qindex, qtable, blocked, config, deadline, averaged)
+        metrics = _validate(kept, valid, qindex, qtable, config.novel_only)
         entry = {"epoch": epoch, "loss": total / max(steps, 1), **metrics, "lr": opt.param_groups[0]["lr"]}
         if plateau is not None:
             plateau.step(metrics["ndcg@10"])
@@ -629,7 +641,7 @@ def fit(
         )
         if metrics["ndcg@10"] > best["ndcg@10"]:
             best, best_epoch = metrics, epoch
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(kept.state_dict())
         elif epoch - best_epoch >= config.patience:
             break
         if time.perf_counter() > deadline:

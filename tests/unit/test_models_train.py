@@ -96,6 +96,37 @@ def test_the_optimiser_is_fused_adamw_with_the_configured_rate_and_decay(data_di
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_with_ema_the_model_kept_is_the_moving_average_of_the_weights_stepped_through(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decay = 0.9
+    steps: list[dict[str, torch.Tensor]] = []  # each step's parameters, as the optimiser left them
+
+    def recording(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+        opt = optimizer(model, config)
+        step = opt.step
+
+        def recorded(*args: object, **kwargs: object) -> object:
+            out = step(*args, **kwargs)  # type: ignore[arg-type]
+            steps.append({k: v.detach().clone() for k, v in model.named_parameters()})
+            return out
+
+        opt.step = recorded  # type: ignore[method-assign]
+        return opt
+
+    monkeypatch.setattr(train_module, "optimizer", recording)
+    out = train(data_dir, tmp_path / "m", quick(ema=decay, epochs=1), progress=False)
+    saved = torch.load(out / "model.pt", weights_only=True)
+    assert len(steps) > 3
+    for name in steps[0]:
+        expected = steps[0][name]
+        for later in steps[1:]:
+            expected = decay * expected + (1 - decay) * later[name]
+        torch.testing.assert_close(saved[name], expected, rtol=1e-4, atol=1e-5)
+    moved = [name for name in steps[0] if not torch.equal(steps[0][name], steps[-1][name])]
+    assert moved and all(not torch.allclose(saved[name], steps[-1][name]) for name in moved), "not the last"
+
+
 def test_model_directory_is_state_dict_and_json(data_dir: Path, tmp_path: Path) -> None:
     out = train(data_dir, tmp_path / "m", quick(), progress=False)
     names = {p.name for p in out.iterdir()}
