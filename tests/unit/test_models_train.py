@@ -406,6 +406,7 @@ MEASURED = {
         DataShape(23_715, 6.0, 0.0),
         {
             "negatives": 8192,
+            "ema": 0.999,
             "weight_decay": 0.1,
             "dim": 128,
             "lr": 5e-4,
@@ -434,6 +435,7 @@ MEASURED = {
         DataShape(20_033, 7.0, 0.037),
         {
             "negatives": 8192,
+            "ema": 0.999,
             "weight_decay": 0.1,
             "dim": 128,
             "lr": 5e-4,
