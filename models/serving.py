@@ -324,9 +324,15 @@ class Recommender(ServesItemMap):
         vector becomes its new content vector, and a trained item's keeps its ID and attribute parts with
         the new text's part in place of the old (the model's item tower on the new text)."""
         known = [i for i in items if i.item_id in self._index_of]
-        latest = {item.item_id: item for item in known}  # each known item's last write
+        # each known item's last write, and the digest of its text (a text model only)
+        latest = {item.item_id: item for item in known}
+        digests = (
+            {i: artifacts.text_digest(item.text) for i, item in latest.items()}
+            if self._text_index is not None
+            else {}
+        )
         fresh = self._items.unknown(items)
-        rewritten = self._rewritten(latest)
+        rewritten = [latest[i] for i, d in digests.items() if self._text_digests.get(i, d) != d]
         vectors, texts = self._content_vectors(fresh + rewritten)  # slow part, outside the lock
         with self._lock:
             if items and not self._catalogue_seen:
@@ -336,13 +342,14 @@ class Recommender(ServesItemMap):
                 idx = self._index_of[item.item_id]
                 self._titles[idx] = item.title
                 self._in_stock[idx] = bool(item.in_stock)
-            if self._text_index is not None:  # a model without digests: the first text seen stands for it
-                for item_id, item in latest.items():
-                    self._text_digests.setdefault(item_id, artifacts.text_digest(item.text))
+            # a model without digests: the first text seen stands for it; a rewritten item's is its new one
+            self._text_digests |= {i: self._text_digests.get(i, d) for i, d in digests.items()}
             if rewritten:
+                assert texts is not None  # only a text model has digests, and it embeds texts
                 n = len(fresh)
-                self._rewrite(rewritten, vectors[n:], None if texts is None else texts[n:])
-                vectors, texts = vectors[:n], None if texts is None else texts[:n]
+                self._rewrite(rewritten, vectors[n:], texts[n:])
+                self._text_digests |= {item.item_id: digests[item.item_id] for item in rewritten}
+                vectors, texts = vectors[:n], texts[:n]
             added = self._items.add(fresh)
             new_items = [item for item, new in zip(fresh, added, strict=True) if new]
             if new_items:
@@ -361,22 +368,10 @@ class Recommender(ServesItemMap):
                     for item in new_items:
                         self._text_digests[item.item_id] = artifacts.text_digest(item.text)
 
-    def _rewritten(self, latest: dict[str, CatalogItem]) -> list[CatalogItem]:
-        """The known items of an upsert (each one's last write) whose text is not the one their vectors
-        were made from."""
-        if self._text_index is None:
-            return []  # no text model: an item's text is in none of its vectors
-        return [
-            item
-            for item in latest.values()
-            if self._text_digests.get(item.item_id, artifacts.text_digest(item.text))
-            != artifacts.text_digest(item.text)
-        ]
-
-    def _rewrite(self, items: list[CatalogItem], content: np.ndarray, texts: np.ndarray | None) -> None:
+    def _rewrite(self, items: list[CatalogItem], content: np.ndarray, texts: np.ndarray) -> None:
         """Rewritten items' vectors and text rows (``upsert_items``, under the lock): ``content`` is each new
         text's content vector, ``texts`` its text embedding."""
-        assert self._text_index is not None and texts is not None  # only a text model rewrites
+        assert self._text_index is not None  # only a text model rewrites
         rows = np.array([self._index_of[item.item_id] for item in items], dtype=np.int64)
         vectors = self._vectors.copy()
         trained = rows <= self._trained_items
@@ -393,8 +388,6 @@ class Recommender(ServesItemMap):
         self._set_vectors(vectors)
         self._index.replace(vectors[rows], rows)
         self._text_index.replace(texts, rows)
-        for item in items:
-            self._text_digests[item.item_id] = artifacts.text_digest(item.text)
         log.info("%d rewritten catalogue items embedded again", len(items))
 
     def _set_vectors(self, vectors: np.ndarray) -> None:
