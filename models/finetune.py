@@ -169,6 +169,37 @@ def expand(
     return bigger.eval()
 
 
+def rewrite_texts(
+    model: SequenceEncoder,
+    embedder: TextEmbedder | None,
+    parent: artifacts.ItemTable,
+    texts: Mapping[str, str],
+) -> list[str | None]:
+    """The text rows of the parent's items whose catalogue text (``texts``) is not the one their row was
+    embedded from (the parent's ``text_digests``), embedded again in ``model`` in place: what a worker does
+    when it loads the parent and reads the catalogue (``Recommender.upsert_items``), so the parent is judged,
+    and the candidate trained, on the descriptions the shop shows. The item tower is linear in the text row,
+    so a trained item keeps its ID and attribute parts. Items the catalogue does not describe, and a model
+    without digests (the first text a worker sees stands for its own), keep their rows. Returns the
+    digests of the rows as they are now."""
+    digests = list(parent.text_digests or [None] * len(parent.ids))
+    if embedder is None or parent.text_digests is None or not model.config.text_dim:
+        return digests
+    rewritten = [
+        (row, texts[i])
+        for row, (i, d) in enumerate(zip(parent.ids, parent.text_digests, strict=True), start=1)
+        if d is not None and i in texts and artifacts.text_digest(texts[i]) != d
+    ]
+    if rewritten:
+        rows = torch.tensor([r for r, _ in rewritten])
+        vectors = embedder.embed_items([t for _, t in rewritten]).astype(np.float32)
+        with torch.no_grad():
+            model.item_text[rows] = torch.from_numpy(vectors)
+        for row, text in rewritten:
+            digests[row - 1] = artifacts.text_digest(text)
+    return digests
+
+
 def fresh_weights(model: SequenceEncoder, seed: int) -> SequenceEncoder:
     """A full retrain's start: the same architecture and item content (texts, attributes), new weights."""
     torch.manual_seed(seed)
@@ -234,11 +265,12 @@ def fine_tune(
         art = artifacts.load(parent_dir)
         embedder = art.embedder
         start = expand(art.model, embedder, [data.texts.get(i) for i in data.new_items])
-        # the parent's text rows are kept (its digests), the new items' are their catalogue texts
-        parents = art.items.text_digests or [None] * len(art.items.ids)
+        # the parent's text rows, with the descriptions rewritten since embedded again (as a worker serving
+        # the parent does), and the new items' catalogue texts
+        parents = rewrite_texts(start, embedder, art.items, data.texts)
         news = [artifacts.text_digest(data.texts.get(i)) for i in data.new_items]
         digests = None if embedder is None else [*parents, *news]
-        parent_model = copy.deepcopy(start)
+        parent_model = copy.deepcopy(start)  # the parent as a worker serves it
         mode = "full_retrain" if full_retrain else "fine_tune"
         if full_retrain:
             start = fresh_weights(start, config.seed)

@@ -211,6 +211,30 @@ def test_a_candidate_records_the_texts_its_item_rows_hold(parent: Path, tmp_path
     assert saved.text_digests == [*table.text_digests, artifacts.text_digest(tent.text)]
 
 
+def test_a_description_rewritten_since_the_parent_is_embedded_again(parent: Path, tmp_path: Path) -> None:
+    """A worker serving the parent embeds a rewritten description again at load; the trainer does the same
+    before it judges the parent and trains the candidate, and the candidate records the new text, so a
+    worker serving it has nothing left to embed again and no other item's row moves."""
+    art = artifacts.load(parent)
+    table = art.items
+    assert art.embedder is not None and table.text_digests is not None
+    first = table.ids[0]
+    boot = CatalogItem(first, "Waterproof Hiking Boot", "shoes", description="a boot for wet trails")
+    events = [click(f"u{u}", table.ids[(u + s) % 10], u * 100 + s) for u in range(20) for s in range(4)]
+    events.sort(key=lambda e: e.timestamp)
+    data = finetune.temporal_split(events, table.ids, {first: boot}, eval_share=0.2, max_cases=50)
+    result = finetune.fine_tune(data, parent, TrainConfig.preset("tiny", epochs=1, max_minutes=1.0))
+    assert result.text_digests == [artifacts.text_digest(boot.text), *table.text_digests[1:]]
+    rows = result.model.item_text
+    assert np.allclose(rows[1].numpy(), art.embedder.embed_items([boot.text])[0], atol=1e-6)
+    assert torch.equal(rows[2:], art.model.item_text[2:])  # every other item's row is the parent's
+    finetune.save_candidate(tmp_path / "c", result, data, {"index_version": "c.0"})
+    serving = Recommender.load(tmp_path / "c", device="cpu")
+    before = serving.item_vector(first)
+    serving.upsert_items([boot])
+    assert np.array_equal(serving.item_vector(first), before)
+
+
 def test_promotion_needs_the_margin_and_a_slice() -> None:
     parent = {"ndcg@10": 0.10, "users": 50}
     assert finetune.decide({"ndcg@10": 0.12, "users": 50}, parent, "ndcg@10", 0.05)[0]
