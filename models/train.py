@@ -232,6 +232,7 @@ def recipe(shape: DataShape, bf16_native: bool) -> dict[str, Any]:
         # raw weights' validation swings by ~.002 from epoch to epoch with the sampled negatives. Seed 42,
         # validation NDCG@10: Yelp .0256 -> .0284, rising every epoch up to its peak; Video Games .0584
         # against the raw weights' .0541 / .0531 (seeds 43 / 44) (docs/quality.md, "A moving average").
+        # Beauty (full softmax, already cut on a plateau): .0588 against .0589, a tie, so not there.
         chosen["ema"] = 0.999
         if "prefixes" in chosen:
             # Windows of the 16 events the worker serves: sampled-softmax prefix epochs are slow and these
