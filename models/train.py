@@ -628,6 +628,7 @@ def fit(
     best: dict[str, float] = {"ndcg@10": -1.0}
     best_state = copy.deepcopy(model.state_dict())
     best_epoch, history = 0, []
+    stopped = "epochs"  # what ended training: all the epochs, early stopping, or the time limit
     start = time.perf_counter()
     deadline = start + config.max_minutes * 60
     for epoch in range(1, config.epochs + 1):
@@ -650,15 +651,21 @@ def fit(
             best, best_epoch = metrics, epoch
             best_state = copy.deepcopy(kept.state_dict())
         elif epoch - best_epoch >= config.patience:
+            stopped = "early_stopping"
             break
         if time.perf_counter() > deadline:
+            stopped = "time_limit"
             break
+    note = cut_short(stopped, history, config.max_minutes)
+    if note:
+        log.warning("%s", note)
     model.load_state_dict(best_state)
     model.eval()
     seconds = time.perf_counter() - start
     report = {
         "best_epoch": best_epoch,
         "epochs_run": len(history),
+        "stopped_by": stopped,
         "training_seconds": round(seconds, 1),
         "valid": best,
         "history": history,
@@ -668,6 +675,21 @@ def fit(
     test = _validate(model, split.test, qindex, qtable, config.novel_only)
     report["test"] = test
     return model, embedder, report
+
+
+def cut_short(stopped: str, history: list[dict[str, Any]], max_minutes: float) -> str | None:
+    """What to tell the user when the time limit ended a run whose validation NDCG@10 was still rising
+    (its last epoch its best): more time would likely give a better model. None otherwise."""
+    if stopped != "time_limit" or len(history) < 2:
+        return None
+    before, last = history[-2]["ndcg@10"], history[-1]["ndcg@10"]
+    if last <= max(h["ndcg@10"] for h in history[:-1]):
+        return None
+    return (
+        f"training stopped at its {max_minutes:g}-minute limit after {len(history)} epochs with validation "
+        f"NDCG@10 still rising ({before:.4f} -> {last:.4f}): a longer --max-minutes would likely give a "
+        "better model"
+    )
 
 
 def popularity(data: Interactions) -> np.ndarray:
@@ -711,6 +733,7 @@ def train(
         "training_seconds": report["training_seconds"],
         "best_epoch": report["best_epoch"],
         "epochs_run": report["epochs_run"],
+        "stopped_by": report["stopped_by"],
         "history": report["history"],
         "device": report["device"],
         "seed": config.seed,

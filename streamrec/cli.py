@@ -368,6 +368,7 @@ def train_cmd(
     meta = model_registry.read_metadata(path)
     summary = {"model_dir": str(path), "version": meta["version"], "promoted": promoted}
     summary |= {"metrics": meta["metrics"], "seconds": meta["training_seconds"]}
+    summary |= {k: meta[k] for k in ("best_epoch", "epochs_run", "stopped_by")}
     console.print_json(json.dumps(summary))
 
 

@@ -127,6 +127,29 @@ def test_with_ema_the_model_kept_is_the_moving_average_of_the_weights_stepped_th
     assert moved and all(not torch.allclose(saved[name], steps[-1][name]) for name in moved), "not the last"
 
 
+def test_the_model_says_what_ended_its_training(data_dir: Path, tmp_path: Path) -> None:
+    every = json.loads(
+        (train(data_dir, tmp_path / "a", quick(epochs=2), progress=False) / "metadata.json").read_text()
+    )
+    timed = json.loads(
+        (
+            train(data_dir, tmp_path / "b", quick(max_minutes=0.0), progress=False) / "metadata.json"
+        ).read_text()
+    )
+    assert (every["stopped_by"], every["epochs_run"]) == ("epochs", 2)
+    assert (timed["stopped_by"], timed["epochs_run"]) == ("time_limit", 1)
+
+
+def test_a_run_the_time_limit_cut_while_still_rising_is_reported() -> None:
+    rising = [{"ndcg@10": 0.02}, {"ndcg@10": 0.025}, {"ndcg@10": 0.031}]
+    note = train_module.cut_short("time_limit", rising, 28.0)
+    assert note is not None and "28-minute limit after 3 epochs" in note and "0.0250 -> 0.0310" in note
+    past_its_peak = [{"ndcg@10": 0.02}, {"ndcg@10": 0.031}, {"ndcg@10": 0.030}]
+    assert train_module.cut_short("time_limit", past_its_peak, 28.0) is None
+    assert train_module.cut_short("early_stopping", rising, 28.0) is None
+    assert train_module.cut_short("time_limit", rising[:1], 28.0) is None  # one epoch: no trend to read
+
+
 def test_model_directory_is_state_dict_and_json(data_dir: Path, tmp_path: Path) -> None:
     out = train(data_dir, tmp_path / "m", quick(), progress=False)
     names = {p.name for p in out.iterdir()}
